@@ -1,0 +1,5 @@
+import sys
+
+from tttlm.cli import main
+
+sys.exit(main())

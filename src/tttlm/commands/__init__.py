@@ -1,0 +1,1 @@
+"""Subcommands of `tttlm`, one module each (see `tttlm.cli`)."""
