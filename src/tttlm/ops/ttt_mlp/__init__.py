@@ -1,0 +1,41 @@
+"""TTT-MLP (Sun et al. 2024, arXiv 2407.04620): the public op and its one-token step (PyTorch dual form, any
+device), tested against `reference.ttt_mlp_ref`."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from tttlm.ops.state import TTTMLPState
+from tttlm.ops.ttt_common import check_ttt_inputs
+from tttlm.ops.ttt_mlp.chunked import MLP, ttt_mlp_chunked, ttt_mlp_step_recurrent
+
+
+def ttt_mlp(
+    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, ln_weight: Tensor, ln_bias: Tensor, state: TTTMLPState, *,
+    mini_batch_size: int = 16, token_scale: Tensor | None = None, eps: float = 1e-6,
+    cu_seqlens: Tensor | None = None, output_final_state: bool = False,
+) -> tuple[Tensor, TTTMLPState | None]:
+    """TTT-MLP over whole sequences: `tttlm.ops.ttt_linear` with the inner model
+    f(x) = x + LN(gelu_tanh(x W1 + b1) W2 + b2), W1 [D, 4D], W2 [4D, D].
+
+    q, k, v [B, T, H, D]; eta [B, T, H] >= 0; ln_weight, ln_bias [H, D]; state: TTTMLPState with N rows
+    (`TTTMLPState.start(W1, b1, W2, b2)`: [N,H,D,4D], [N,H,4D], [N,H,4D,D], [N,H,D]); token_scale
+    [mini_batch_size] or None (1/(i+1)); cu_seqlens int64 [N+1] with B == 1. Returns o [B, T, H, D] in q's dtype
+    and the final TTTMLPState (float32, or float64 for float64 inputs) if output_final_state, else None.
+    """
+    check_ttt_inputs(q, k, v, eta, ln_weight, ln_bias, state, TTTMLPState, MLP.param_shapes, mini_batch_size,
+                     token_scale, cu_seqlens)
+    return ttt_mlp_chunked(q, k, v, eta, ln_weight, ln_bias, state, mini_batch_size=mini_batch_size,
+                           token_scale=token_scale, eps=eps, cu_seqlens=cu_seqlens,
+                           output_final_state=output_final_state)
+
+
+def ttt_mlp_step(
+    q_t: Tensor, k_t: Tensor, v_t: Tensor, eta_t: Tensor, ln_weight: Tensor, ln_bias: Tensor, state: TTTMLPState,
+    *, mini_batch_size: int = 16, token_scale: Tensor | None = None, eps: float = 1e-6,
+) -> tuple[Tensor, TTTMLPState]:
+    """One token of TTT-MLP: equal to `ttt_mlp` read token by token. q_t, k_t, v_t [B, H, D], eta_t [B, H]."""
+    check_ttt_inputs(q_t, k_t, v_t, eta_t, ln_weight, ln_bias, state, TTTMLPState, MLP.param_shapes,
+                     mini_batch_size, token_scale, None, step=True)
+    return ttt_mlp_step_recurrent(q_t, k_t, v_t, eta_t, ln_weight, ln_bias, state, mini_batch_size=mini_batch_size,
+                                  token_scale=token_scale, eps=eps)
