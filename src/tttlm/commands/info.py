@@ -1,0 +1,54 @@
+"""Show the model presets: parameter counts beside the papers' nominal sizes.
+
+Counts are exact (tied embeddings counted once) and computed on the meta device, so nothing is allocated.
+"""
+
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--sizes",
+        nargs="*",
+        default=None,
+        help="sizes to show (default: all; e.g. tiny small 125m 350m 760m 1.3b)",
+    )
+    parser.add_argument(
+        "--mixers",
+        nargs="*",
+        default=None,
+        help="mixers to show (default: all: ttt_linear ttt_mlp mesa transformer mamba2)",
+    )
+
+
+def run(args) -> int:
+    from tttlm.models import MIXERS, NOMINAL, SIZES, count_parameters, preset_config
+
+    sizes = args.sizes or list(SIZES)
+    mixers = args.mixers or list(MIXERS)
+    for s in sizes:
+        if s not in SIZES:
+            raise ValueError(f"unknown size {s!r}; sizes: {', '.join(SIZES)}")
+    for m in mixers:
+        if m not in MIXERS:
+            raise ValueError(f"unknown mixer {m!r}; mixers: {', '.join(MIXERS)}")
+    print(f"{'preset':<20} {'nominal':>8} {'params':>14} {'vs nominal':>10}  width x layers, heads, mlp")
+    for s in sizes:
+        counts = {}
+        for m in mixers:
+            cfg = preset_config(f"{m}-{s}")
+            n = counts[m] = count_parameters(cfg)
+            nominal = NOMINAL[s]
+            nom = "-" if nominal is None else _human(nominal)
+            ratio = "-" if nominal is None else f"{n / nominal:.3f}"
+            c = cfg
+            shape = f"{c.hidden_size} x {c.num_hidden_layers}, {c.num_attention_heads}, {c.intermediate_size}"
+            print(f"{m + '-' + s:<20} {nom:>8} {n:>14,} {ratio:>10}  {shape}")
+        if len(counts) > 1:
+            spread = max(counts.values()) / min(counts.values()) - 1
+            print(f"{'':<20} {'':>8} spread across mixers at {s}: {100 * spread:.1f}%")
+    return 0
+
+
+def _human(n: float) -> str:
+    return f"{n / 1e9:g}B" if n >= 1e9 else f"{n / 1e6:g}M"

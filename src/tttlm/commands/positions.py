@@ -1,0 +1,50 @@
+"""Loss by token position: mean next-token loss at each position of long documents, checkpoints overlaid.
+
+For each --context length L, the first L tokens of up to --num-docs validation documents that hold at least L
+tokens are read from their start; position p's loss is that of predicting token p+1. Writes positions.json
+(log-binned curves, overall and last-decile means) and positions.png (log-scale positions, one panel per
+length).
+"""
+
+from __future__ import annotations
+
+from tttlm.eval.options import add_device, add_documents, add_out, positive_int
+
+
+def add_arguments(parser) -> None:
+    add_documents(parser, num_docs=16)
+    parser.add_argument(
+        "--context",
+        type=positive_int,
+        nargs="+",
+        default=[2048],
+        help="context lengths (default 2048; the papers use 2k, 8k, 32k)",
+    )
+    add_device(parser)
+    add_out(parser)
+
+
+def run(args) -> int:
+    from tttlm.eval.checkpoints import Checkpoint, resolve_device, resolve_dtype
+    from tttlm.eval.plots import plot_positions
+    from tttlm.eval.positions import position_curve, token_losses
+    from tttlm.eval.results import environment, write_result
+
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    contexts = {L: {"num_docs": None, "checkpoints": {}} for L in sorted(set(args.context))}
+    for ckpt in map(Checkpoint, args.checkpoints):
+        model = ckpt.load(device, dtype)
+        for L, entry in contexts.items():
+            ids = ckpt.documents(args.data, L, args.num_docs, args.cache_dir)
+            curve = position_curve(token_losses(model, ids, args.batch_size))
+            entry["checkpoints"][ckpt.name] = {"trained_context": ckpt.trained_context, **curve}
+            entry["num_docs"] = ids.shape[0]
+            print(
+                f"{ckpt.name} context {L}: mean loss {curve['mean']:.4f} over {ids.shape[0]} documents, "
+                f"last tenth {curve['last_decile']:.4f}"
+            )
+        del model
+    data = {"data": args.data, "dtype": args.dtype, "environment": environment(device), "contexts": contexts}
+    path = write_result(args.out, "positions", "positions", data, plot_positions(contexts))
+    print(f"wrote {path}")
+    return 0

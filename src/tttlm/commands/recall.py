@@ -1,0 +1,87 @@
+"""Multi-query associative recall (Zoology's MQAR): every mixer trained from scratch, best over lrs.
+
+One model per (mixer, width, sequence length, pairs, learning rate) is trained on fresh random examples for
+--steps steps and scored on held-out examples (accuracy on the answers only). Writes recall.json (every run
+and the best accuracy per mixer, width, length and pairs) and recall.png.
+"""
+
+from __future__ import annotations
+
+from tttlm.eval.options import add_device, add_out, positive_float, positive_int
+
+MIXERS = ("ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--mixers", nargs="+", default=list(MIXERS), choices=MIXERS, help="mixers (default all)"
+    )
+    parser.add_argument(
+        "--widths", type=positive_int, nargs="+", default=[64, 128], help="model widths (64 128)"
+    )
+    parser.add_argument(
+        "--seq-lens", type=positive_int, nargs="+", default=[256], help="sequence lengths (256)"
+    )
+    parser.add_argument(
+        "--pairs",
+        type=positive_int,
+        nargs="+",
+        default=[16, 32, 64],
+        help="key-value pairs per sequence (16 32 64)",
+    )
+    parser.add_argument(
+        "--lrs",
+        type=positive_float,
+        nargs="+",
+        default=[1e-3, 3e-3, 1e-2],
+        help="learning rates swept per configuration (1e-3 3e-3 1e-2)",
+    )
+    parser.add_argument("--steps", type=positive_int, default=1000, help="training steps per run (1000)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="sequences per step (64)")
+    parser.add_argument("--vocab-size", type=positive_int, default=8192, help="vocabulary (8192, as Zoology)")
+    parser.add_argument("--layers", type=positive_int, default=2, help="blocks per model (2)")
+    parser.add_argument("--head-dim", type=positive_int, default=16, help="head dim of every mixer (16)")
+    parser.add_argument("--seed", type=int, default=0)
+    add_device(parser, dtype_help=None)
+    add_out(parser)
+
+
+def run(args) -> int:
+    from tttlm.eval.checkpoints import resolve_device
+    from tttlm.eval.plots import plot_recall
+    from tttlm.eval.recall import recall_sweep
+    from tttlm.eval.results import environment, write_result
+
+    device = resolve_device(args.device)
+
+    def log(r):
+        print(
+            f"{r['mixer']} width {r['width']} len {r['seq_len']} pairs {r['pairs']} lr {r['lr']:g}: "
+            f"accuracy {r['accuracy']:.3f} (loss {r['final_loss']:.3f}, {r['seconds']:.1f} s)",
+            flush=True,
+        )
+
+    result = recall_sweep(
+        args.mixers,
+        args.widths,
+        args.seq_lens,
+        args.pairs,
+        args.lrs,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        vocab_size=args.vocab_size,
+        device=device,
+        num_layers=args.layers,
+        head_dim=args.head_dim,
+        seed=args.seed,
+        log=log,
+    )
+    if not result["best"]:
+        raise ValueError("no configuration has seq_len >= 4 * pairs; lengthen --seq-lens or lower --pairs")
+    settings = {
+        k: getattr(args, k) for k in ("steps", "batch_size", "vocab_size", "layers", "head_dim", "seed")
+    }
+    data = {"settings": settings, "environment": environment(device), **result}
+    path = write_result(args.out, "recall", "recall", data, plot_recall(result["best"]))
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,43 @@
+"""Transformer++ attention (the TTT paper's Transformer baseline, Llama-style): q/k/v/o projections without
+biases, RoPE on q and k, causal softmax attention through torch SDPA, a KV cache for decoding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from tttlm.layers.common import SeqInfo, check_heads, rope
+from tttlm.ops.attention import attention
+
+
+class AttentionMixer(nn.Module):
+    """Multi-head causal self-attention. x [B, T, C] -> [B, T, C].
+
+    Decoding cache (`cache.state`): (k, v), each [B, S, H, D], the RoPE-rotated keys and the values so far.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = check_heads(C, self.num_heads)
+        self.rope_theta = config.rope_theta
+        self.q_proj = nn.Linear(C, C, bias=False)
+        self.k_proj = nn.Linear(C, C, bias=False)
+        self.v_proj = nn.Linear(C, C, bias=False)
+        self.o_proj = nn.Linear(C, C, bias=False)
+
+    def forward(self, x: Tensor, info: SeqInfo, cache=None) -> Tensor:
+        B, T, C = x.shape
+        shape = (B, T, self.num_heads, self.head_dim)
+        q = rope(self.q_proj(x).view(shape), info.pos, self.rope_theta)
+        k = rope(self.k_proj(x).view(shape), info.pos, self.rope_theta)
+        v = self.v_proj(x).view(shape)
+        if cache is not None:
+            if cache.state is not None:
+                k = torch.cat([cache.state[0], k], dim=1)
+                v = torch.cat([cache.state[1], v], dim=1)
+            cache.state = (k, v)
+        o = attention(q, k, v, cu_seqlens=info.cu_seqlens)
+        return self.o_proj(o.reshape(B, T, C))

@@ -1,0 +1,134 @@
+"""Pieces shared by the mixers and blocks: where each token sits (`SeqInfo`), RMSNorm, RoPE, SwiGLU, and the
+causal depthwise convolution with a decoding state and document resets.
+
+Hidden states are [B, T, C]; per-head tensors [B, T, H, D]; a packed batch is one row (B == 1) holding the
+documents given by `cu_seqlens` (int64 [N+1]).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import initialization as init
+
+
+@dataclass
+class SeqInfo:
+    """Where each token of a forward call sits.
+
+    pos: [B, T] int64, the index of each token inside its own sequence (0 at a document start; a call that
+        continues a cache starts at the number of tokens the cache has seen).
+    cu_seqlens: int64 [N+1] document boundaries of a packed batch (B == 1), or None.
+    """
+
+    pos: Tensor
+    cu_seqlens: Tensor | None = None
+
+    @classmethod
+    def contiguous(cls, batch: int, length: int, offset: int, device) -> SeqInfo:
+        """B rows of one sequence each, continuing after `offset` tokens."""
+        pos = torch.arange(offset, offset + length, device=device)
+        return cls(pos.expand(batch, length), None)
+
+    @classmethod
+    def packed(cls, cu_seqlens: Tensor) -> SeqInfo:
+        """One packed row with the documents of cu_seqlens [N+1]."""
+        T = int(cu_seqlens[-1])
+        t = torch.arange(T, device=cu_seqlens.device)
+        doc = torch.searchsorted(cu_seqlens[1:], t, right=True)
+        return cls((t - cu_seqlens[doc])[None], cu_seqlens)
+
+    @property
+    def num_sequences(self) -> int:
+        """N: rows of the recurrent states (B, or the number of packed documents)."""
+        return self.pos.shape[0] if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight over the last dim, computed in float32. x [..., C]."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """The block MLP: down(silu(gate(x)) * up(x)), no biases. x [..., C]."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope(x: Tensor, pos: Tensor, theta: float = 10000.0) -> Tensor:
+    """Rotary position embedding (Su et al. 2021), rotating the two halves of the head dim.
+
+    x [B, T, H, D] (D even), pos [B, T] integer positions. Angles are computed in float32.
+    """
+    D = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # [D/2]
+    ang = pos.to(torch.float32)[..., None, None] * inv_freq  # [B, T, 1, D/2]
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time, kernel width K: y_t = sum_k w[:, K-1-k] * x_{t-k} (+ bias).
+
+    A token never reads across a document start: the term x_{t-k} counts only when pos_t >= k. A decoding
+    state holds the K-1 previous inputs of each row ([B, K-1, C], zeros at a sequence start), so a call that
+    continues a sequence equals the whole sequence read at once.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True):
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"conv kernel_size must be >= 1, got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+
+    def init_parameters(self, std: float) -> None:
+        # nn.Conv1d's default: uniform with bound 1/sqrt(fan_in), fan_in = kernel width for a depthwise conv
+        bound = 1.0 / math.sqrt(self.kernel_size)
+        init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor, pos: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x [B, T, C], pos [B, T], state [B, K-1, C] or None (zeros). Returns y [B, T, C], the new state."""
+        B, T, C = x.shape
+        K = self.kernel_size
+        prev = x.new_zeros(B, K - 1, C) if state is None else state.to(x.dtype)
+        xx = torch.cat([prev, x], dim=1)  # [B, T+K-1, C]
+        y = x * self.weight[:, K - 1]
+        for k in range(1, K):
+            term = xx[:, K - 1 - k : K - 1 - k + T] * self.weight[:, K - 1 - k]
+            y = y + torch.where((pos >= k)[..., None], term, torch.zeros_like(term))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype), xx[:, T:]  # float32 weights must not promote x (autocast leaves mul alone)
+
+
+def check_heads(hidden_size: int, num_heads: int, what: str = "num_attention_heads") -> int:
+    """The head dim hidden_size / num_heads; a ValueError naming both when it does not divide."""
+    if num_heads < 1 or hidden_size % num_heads:
+        raise ValueError(f"{what} = {num_heads} must divide hidden_size = {hidden_size}")
+    return hidden_size // num_heads

@@ -1,0 +1,303 @@
+"""TTTLMForCausalLM: the causal LM of every tttlm mixer, a transformers PreTrainedModel with generate().
+
+Forward inputs are [B, T] token ids. Packed batches (several documents per row, no padding) come as
+`cu_seqlens` (int64 [N+1], B == 1) or as `position_ids` that restart at 0 at every document start (any B;
+every row start is a document start too). Documents never see each other: recurrent states and convolutions
+restart, attention is block-diagonal, and the loss never predicts across a boundary.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from tttlm.layers import AttentionMixer, Mamba2Mixer, MesaMixer, PreConv, RMSNorm, SeqInfo, SwiGLU, TTTMixer
+from tttlm.models.cache import TTTLMCache
+from tttlm.models.config import TTTLMConfig
+
+# parameters that weight decay must leave alone besides every vector (norm weights, biases, A_log, D, ...):
+# the inner loop's initial weights and LayerNorm, its token-scale offset, and Mesa's regulariser
+_NO_DECAY_NAMES = {
+    "W0",
+    "b0",
+    "W1",
+    "b1",
+    "W2",
+    "b2",
+    "ln_weight",
+    "ln_bias",
+    "token_scale_offset",
+    "lamb_param",
+}
+
+
+def make_mixer(config: TTTLMConfig) -> nn.Module:
+    m = config.mixer
+    if m in ("ttt_linear", "ttt_mlp"):
+        return TTTMixer(config, m.removeprefix("ttt_"))
+    if m == "mesa":
+        return MesaMixer(config)
+    if m == "transformer":
+        return AttentionMixer(config)
+    if m == "mamba2":
+        return Mamba2Mixer(config)
+    raise ValueError(f"unknown mixer {m!r}")
+
+
+class TTTLMBlock(GradientCheckpointingLayer):
+    """h + mixer(RMSNorm(h)), then h + SwiGLU(RMSNorm(h)); TTT on the Mamba backbone adds a pre-conv first."""
+
+    def __init__(self, config: TTTLMConfig):
+        super().__init__()
+        ttt_mamba = config.mixer.startswith("ttt_") and config.ttt_backbone == "mamba"
+        self.pre_conv = PreConv(config) if ttt_mamba else None
+        self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mixer = make_mixer(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, h: Tensor, info: SeqInfo, cache=None) -> Tensor:
+        if self.pre_conv is not None:
+            h = self.pre_conv(h, info, cache)
+        h = h + self.mixer(self.mixer_norm(h), info, cache)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class TTTLMPreTrainedModel(PreTrainedModel):
+    config_class = TTTLMConfig
+    config: TTTLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TTTLMBlock"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if hasattr(module, "init_parameters"):
+            module.init_parameters(self.config.initializer_range)
+        else:
+            super()._init_weights(module)
+
+
+class TTTLMModel(TTTLMPreTrainedModel):
+    """Embeddings, blocks and the final RMSNorm: hidden states [B, T, C]."""
+
+    def __init__(self, config: TTTLMConfig):
+        super().__init__(config)
+        config.check()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([TTTLMBlock(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(self, inputs_embeds: Tensor, info: SeqInfo, cache: TTTLMCache | None = None) -> Tensor:
+        h = inputs_embeds
+        for i, block in enumerate(self.layers):
+            h = block(h, info=info, cache=None if cache is None else cache.layers[i])
+        return self.norm(h)
+
+
+def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    """Per-token cross-entropy of the logits hidden @ weight^T, chunk_size tokens at a time.
+
+    hidden [M, C], weight [V, C], targets [M] (all valid). Returns float32 losses [M]. In training each chunk
+    is recomputed in the backward pass, so at most chunk_size x V float32 logits exist at any time.
+    """
+
+    def chunk_loss(h: Tensor, w: Tensor, t: Tensor) -> Tensor:
+        return F.cross_entropy(F.linear(h, w).float(), t, reduction="none")
+
+    out = []
+    for s in range(0, hidden.shape[0], chunk_size):
+        args = (hidden[s : s + chunk_size], weight, targets[s : s + chunk_size])
+        out.append(
+            checkpoint(chunk_loss, *args, use_reentrant=False)
+            if torch.is_grad_enabled()
+            else chunk_loss(*args)
+        )
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _checked_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> Tensor:
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D int64 tensor [N+1]")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int64, got {cu_seqlens.dtype}")
+    if B != 1:
+        raise ValueError(f"with cu_seqlens, input_ids must be one packed row (B == 1), got B = {B}")
+    cu = cu_seqlens.long()
+    bounds = cu.tolist()
+    if bounds[0] != 0 or bounds[-1] != T or any(b <= a for a, b in itertools.pairwise(bounds)):
+        raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T = {T}, got {bounds}")
+    return cu
+
+
+def _cu_seqlens_from_positions(position_ids: Tensor) -> Tensor | None:
+    """Document boundaries of rows whose positions restart at 0 (None when no row restarts). Every row start
+    is a document start as well: a row continuing a document from outside the batch starts a fresh state."""
+    if position_ids.dim() != 2 or not bool((position_ids[:, 1:] == 0).any()):
+        return None
+    starts = position_ids == 0
+    starts[:, 0] = True
+    starts = torch.nonzero(starts.reshape(-1)).flatten()
+    return torch.cat([starts, starts.new_tensor([position_ids.numel()])]).long()
+
+
+class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
+    """The causal LM. `tttlm.build_model("ttt_linear-125m")` builds one from a preset."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TTTLMConfig):
+        super().__init__(config)
+        self.model = TTTLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # forward creates its own TTTLMCache when asked to cache
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: TTTLMCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: Tensor | None = None,
+        logits_to_keep: int = 0,
+        loss_reduction: str = "mean",
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        """input_ids [B, T] (or inputs_embeds [B, T, C]).
+
+        labels [B, T]: the loss predicts labels[t + 1] at position t (shifted here; -100 ignored; never across
+            a document boundary); loss_reduction "mean", "sum" or "none" ([B, T] float32, 0 where ignored).
+            With
+            labels, logits are not computed (the loss is chunked so full float32 logits never exist).
+        cu_seqlens / position_ids: packed documents (see the module docstring). attention_mask may only be all
+            ones (padding would leak into recurrent states: pack instead).
+        use_cache / past_key_values: decoding; with use_cache=True and no cache a TTTLMCache is created and
+            returned. logits_to_keep: compute logits for the last n positions only (0: all).
+        Returns CausalLMOutputWithPast(loss, logits [B, T or n, V], past_key_values).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, C]")
+        if loss_reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if x.dim() != 3:
+            raise ValueError(f"input_ids must have shape [B, T], got {list(x.shape[:-1])}")
+        B, T, _ = x.shape
+        if attention_mask is not None and not bool((attention_mask != 0).all()):
+            raise ValueError(
+                "padding (zeros in attention_mask) is not supported: pack documents with cu_seqlens "
+                "or restarting position_ids instead"
+            )
+        if labels is not None and labels.shape != (B, T):
+            raise ValueError(f"labels must have shape [B, T] = [{B}, {T}], got {list(labels.shape)}")
+        if past_key_values is not None and not isinstance(past_key_values, TTTLMCache):
+            raise ValueError(f"past_key_values must be a TTTLMCache, got {type(past_key_values).__name__}")
+        use_cache = past_key_values is not None if use_cache is None else use_cache
+        if self.is_gradient_checkpointing and self.training:
+            use_cache = False
+        cache = None
+        if use_cache:
+            cache = (
+                past_key_values if past_key_values is not None else TTTLMCache(self.config.num_hidden_layers)
+            )
+
+        if cu_seqlens is not None:
+            cu = _checked_cu_seqlens(cu_seqlens.to(x.device), B, T)
+        elif position_ids is not None and (cache is None or cache.seen_tokens == 0):
+            cu = _cu_seqlens_from_positions(position_ids.to(x.device))
+        else:
+            cu = None
+        if cu is not None:
+            if cache is not None:
+                raise ValueError(
+                    "packed batches (cu_seqlens / restarting position_ids) cannot use a decoding cache"
+                )
+            info = SeqInfo.packed(cu)
+            x = x.reshape(1, B * T, -1)
+        else:
+            info = SeqInfo.contiguous(B, T, 0 if cache is None else cache.seen_tokens, x.device)
+
+        h = self.model(x, info, cache).reshape(B, T, -1)
+        if cache is not None:
+            cache.seen_tokens += T
+
+        loss = logits = None
+        if labels is not None:
+            loss = self._loss(h, labels, cu, loss_reduction)
+        else:
+            logits = self.lm_head(h if not logits_to_keep else h[:, -logits_to_keep:])
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return out if return_dict is not False else out.to_tuple()
+
+    def _loss(self, h: Tensor, labels: Tensor, cu: Tensor | None, reduction: str) -> Tensor:
+        B, T, C = h.shape
+        targets = torch.full_like(labels, -100)
+        targets[:, :-1] = labels[:, 1:]
+        if cu is not None:  # the token before a document start predicts nothing
+            flat = targets.view(-1)
+            flat[cu[1:-1] - 1] = -100
+        valid = torch.nonzero(targets.reshape(-1) != -100).flatten()
+        losses = chunked_cross_entropy(
+            h.reshape(-1, C)[valid],
+            self.lm_head.weight,
+            targets.reshape(-1)[valid],
+            self.config.loss_chunk_size,
+        )
+        if reduction == "none":
+            return losses.new_zeros(B * T).index_put((valid,), losses).view(B, T)
+        total = losses.sum() + 0.0 * h.sum()  # keeps the graph when no position is valid
+        return total if reduction == "sum" else total / max(1, valid.numel())
+
+    def set_inner_lr_warmup(self, progress: float) -> float:
+        """Warm the TTT inner base learning rate from config.ttt_base_lr_init to config.ttt_base_lr, linearly
+        in progress in [0, 1] (the paper warms TTT-MLP's from 0.01 to 0.1 with the outer learning rate).
+        Returns the base learning rate now in use; a no-op for other mixers."""
+        p = min(1.0, max(0.0, float(progress)))
+        c = self.config
+        lr = c.ttt_base_lr_init + (c.ttt_base_lr - c.ttt_base_lr_init) * p
+        for m in self.modules():
+            if isinstance(m, TTTMixer):
+                m.lr_scale = lr / m.base_lr
+        return lr
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Names of the parameters that weight decay must skip: every vector (norm weights, biases, Mamba2's
+        A_log / D / dt_bias), the TTT inner loop's initial weights (W0, b0 or W1, b1, W2, b2), its LayerNorm
+        and token-scale offset, and Mesa's regulariser parameter."""
+        return {
+            n for n, p in self.named_parameters() if p.dim() < 2 or n.rsplit(".", 1)[-1] in _NO_DECAY_NAMES
+        }

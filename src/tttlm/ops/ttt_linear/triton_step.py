@@ -1,0 +1,164 @@
+"""TTT-Linear decode: one token per call, a Triton kernel with one program per (row, head).
+
+Per token (Sun et al. 2024, arXiv 2407.04620, §2): e = eta * dl/dz at z = k W + b, the running sums grow by
+(k^T e, e), the token reads out with W - s_pos (grad_W + k^T e); at a mini-batch end that becomes W.
+The program reads W, b and the sums once, writes the new ones once; all arithmetic in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tttlm.ops.state import TTTLinearState
+from tttlm.ops.ttt_linear.triton_chunk import _layernorm, _ln_l2_grad, _new, _num_warps
+
+
+@triton.jit
+def _step_kernel(
+    Q,
+    K,
+    V,
+    ETA,
+    LNW,
+    LNB,
+    S,
+    OFF,
+    W0,
+    B0,
+    GW0,
+    GB0,
+    O,
+    W1,
+    B1,
+    GW1,
+    GB1,
+    OFF1,
+    eps,
+    H,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    DEFAULT_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // H
+    h = pid % H
+    base = pid.to(tl.int64)
+    d = tl.arange(0, D)
+    mat = base * D * D + d[:, None] * D + d[None, :]
+    q = tl.load(Q + base * D + d).to(tl.float32)
+    k = tl.load(K + base * D + d).to(tl.float32)
+    v = tl.load(V + base * D + d).to(tl.float32)
+    eta = tl.load(ETA + base).to(tl.float32)
+    lnw = tl.load(LNW + h * D + d).to(tl.float32)
+    lnb = tl.load(LNB + h * D + d).to(tl.float32)
+    pos = tl.load(OFF + n)
+    if DEFAULT_S:
+        s = 1.0 / (pos + 1).to(tl.float32)
+    else:
+        s = tl.load(S + pos)
+    W = tl.load(W0 + mat)
+    bv = tl.load(B0 + base * D + d)
+    gW = tl.load(GW0 + mat)
+    gb = tl.load(GB0 + base * D + d)
+
+    z = tl.sum(k[:, None] * W, 0) + bv
+    _, _, _, dz = _ln_l2_grad(z[None, :], v[None, :], k[None, :], lnw, lnb, D, eps)
+    e = eta * tl.sum(dz, 0)  # the [1, D] row as a vector
+    gW = gW + k[:, None] * e[None, :]
+    gb = gb + e
+    W_bar = W - s * gW
+    b_bar = bv - s * gb
+    zq = tl.sum(q[:, None] * W_bar, 0) + b_bar
+    xq, _ = _layernorm(zq[None, :], D, eps)
+    o = q + lnw * tl.sum(xq, 0) + lnb
+    tl.store(O + base * D + d, o.to(O.dtype.element_ty))
+
+    done = (pos + 1 == BT).to(tl.float32)
+    tl.store(W1 + mat, W + done * (W_bar - W))
+    tl.store(B1 + base * D + d, bv + done * (b_bar - bv))
+    tl.store(GW1 + mat, (1.0 - done) * gW)
+    tl.store(GB1 + base * D + d, (1.0 - done) * gb)
+    if h == 0:
+        tl.store(OFF1 + n, (pos + 1) % BT)
+
+
+def ttt_linear_step_triton(
+    q_t: Tensor,
+    k_t: Tensor,
+    v_t: Tensor,
+    eta_t: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    state: TTTLinearState,
+    *,
+    mini_batch_size: int = 16,
+    token_scale: Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[Tensor, TTTLinearState]:
+    """See `tttlm.ops.ttt_linear_step`; inputs are assumed checked and `triton_chunk.supports`.
+
+    q_t, k_t, v_t [B,H,D], eta_t [B,H], ln_weight/ln_bias [H,D], state with B rows. Returns o_t [B,H,D] in
+    q_t's dtype and a new state (float32). Not differentiable: with gradients wanted, the PyTorch step runs.
+    """
+    tensors = (
+        q_t,
+        k_t,
+        v_t,
+        eta_t,
+        ln_weight,
+        ln_bias,
+        token_scale,
+        state.W,
+        state.b,
+        state.grad_W,
+        state.grad_b,
+    )
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        from tttlm.ops.ttt_linear.chunked import ttt_linear_step_recurrent
+
+        return ttt_linear_step_recurrent(
+            q_t,
+            k_t,
+            v_t,
+            eta_t,
+            ln_weight,
+            ln_bias,
+            state,
+            mini_batch_size=mini_batch_size,
+            token_scale=token_scale,
+            eps=eps,
+        )
+    B, H, D = q_t.shape
+    dev = q_t.device
+    o = _new((B, H, D), q_t.dtype, dev)
+    W1, GW1 = _new((B, H, D, D), torch.float32, dev), _new((B, H, D, D), torch.float32, dev)
+    B1, GB1 = _new((B, H, D), torch.float32, dev), _new((B, H, D), torch.float32, dev)
+    offset = torch.empty_like(state.offset)
+    s = q_t if token_scale is None else token_scale.float().contiguous()  # q_t: an unread placeholder
+    _step_kernel[(B * H,)](
+        q_t.contiguous(),
+        k_t.contiguous(),
+        v_t.contiguous(),
+        eta_t.contiguous(),
+        ln_weight.contiguous(),
+        ln_bias.contiguous(),
+        s,
+        state.offset.contiguous(),
+        *(t.float().contiguous() for t in (state.W, state.b, state.grad_W, state.grad_b)),
+        o,
+        W1,
+        B1,
+        GW1,
+        GB1,
+        offset,
+        float(eps),
+        H,
+        D=D,
+        BT=mini_batch_size,
+        DEFAULT_S=token_scale is None,
+        num_warps=_num_warps(D),
+    )
+    return o, TTTLinearState(W1, B1, GW1, GB1, offset)

@@ -1,0 +1,109 @@
+"""TrainConfig: every setting of a training run, read from a TOML file and/or command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tttlm.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Batch sizes count sequences of seq_len tokens; steps count optimizer steps."""
+
+    # model: a preset "{mixer}-{size}" and config overrides (vocab_size always comes from the tokenizer)
+    model: str = "ttt_linear-tiny"
+    model_overrides: dict = field(default_factory=dict)
+    # data: see tttlm.data.corpus for the accepted sources ("stdlib": the Python standard library)
+    corpus: str = "stdlib"
+    text_field: str = "text"
+    val_fraction: float = 0.05
+    tokenizer: str | None = None  # a tokenizer.json to use instead of training one
+    vocab_size: int = 4096
+    cache_dir: str | None = None  # default: $TTTLM_CACHE or ~/.cache/tttlm
+    seq_len: int = 256
+    batch_size: int = 16  # global: sequences per optimizer step, over all processes
+    micro_batch_size: int | None = None  # per process and forward pass; default batch_size / processes
+    # optimisation: AdamW, linear warm-up then cosine decay to min_lr_ratio * lr
+    steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    # hardware
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 autocast on GPU, float32 on CPU; or "float32", "bfloat16"
+    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
+    activation_checkpointing: bool = False
+    # bookkeeping
+    out_dir: str = "runs/default"
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    save_every: int = 200
+    keep_last: int = 2
+    tensorboard: bool = True
+    progress: bool = True
+    sample_prompt: str = ""  # when set, a sample continuing this prompt is printed at the end
+
+    def check(self) -> None:
+        """UserError naming the setting for any value out of range."""
+        positive = ("vocab_size", "seq_len", "batch_size", "steps", "log_every", "eval_every", "eval_batches",
+                    "save_every", "keep_last")
+        for name in positive:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UserError(f"{name} must be a positive integer, got {v!r}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise UserError(f"micro_batch_size must be a positive integer, got {self.micro_batch_size!r}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.lr <= 0:
+            raise UserError("need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise UserError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
+        if "vocab_size" in self.model_overrides:
+            raise UserError("vocab_size comes from the tokenizer: set vocab_size, not model_overrides.vocab_size")
+        from tttlm.models import preset_config
+
+        preset_config(self.model, **self.model_overrides)  # ValueError for an unknown preset or field
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def read_toml(path: str | Path) -> dict:
+    """The settings of a TOML config file (top-level keys are TrainConfig fields; [model_overrides] a table)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise UserError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    return data
+
+
+def make_config(base: dict | None = None, **overrides) -> TrainConfig:
+    """TrainConfig from the settings `base` (e.g. a TOML file's) updated by overrides that are not None."""
+    settings = dict(base or {})
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(settings) - set(FIELDS))
+    if unknown:
+        raise UserError(f"unknown setting(s) {', '.join(unknown)}")
+    cfg = TrainConfig(**settings)
+    cfg.check()
+    return cfg

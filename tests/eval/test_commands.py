@@ -1,0 +1,116 @@
+"""Every evaluation command on CPU on tiny checkpoints: JSON written and checked, figures written, numbers
+finite; then the report gathering them."""
+
+import math
+
+import pytest
+
+from tttlm.cli import main
+
+from .conftest import load_json
+
+MIXERS = ["ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, checkpoint):
+    """Runs every command once; returns {command: output directory}."""
+    root = tmp_path_factory.mktemp("eval")
+    ttt, mlp, mesa, attn = (checkpoint(m) for m in ("ttt_linear", "ttt_mlp", "mesa", "transformer"))
+    commands = {
+        "positions": ["positions", str(ttt), str(attn), "--context", "64", "256", "--num-docs", "2"],
+        "ladder": ["ladder", str(ttt), str(mesa), "--lengths", "32", "64", "128", "--num-docs", "2",
+                   "--batch-size", "2"],
+        "telemetry": ["telemetry", str(ttt), str(mlp), str(mesa), "--context", "64", "--tolerances", "1e-2", "1e-4"],
+        "recall": ["recall", "--widths", "32", "--seq-lens", "32", "--pairs", "2", "4", "--lrs", "1e-3", "3e-3",
+                   "--steps", "2", "--batch-size", "4", "--vocab-size", "64", "--mixers", *MIXERS],
+        "throughput": ["throughput", "--size", "tiny", "--contexts", "16", "48", "--train-batch", "1",
+                       "--train-seq-len", "32", "--new-tokens", "2", "--repeats", "1", "--vocab-size", "128"],
+    }  # fmt: skip
+    out = {}
+    for name, argv in commands.items():
+        out[name] = root / name
+        assert main([*argv, "--device", "cpu", "--out", str(out[name])]) == 0, name
+    return out
+
+
+def _finite(xs):
+    return all(isinstance(x, (int, float)) and math.isfinite(x) for x in xs)
+
+
+def test_positions(runs):
+    data = load_json(runs["positions"] / "positions.json")
+    assert data["kind"] == "positions" and set(data["contexts"]) == {"64", "256"}
+    for L, entry in data["contexts"].items():
+        assert entry["num_docs"] == 2 and len(entry["checkpoints"]) == 2
+        for curve in entry["checkpoints"].values():
+            bins = curve["bins"]
+            assert bins[0][0] == 1 and bins[-1][1] == int(L) and len(bins) == len(curve["loss"])
+            assert _finite(curve["loss"]) and all(2.0 < x < 10.0 for x in curve["loss"])  # ~ln(300) untrained
+            assert curve["trained_context"] == 64
+
+
+def test_ladder(runs):
+    data = load_json(runs["ladder"] / "ladder.json")
+    for entry in data["checkpoints"].values():
+        assert set(entry["lengths"]) == {"32", "64", "128"} and entry["trained_context"] == 64
+        for r in entry["lengths"].values():
+            assert math.isclose(r["perplexity"], math.exp(r["loss"]), rel_tol=1e-9) and 10 < r["perplexity"] < 2000
+            assert r["tokens"] == 2 * (int(next(k for k, v in entry["lengths"].items() if v is r)) - 1)
+
+
+def test_telemetry(runs):
+    for name, mixer in (("ttt_linear", "ttt_linear"), ("ttt_mlp", "ttt_mlp"), ("mesa", "mesa")):
+        data = load_json(runs["telemetry"] / f"telemetry_{name}-run_step-000010.json")
+        assert data["mixer"] == mixer and len(data["layers"]) == 2
+        for layer in data["layers"]:
+            if mixer == "mesa":
+                its = {s["tolerance"]: s["iterations"] for s in layer["solves"]}
+                assert its[None] == 30 and 1 <= its[1e-2] <= its[1e-4] <= 30
+                for s in layer["solves"]:
+                    assert s["non_finite_output"] == 0
+                    if s["tolerance"] is not None and s["iterations"] < 30:
+                        assert s["residual_max"] <= s["tolerance"]
+                continue
+            assert layer["position"] == [16, 32, 48, 64]
+            for key in ("loss_init", "loss_before", "loss_after", "grad_norm", "update_norm"):
+                assert len(layer[key]) == 4 and _finite(layer[key]) and min(layer[key]) > 0
+            assert layer["loss_init"][0] == layer["loss_before"][0]
+            assert sum(layer["non_finite"].values()) == 0 and layer["first_non_finite_minibatch"] is None
+            assert layer["max_abs_diff_vs_op"] < 1e-4
+
+
+def test_recall(runs):
+    data = load_json(runs["recall"] / "recall.json")
+    assert len(data["runs"]) == len(MIXERS) * 2 * 2
+    assert {(b["mixer"], b["pairs"]) for b in data["best"]} == {(m, p) for m in MIXERS for p in (2, 4)}
+    for b in data["best"]:
+        same = [r["accuracy"] for r in data["runs"] if (r["mixer"], r["pairs"]) == (b["mixer"], b["pairs"])]
+        assert b["accuracy"] == max(same) and 0.0 <= b["accuracy"] <= 1.0
+
+
+def test_throughput(runs):
+    data = load_json(runs["throughput"] / "throughput.json")
+    assert set(data["mixers"]) == set(MIXERS)
+    for m in data["mixers"].values():
+        assert m["params"] > 0 and m["train_tokens_per_s"] > 0
+        assert _finite(m["prefill_s"].values()) and _finite(m["decode_ms_per_token"].values())
+        assert set(m["prefill_s"]) == {"16", "48"} and min(m["decode_ms_per_token"].values()) > 0
+
+
+def test_report(runs, tmp_path):
+    out = tmp_path / "docs" / "report.md"
+    assert main(["report", *map(str, runs.values()), "-o", str(out)]) == 0
+    text = out.read_text()
+    for heading in ("Loss by token position", "Context ladder", "Inner-loop telemetry", "Associative recall",
+                    "Throughput and latency"):  # fmt: skip
+        assert f"## {heading}" in text
+    links = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    assert len(links) == 7  # positions, ladder, 3 telemetry, recall, throughput
+    assert all((out.parent / link).is_file() for link in links)
+
+
+def test_report_errors(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.md")]) == 2
+    assert "no result JSON" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing"), "-o", str(tmp_path / "r.md")]) == 2

@@ -1,0 +1,59 @@
+"""Short convolution (state, resets), RoPE, and the layers' op inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tttlm.layers import SeqInfo, ShortConv, rope
+from tttlm.models import build_model
+from tttlm.ops import mesa
+
+
+def test_short_conv_matches_conv1d_and_continues_from_state():
+    torch.manual_seed(0)
+    conv = ShortConv(6, 4)
+    conv.init_parameters(0.02)
+    x = torch.randn(2, 11, 6)
+    ref = torch.nn.functional.conv1d(x.transpose(1, 2), conv.weight[:, None], conv.bias, padding=3, groups=6)
+    y, _ = conv(x, SeqInfo.contiguous(2, 11, 0, x.device).pos)
+    torch.testing.assert_close(y, ref[..., :11].transpose(1, 2))
+    y1, s = conv(x[:, :5], SeqInfo.contiguous(2, 5, 0, x.device).pos)
+    y2, _ = conv(x[:, 5:], SeqInfo.contiguous(2, 6, 5, x.device).pos, s)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y)
+
+
+def test_short_conv_resets_at_document_starts():
+    torch.manual_seed(0)
+    conv = ShortConv(3, 4)
+    conv.init_parameters(0.02)
+    x = torch.randn(1, 10, 3)
+    cu = torch.tensor([0, 2, 10])
+    y, _ = conv(x, SeqInfo.packed(cu).pos)
+    for a, b in ((0, 2), (2, 10)):
+        alone, _ = conv(x[:, a:b], SeqInfo.contiguous(1, b - a, 0, x.device).pos)
+        torch.testing.assert_close(y[:, a:b], alone)
+
+
+def test_rope_preserves_norms_and_relative_positions():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 1, 1, 1, 8, dtype=torch.float64).unbind(0)
+    pos = torch.tensor([[3]])
+    assert torch.allclose(rope(q, pos).norm(), q.norm())
+    dots = [(rope(q, torch.tensor([[a + 5]])) * rope(k, torch.tensor([[a]]))).sum() for a in (0, 7)]
+    torch.testing.assert_close(dots[0], dots[1])
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp", "mesa"])
+def test_op_inputs_reproduce_the_layer(mixer):
+    torch.manual_seed(0)
+    layer = build_model(f"{mixer}-tiny", vocab_size=32).model.layers[0].mixer
+    assert layer.op_inputs(torch.randn(1, 4, layer.o_proj.in_features))["q"].shape == (1, 4, 4, 16)
+    x = torch.randn(2, 21, layer.o_proj.in_features)
+    B, T, C = x.shape
+    o, _ = (mesa if mixer == "mesa" else layer.op)(**layer.op_inputs(x))
+    if mixer == "mesa":
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.eps) * layer.o_norm_weight
+        want = layer.o_proj(o.reshape(B, T, C) * F.silu(layer.gate_proj(x)))
+    else:
+        want = layer.o_proj(layer.post_norm(o.reshape(B, T, C)) * F.gelu(layer.g_proj(x), approximate="tanh"))
+    torch.testing.assert_close(layer(x, SeqInfo.contiguous(B, T, 0, x.device)), want)

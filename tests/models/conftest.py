@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from tttlm.models import build_model
+
+VOCAB = 97
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the recurrent layers' many small ops run far slower with 2 intra-op threads on the 2-core CI machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny(mixer: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=VOCAB, initializer_range=0.1, mamba_chunk_size=8)
+    kw.update(overrides)
+    return build_model(f"{mixer}-tiny", **kw).float().eval()
+
+
+def _tokens(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def tiny():
+    """tiny(mixer, seed=0, **overrides): a float32 tiny model in eval mode (vocabulary 97), initialised with
+    larger weights so every mixer visibly matters, and small Mamba2 chunks so a few dozen tokens cross several
+    chunk / mini-batch boundaries."""
+    return _tiny
+
+
+@pytest.fixture
+def tokens():
+    """tokens(*shape, seed=1): random token ids below the tiny models' vocabulary."""
+    return _tokens
