@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tttlm.ops import MesaState, TTTLinearState, TTTMLPState, mesa, ttt_linear, ttt_mlp
+from tttlm.ops import TTTLinearState, TTTMLPState, mesa, ttt_linear, ttt_mlp
 
 
 def make_call(name: str, B: int, T: int, H: int, D: int, device: str):
@@ -37,7 +37,8 @@ def make_call(name: str, B: int, T: int, H: int, D: int, device: str):
         state = lambda: TTTLinearState.start(W.expand(B, H, D, D), b.expand(B, H, D))  # noqa: E731
         return (lambda: ttt_linear(q, k, v, eta, ln_w, ln_b, state())[0]), [q, k, v, eta, ln_w, ln_b, W, b]
     W1, W2 = (0.02 * rnd(H, D, 4 * D)).requires_grad_(), (0.02 * rnd(H, 4 * D, D)).requires_grad_()
-    b1, b2 = torch.zeros(H, 4 * D, device=device, requires_grad=True), torch.zeros(H, D, device=device, requires_grad=True)
+    b1 = torch.zeros(H, 4 * D, device=device, requires_grad=True)
+    b2 = torch.zeros(H, D, device=device, requires_grad=True)
     state = lambda: TTTMLPState.start(*(p.expand(B, *p.shape) for p in (W1, b1, W2, b2)))  # noqa: E731
     return (lambda: ttt_mlp(q, k, v, eta, ln_w, ln_b, state())[0]), [q, k, v, eta, ln_w, ln_b, W1, b1, W2, b2]
 
@@ -74,7 +75,7 @@ def main() -> None:
         with torch.no_grad():
             f_ms = timed(fn, a.repeats, a.device)
 
-        def fwd_bwd():
+        def fwd_bwd(fn=fn, leaves=leaves):
             for t in leaves:
                 t.grad = None
             fn().square().mean().backward()

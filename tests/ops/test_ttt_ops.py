@@ -138,10 +138,10 @@ def test_varlen_equals_per_sequence(kind):
     o, f = op(*x, s0, mini_batch_size=b, cu_seqlens=cu, output_final_state=True)
     for i in range(len(lengths)):
         lo, hi = cu[i].item(), cu[i + 1].item()
-        oi, fi = op(*(t[:, lo:hi] for t in x[:4]), *x[4:], s0.map(lambda t: t[i : i + 1]), mini_batch_size=b,
+        oi, fi = op(*(t[:, lo:hi] for t in x[:4]), *x[4:], s0.map(lambda t, i=i: t[i : i + 1]), mini_batch_size=b,
                     output_final_state=True)
         assert (o[:, lo:hi] - oi).abs().max().item() <= 1e-12
-        states_close(f.map(lambda t: t[i : i + 1]), fi, 1e-12)
+        states_close(f.map(lambda t, i=i: t[i : i + 1]), fi, 1e-12)
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
@@ -180,6 +180,30 @@ def test_training_keeps_inner_weights_sparsely(kind):
         op(*x, s0, mini_batch_size=b)
     state_numel = sum(p.numel() for p in s0.params)
     assert 0 < sum(kept.values()) <= T * D + 2 * state_numel
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_cuda_torch_path_matches_reference(kind):
+    """The PyTorch path on a GPU (compiled there) against the float64 spec: outputs, final state, gradients."""
+    op, _, ref, *_ = OPS[kind]
+    B, T, H, D, b = 2, 50, 2, 16, 16
+    x64 = [t.requires_grad_() for t in make_inputs(B, T, H, D)]
+    s0 = make_state(kind, B, H, D, b, mid=True)
+    x = [t.detach().float().cuda().requires_grad_() for t in x64]
+    kw = {"backend": "torch"} if kind == "linear" else {}
+    o, f = op(*x, s0.map(lambda t: t.float().cuda() if t.is_floating_point() else t.cuda()), mini_batch_size=b,
+              output_final_state=True, **kw)
+    o_ref, f_ref = ref(*x64, s0, mini_batch_size=b)
+    w = torch.randn(o.shape, dtype=F64)
+    grads = torch.autograd.grad((o.double().cpu() * w).sum(), x)
+    grads_ref = torch.autograd.grad((o_ref * w).sum(), x64)
+    rel = lambda a, r: ((a.double().cpu() - r).norm() / r.norm()).item()  # noqa: E731
+    assert rel(o, o_ref) <= 1e-4
+    for a, r in zip(f.params + f.grads, f_ref.params + f_ref.grads):
+        assert rel(a, r.detach()) <= 1e-4
+    for a, r in zip(grads, grads_ref):
+        assert rel(a, r) <= 1e-4
 
 
 def _bad(kind, **change):

@@ -6,8 +6,8 @@ All tensors of one state share a float dtype: float32 for bf16/fp16/fp32 inputs,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -73,7 +73,8 @@ class TTTMLPState(_TensorState):
 
     @classmethod
     def start(cls, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor) -> TTTMLPState:
-        """The state at a mini-batch boundary with inner weights W1 [N,H,D,4D], b1 [N,H,4D], W2 [N,H,4D,D], b2 [N,H,D]."""
+        """The state at a mini-batch boundary with inner weights W1 [N,H,D,4D], b1 [N,H,4D], W2 [N,H,4D,D],
+        b2 [N,H,D]."""
         offset = torch.zeros(W1.shape[0], dtype=torch.long, device=W1.device)
         zeros = [torch.zeros_like(t) for t in (W1, b1, W2, b2)]
         return cls(W1, b1, W2, b2, *zeros, offset)
@@ -89,7 +90,8 @@ class TTTMLPState(_TensorState):
 
 @dataclass
 class MesaState(_TensorState):
-    """Mesa's running statistics: h_kk [N,H,D,D] = sum of decayed beta k k^T, h_kv [N,H,D,Dv] = sum of decayed beta k v^T."""
+    """Mesa's running statistics: h_kk [N,H,D,D], the decayed sum of beta k k^T, and h_kv [N,H,D,Dv], the decayed
+    sum of beta k v^T."""
 
     h_kk: Tensor
     h_kv: Tensor

@@ -13,8 +13,11 @@ leading dims are [R, H] (rows, heads), parameters included:
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, NamedTuple
+import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -206,7 +209,10 @@ def scan_minibatches(
     b = s.numel()
     num_mb = layout.num_minibatches
     ends = layout.end_minibatch
-    capture = {m: torch.tensor([e == m for e in ends], device=Q.device) for m in set(ends)} if output_final_state else {}
+    # rows whose final state is taken at mini-batch m
+    capture = {}
+    if output_final_state:
+        capture = {m: torch.tensor([e == m for e in ends], device=Q.device) for m in set(ends)}
     n_state = len(params) + len(sums)
     state_numel = sum(p[0, 0].numel() for p in params)
     seg = checkpoint_interval(state_numel, Q.shape[-1], b) if torch.is_grad_enabled() else num_mb
@@ -298,6 +304,13 @@ class InnerModel(NamedTuple):
     minibatch: Callable
 
 
+@functools.cache
+def _compiled(model: InnerModel) -> InnerModel:
+    """The model with its mini-batch function compiled: on a GPU, fusing its element-wise work (LayerNorm and
+    its gradient, GELU) roughly halves the time of the PyTorch path (docs/benchmarks.md)."""
+    return model._replace(minibatch=torch.compile(model.minibatch, dynamic=False))
+
+
 def _prepare(q: Tensor, state, ln_weight: Tensor, ln_bias: Tensor, token_scale, mini_batch_size: int):
     cdt = compute_dtype(q.dtype)
     s = default_token_scale(mini_batch_size, cdt, q.device) if token_scale is None else token_scale.to(cdt)
@@ -318,6 +331,8 @@ def run_chunked(
     else:
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     N = lengths.numel()
+    if q.is_cuda and os.environ.get("TTTLM_COMPILE", "1") != "0":
+        model = _compiled(model)
     layout = make_layout(lengths, state.offset, mini_batch_size)
     Q, K, V = (to_grid(x.reshape(-1, H, D).to(cdt), layout, N) for x in (q, k, v))
     E = to_grid(eta.reshape(-1, H).to(cdt), layout, N)
