@@ -1,5 +1,5 @@
-"""Tiny checkpoints laid out as `tttlm train` writes them (config, weights, tokenizer.json, train.json), trained
-on nothing, over a small text corpus whose validation split holds documents of several hundred tokens."""
+"""Tiny checkpoints laid out as `tttlm train` writes them (config, weights, tokenizer.json, train.json),
+untrained, over a small text corpus whose validation split holds documents of several hundred tokens."""
 
 import json
 import random
@@ -48,8 +48,8 @@ def checkpoint(tmp_path_factory, corpus, tokenizer):
             path = root / f"{mixer}-run" / "step-000010"
             model.save_pretrained(path)
             save_tokenizer(tokenizer, path)
-            train = {"model": f"{mixer}-tiny", "corpus": str(corpus), "val_fraction": 0.5, "text_field": "text",
-                     "cache_dir": str(cache), "seq_len": 64}  # fmt: skip
+            train = {"model": f"{mixer}-tiny", "corpus": str(corpus), "val_fraction": 0.5,
+                     "text_field": "text", "cache_dir": str(cache), "seq_len": 64}  # fmt: skip
             (path / "train.json").write_text(json.dumps(train))
             made[mixer] = path
         return made[mixer]

@@ -9,7 +9,7 @@ from tttlm.cli import main
 
 from .conftest import load_json
 
-MIXERS = ["ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2"]
+FAST = ["ttt_linear", "mamba2"]  # every mixer runs in the other commands and in tests/models
 
 
 @pytest.fixture(scope="module")
@@ -18,19 +18,28 @@ def runs(tmp_path_factory, checkpoint):
     root = tmp_path_factory.mktemp("eval")
     ttt, mlp, mesa, attn = (checkpoint(m) for m in ("ttt_linear", "ttt_mlp", "mesa", "transformer"))
     commands = {
-        "positions": ["positions", str(ttt), str(attn), "--context", "64", "256", "--num-docs", "2"],
+        "positions": ["positions", str(ttt), str(attn), "--context", "64", "128", "--num-docs", "2"],
         "ladder": ["ladder", str(ttt), str(mesa), "--lengths", "32", "64", "128", "--num-docs", "2",
                    "--batch-size", "2"],
-        "telemetry": ["telemetry", str(ttt), str(mlp), str(mesa), "--context", "64", "--tolerances", "1e-2", "1e-4"],
-        "recall": ["recall", "--widths", "32", "--seq-lens", "32", "--pairs", "2", "4", "--lrs", "1e-3", "3e-3",
-                   "--steps", "2", "--batch-size", "4", "--vocab-size", "64", "--mixers", *MIXERS],
+        "telemetry": ["telemetry", str(ttt), str(mlp), str(mesa), "--context", "64",
+                      "--tolerances", "1e-2", "1e-4"],
+        **{
+            f"recall-{m}": ["recall", "--widths", "32", "--seq-lens", "32", "--pairs", "2", "4",
+                            "--lrs", "1e-3", "3e-3", "--steps", "2", "--batch-size", "4", "--vocab-size", "64",
+                            "--eval-examples", "16", "--mixers", m]
+            for m in FAST
+        },
         "throughput": ["throughput", "--size", "tiny", "--contexts", "16", "48", "--train-batch", "1",
-                       "--train-seq-len", "32", "--new-tokens", "2", "--repeats", "1", "--vocab-size", "128"],
+                       "--train-seq-len", "32", "--new-tokens", "2", "--repeats", "1", "--vocab-size", "128",
+                       "--mixers", *FAST],
     }  # fmt: skip
     out = {}
     for name, argv in commands.items():
         out[name] = root / name
         assert main([*argv, "--device", "cpu", "--out", str(out[name])]) == 0, name
+    out["recall"] = root / "recall"  # sweeps run apart (one per mixer), merged
+    parts = [str(out.pop(f"recall-{m}")) for m in FAST]
+    assert main(["recall", "--merge", *parts, "--out", str(out["recall"])]) == 0
     return out
 
 
@@ -40,7 +49,7 @@ def _finite(xs):
 
 def test_positions(runs):
     data = load_json(runs["positions"] / "positions.json")
-    assert data["kind"] == "positions" and set(data["contexts"]) == {"64", "256"}
+    assert data["kind"] == "positions" and set(data["contexts"]) == {"64", "128"}
     for L, entry in data["contexts"].items():
         assert entry["num_docs"] == 2 and len(entry["checkpoints"]) == 2
         for curve in entry["checkpoints"].values():
@@ -82,8 +91,9 @@ def test_telemetry(runs):
 
 def test_recall(runs):
     data = load_json(runs["recall"] / "recall.json")
-    assert len(data["runs"]) == len(MIXERS) * 2 * 2
-    assert {(b["mixer"], b["pairs"]) for b in data["best"]} == {(m, p) for m in MIXERS for p in (2, 4)}
+    assert data["complete"] and len(data["merged_from"]) == len(FAST)
+    assert len(data["runs"]) == len(FAST) * 2 * 2
+    assert {(b["mixer"], b["pairs"]) for b in data["best"]} == {(m, p) for m in FAST for p in (2, 4)}
     for b in data["best"]:
         same = [r["accuracy"] for r in data["runs"] if (r["mixer"], r["pairs"]) == (b["mixer"], b["pairs"])]
         assert b["accuracy"] == max(same) and 0.0 <= b["accuracy"] <= 1.0
@@ -91,7 +101,7 @@ def test_recall(runs):
 
 def test_throughput(runs):
     data = load_json(runs["throughput"] / "throughput.json")
-    assert set(data["mixers"]) == set(MIXERS)
+    assert set(data["mixers"]) == set(FAST)
     for m in data["mixers"].values():
         assert m["params"] > 0 and m["train_tokens_per_s"] > 0
         assert _finite(m["prefill_s"].values()) and _finite(m["decode_ms_per_token"].values())

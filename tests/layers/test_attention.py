@@ -30,9 +30,7 @@ def test_causal_with_and_without_cached_keys(T, S):
     q, k, v = _qkv(2, T, S)
     want = _naive(q, k, v, S - T)
     torch.testing.assert_close(attention_ref(q, k, v), want)
-    torch.testing.assert_close(
-        attention(q.float(), k.float(), v.float()).double(), want, rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(attention(q.float(), k.float(), v.float()).double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_documents_are_block_diagonal():
@@ -41,9 +39,7 @@ def test_packed_documents_are_block_diagonal():
     got = attention(q.float(), k.float(), v.float(), cu_seqlens=cu).double()
     torch.testing.assert_close(attention_ref(q, k, v, cu_seqlens=cu), got, rtol=1e-5, atol=1e-5)
     for a, b in itertools.pairwise(cu.tolist()):
-        torch.testing.assert_close(
-            got[:, a:b], _naive(q[:, a:b], k[:, a:b], v[:, a:b], 0), rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(got[:, a:b], _naive(q[:, a:b], k[:, a:b], v[:, a:b], 0), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_shapes_raise():

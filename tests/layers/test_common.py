@@ -57,3 +57,18 @@ def test_op_inputs_reproduce_the_layer(mixer):
     else:
         want = layer.o_proj(layer.post_norm(o.reshape(B, T, C)) * F.gelu(layer.g_proj(x), approximate="tanh"))
     torch.testing.assert_close(layer(x, SeqInfo.contiguous(B, T, 0, x.device)), want)
+
+
+def test_model_collects_every_layers_op_inputs():
+    model = build_model("ttt_mlp-tiny", vocab_size=32).eval()
+    ids = torch.randint(0, 32, (1, 12))
+    captured = []
+    hook = model.model.layers[1].mixer.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    model(ids)
+    hook.remove()
+    per_layer = model.mixer_op_inputs(ids)
+    assert len(per_layer) == 2 and per_layer[1]["eta"].shape == (1, 12, 4)
+    want = model.model.layers[1].mixer.op_inputs(captured[0])
+    for name in ("q", "k", "v", "eta", "token_scale"):
+        torch.testing.assert_close(per_layer[1][name], want[name])
+    assert build_model("transformer-tiny", vocab_size=32).mixer_op_inputs(ids) == [None, None]

@@ -57,6 +57,8 @@ def test_generate_with_and_without_cache(mixer, tiny, tokens):
     greedy = model.generate(prompt, do_sample=False, **kw)
     assert greedy.shape == (2, 33) and torch.equal(greedy[:, :9], prompt)
     assert torch.equal(greedy, model.generate(prompt, do_sample=False, use_cache=False, **kw))
+    beams = dict(num_beams=3, max_new_tokens=8, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **beams), model.generate(prompt, use_cache=False, **beams))
     torch.manual_seed(5)
     sampled = model.generate(prompt, do_sample=True, top_k=0, **kw)
     torch.manual_seed(5)
@@ -83,5 +85,7 @@ def test_bad_inputs_raise(tiny, tokens):
         model(ids, past_key_values=object())
     with pytest.raises(ValueError, match="decoding cache"):
         model(ids[:1], cu_seqlens=torch.tensor([0, 2, 6]), past_key_values=TTTLMCache(2))
+    with pytest.raises(ValueError, match="does not support label"):
+        model(ids, label=ids)
     with pytest.raises(ValueError, match="cu_seqlens"):
         model(ids, cu_seqlens=torch.tensor([0, 6]))

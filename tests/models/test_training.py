@@ -20,9 +20,7 @@ def test_tiny_model_overfits_one_text(mixer, tiny, tokens):
         opt.zero_grad()
         loss.backward()
         if step == 0:
-            no_grad = [
-                n for n, p in model.named_parameters() if p.grad is None or not bool((p.grad != 0).any())
-            ]
+            no_grad = [n for n, p in model.named_parameters() if p.grad is None or not bool((p.grad != 0).any())]
             assert no_grad == [], f"parameters without gradient: {no_grad}"
         opt.step()
         if loss.item() < 0.1:

@@ -13,15 +13,9 @@ MIXERS = ("ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument(
-        "--mixers", nargs="+", default=list(MIXERS), choices=MIXERS, help="mixers (default all)"
-    )
-    parser.add_argument(
-        "--widths", type=positive_int, nargs="+", default=[64, 128], help="model widths (64 128)"
-    )
-    parser.add_argument(
-        "--seq-lens", type=positive_int, nargs="+", default=[256], help="sequence lengths (256)"
-    )
+    parser.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS, help="mixers (default all)")
+    parser.add_argument("--widths", type=positive_int, nargs="+", default=[64, 128], help="model widths (64 128)")
+    parser.add_argument("--seq-lens", type=positive_int, nargs="+", default=[256], help="sequence lengths (256)")
     parser.add_argument(
         "--pairs",
         type=positive_int,
@@ -41,7 +35,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--vocab-size", type=positive_int, default=8192, help="vocabulary (8192, as Zoology)")
     parser.add_argument("--layers", type=positive_int, default=2, help="blocks per model (2)")
     parser.add_argument("--head-dim", type=positive_int, default=16, help="head dim of every mixer (16)")
+    parser.add_argument(
+        "--eval-examples", type=positive_int, default=1000, help="held-out examples scored per run (1000)"
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help="instead of training: combine the recall.json of sweeps run apart (e.g. one process per mixer) into --out",
+    )
     add_device(parser, dtype_help=None)
     add_out(parser)
 
@@ -52,14 +55,32 @@ def run(args) -> int:
     from tttlm.eval.recall import recall_sweep
     from tttlm.eval.results import environment, write_result
 
+    if args.merge:
+        return _merge(args.merge, args.out)
     device = resolve_device(args.device)
 
-    def log(r):
+    if not any(L >= 4 * P for L in args.seq_lens for P in args.pairs):
+        raise ValueError("no configuration has seq_len >= 4 * pairs; lengthen --seq-lens or lower --pairs")
+    settings = {
+        k: getattr(args, k)
+        for k in ("steps", "batch_size", "vocab_size", "layers", "head_dim", "eval_examples", "seed")
+    }
+    env = environment(device)
+    total = (
+        len(args.mixers) * len(args.widths) * len(args.lrs) * sum(L >= 4 * P for L in args.seq_lens for P in args.pairs)
+    )
+
+    def save(result: dict, complete: bool):
+        data = {"settings": settings, "environment": env, "complete": complete, **result}
+        return write_result(args.out, "recall", "recall", data, plot_recall(result["best"]))
+
+    def on_run(r: dict, so_far: dict):
         print(
-            f"{r['mixer']} width {r['width']} len {r['seq_len']} pairs {r['pairs']} lr {r['lr']:g}: "
-            f"accuracy {r['accuracy']:.3f} (loss {r['final_loss']:.3f}, {r['seconds']:.1f} s)",
+            f"[{len(so_far['runs'])}/{total}] {r['mixer']} width {r['width']} len {r['seq_len']} pairs {r['pairs']} "
+            f"lr {r['lr']:g}: accuracy {r['accuracy']:.3f} (loss {r['final_loss']:.3f}, {r['seconds']:.1f} s)",
             flush=True,
         )
+        save(so_far, complete=False)  # a sweep cut short still leaves its finished runs
 
     result = recall_sweep(
         args.mixers,
@@ -73,15 +94,38 @@ def run(args) -> int:
         device=device,
         num_layers=args.layers,
         head_dim=args.head_dim,
+        eval_examples=args.eval_examples,
         seed=args.seed,
-        log=log,
+        on_run=on_run,
     )
-    if not result["best"]:
-        raise ValueError("no configuration has seq_len >= 4 * pairs; lengthen --seq-lens or lower --pairs")
-    settings = {
-        k: getattr(args, k) for k in ("steps", "batch_size", "vocab_size", "layers", "head_dim", "seed")
+    print(f"wrote {save(result, complete=True)}")
+    return 0
+
+
+def _merge(dirs: list[str], out: str) -> int:
+    import json
+    from pathlib import Path
+
+    from tttlm.eval.plots import plot_recall
+    from tttlm.eval.recall import best_runs
+    from tttlm.eval.results import write_result
+
+    parts = []
+    for d in dirs:
+        f = Path(d) / "recall.json"
+        if not f.is_file():
+            raise FileNotFoundError(f"--merge: {f} does not exist")
+        parts.append(json.loads(f.read_text()))
+    if any(p["settings"] != parts[0]["settings"] for p in parts):
+        raise ValueError("--merge: the sweeps were run with different settings (steps, batch, vocabulary, ...)")
+    runs = [r for p in parts for r in p["runs"]]
+    data = {
+        "settings": parts[0]["settings"],
+        "environment": parts[0]["environment"],
+        "complete": all(p.get("complete", True) for p in parts),
+        "merged_from": [str(d) for d in dirs],
+        "runs": runs,
+        "best": best_runs(runs),
     }
-    data = {"settings": settings, "environment": environment(device), **result}
-    path = write_result(args.out, "recall", "recall", data, plot_recall(result["best"]))
-    print(f"wrote {path}")
+    print(f"wrote {write_result(out, 'recall', 'recall', data, plot_recall(data['best']))}")
     return 0

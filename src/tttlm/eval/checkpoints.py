@@ -53,13 +53,11 @@ class Checkpoint:
         return self.path / "tokenizer.json"
 
     def load(self, device: torch.device, dtype: torch.dtype = torch.float32):
-        """The TTTLMForCausalLM, in eval mode on device."""
-        from transformers import AutoModelForCausalLM
+        """The model in eval mode on device, cast to dtype (`tttlm.train.checkpoint.load_pretrained`)."""
+        from tttlm.train.checkpoint import load_pretrained
 
-        import tttlm.models  # noqa: F401  (registers model_type "tttlm" with the Auto classes)
-
-        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype)
-        return model.to(device).eval()
+        model, _, _ = load_pretrained(self.path, device)
+        return model.to(dtype)
 
     def documents(self, source: str | None, min_length: int, max_docs: int, cache_dir=None) -> torch.Tensor:
         """Validation documents (`tttlm.eval.documents.load_documents`) tokenized with this checkpoint's

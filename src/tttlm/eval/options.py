@@ -30,9 +30,7 @@ def add_device(
     if dtype_help is None:
         return
     choices = ["float32", "bfloat16", "float16"] + (["auto"] if auto_dtype else [])
-    parser.add_argument(
-        "--dtype", default="auto" if auto_dtype else "float32", choices=choices, help=dtype_help
-    )
+    parser.add_argument("--dtype", default="auto" if auto_dtype else "float32", choices=choices, help=dtype_help)
 
 
 def add_out(parser: argparse.ArgumentParser) -> None:
@@ -41,18 +39,14 @@ def add_out(parser: argparse.ArgumentParser) -> None:
 
 def add_documents(parser: argparse.ArgumentParser, num_docs: int, batch_size: bool = True) -> None:
     """Checkpoints to evaluate and where their validation documents come from."""
-    parser.add_argument(
-        "checkpoints", nargs="+", help="checkpoint directories, or run directories (latest step)"
-    )
+    parser.add_argument("checkpoints", nargs="+", help="checkpoint directories, or run directories (latest step)")
     parser.add_argument(
         "--data",
         default=None,
         help="corpus whose validation split is read (any source `tttlm data` accepts; default: the corpus "
         "each checkpoint was trained on, split as in training)",
     )
-    parser.add_argument(
-        "--cache-dir", default=None, help="token cache (default: the training run's, or ~/.cache)"
-    )
+    parser.add_argument("--cache-dir", default=None, help="token cache (default: the training run's, or ~/.cache)")
     parser.add_argument(
         "--num-docs",
         type=positive_int,

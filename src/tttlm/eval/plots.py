@@ -11,9 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _finite(xs, ys):
-    pairs = [
-        (x, y) for x, y in zip(xs, ys, strict=True) if y is not None and y == y and abs(y) != float("inf")
-    ]
+    pairs = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None and y == y and abs(y) != float("inf")]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -44,9 +42,7 @@ def plot_ladder(checkpoints: dict) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, entry in checkpoints.items():
         pts = _by_length(entry["lengths"])
-        line = ax.plot(
-            *_finite([L for L, _ in pts], [v["perplexity"] for _, v in pts]), marker="o", label=name
-        )[0]
+        line = ax.plot(*_finite([L for L, _ in pts], [v["perplexity"] for _, v in pts]), marker="o", label=name)[0]
         if entry.get("trained_context"):
             ax.axvline(entry["trained_context"], color=line.get_color(), ls=":", alpha=0.7)
     ax.set_xscale("log", base=2)

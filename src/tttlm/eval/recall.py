@@ -100,7 +100,7 @@ def train_mqar(
     lr: float,
     steps: int,
     batch_size: int,
-    eval_examples: int = 256,
+    eval_examples: int = 1000,
     seed: int = 0,
     weight_decay: float = 0.1,
     warmup: float = 0.1,
@@ -169,15 +169,16 @@ def recall_sweep(
     device: torch.device,
     num_layers: int = 2,
     head_dim: int = 16,
+    eval_examples: int = 1000,
     seed: int = 0,
-    log=None,
+    on_run=None,
 ) -> dict:
     """Trains one model per (mixer, width, seq_len, pairs, lr) and keeps the best accuracy over lrs.
 
-    Configurations with seq_len < 4 * pairs are skipped. Returns {"runs": [every run], "best": [one entry per
-    (mixer, width, seq_len, pairs) with its best "accuracy" and "lr"]}.
+    Configurations with seq_len < 4 * pairs are skipped. on_run(run, result so far) is called after every run.
+    Returns {"runs": [every run], "best": best_runs(runs)}.
     """
-    runs, best = [], {}
+    runs = []
     for mixer in mixers:
         for width in widths:
             for L in seq_lens:
@@ -195,15 +196,22 @@ def recall_sweep(
                             lr=lr,
                             steps=steps,
                             batch_size=batch_size,
+                            eval_examples=eval_examples,
                             seed=seed,
                         )
                         run = {"mixer": mixer, "width": width, "seq_len": L, "pairs": P, "lr": lr, **res}
                         runs.append(run)
-                        if log is not None:
-                            log(run)
-                        key = (mixer, width, L, P)
-                        if key not in best or run["accuracy"] > best[key]["accuracy"]:
-                            best[key] = {
-                                k: run[k] for k in ("mixer", "width", "seq_len", "pairs", "lr", "accuracy")
-                            }
-    return {"runs": runs, "best": list(best.values())}
+                        if on_run is not None:
+                            on_run(run, {"runs": runs, "best": best_runs(runs)})
+    return {"runs": runs, "best": best_runs(runs)}
+
+
+def best_runs(runs: list[dict]) -> list[dict]:
+    """The best run over learning rates per (mixer, width, seq_len, pairs): {those keys, "lr", "accuracy"}, in
+    order of first appearance."""
+    best: dict[tuple, dict] = {}
+    for run in runs:
+        key = (run["mixer"], run["width"], run["seq_len"], run["pairs"])
+        if key not in best or run["accuracy"] > best[key]["accuracy"]:
+            best[key] = {k: run[k] for k in ("mixer", "width", "seq_len", "pairs", "lr", "accuracy")}
+    return list(best.values())

@@ -46,9 +46,7 @@ def _positions(r: dict) -> list[str]:
                 hit = [loss for (a, b), loss in zip(c["bins"], c["loss"], strict=True) if a <= p < b]
                 at.append(_num(hit[0] if hit else None))
             rows.append([name, _num(c.get("trained_context")), _num(c["mean"]), _num(c["last_decile"]), *at])
-        out.append(
-            f"Context {L}, {entry['num_docs']} documents; loss in nats (at a position: its log bin's mean):"
-        )
+        out.append(f"Context {L}, {entry['num_docs']} documents; loss in nats (at a position: its log bin's mean):")
         out.append("")
         out += _table(["checkpoint", "trained at", "mean", "last tenth", *[f"pos {p}" for p in marks]], rows)
     return out
@@ -59,9 +57,7 @@ def _ladder(r: dict) -> list[str]:
     rows = []
     for name, c in r["checkpoints"].items():
         ppl = {int(L): v["perplexity"] for L, v in c["lengths"].items()}
-        rows.append(
-            [name, _num(c.get("trained_context")), _num(c["num_docs"]), *[_num(ppl.get(L)) for L in lengths]]
-        )
+        rows.append([name, _num(c.get("trained_context")), _num(c["num_docs"]), *[_num(ppl.get(L)) for L in lengths]])
     return ["Perplexity at each evaluation length:", ""] + _table(
         ["checkpoint", "trained at", "docs", *[f"ppl@{L}" for L in lengths]], rows
     )
@@ -78,8 +74,7 @@ def _telemetry(r: dict) -> list[str]:
         rows = []
         for layer in ttt:
             last = {
-                k: layer[k][-1] if layer[k] else None
-                for k in ("loss_init", "loss_before", "loss_after", "grad_norm")
+                k: layer[k][-1] if layer[k] else None for k in ("loss_init", "loss_before", "loss_after", "grad_norm")
             }
             rows.append([
                 layer["layer"], _num(last["loss_init"]), _num(last["loss_before"]), _num(last["loss_after"]),
@@ -88,7 +83,7 @@ def _telemetry(r: dict) -> list[str]:
             ])  # fmt: skip
         out += ["TTT inner loss on the last mini-batch under W_0, before and after its update:", ""]
         out += _table(
-            ["layer", "loss W_0", "loss before", "loss after", "|mean grad|", "non-finite", "first bad mb",
+            ["layer", "loss W_0", "loss before", "loss after", "mean grad norm", "non-finite", "first bad mb",
              "re-run vs op"],
             rows,
         )  # fmt: skip
@@ -127,6 +122,8 @@ def _recall(r: dict) -> list[str]:
         f"Best accuracy over the learning-rate sweep; {s['steps']} steps of {s['batch_size']} sequences, "
         f"vocabulary {s['vocab_size']}, {s['layers']} layers, head dim {s['head_dim']}:"
     )
+    if not r.get("complete", True):
+        head += f" **(sweep cut short: {len(r['runs'])} runs finished)**"
     return [head, ""] + _table(["mixer", *[f"w{w} L{L} P{P}" for w, L, P in cols]], rows)
 
 
@@ -161,9 +158,7 @@ SECTIONS = {
 }
 
 
-def build_report(
-    run_dirs: list[str | Path], out_path: str | Path, title: str = "tttlm evaluation report"
-) -> str:
+def build_report(run_dirs: list[str | Path], out_path: str | Path, title: str = "tttlm evaluation report") -> str:
     """The Markdown text gathering every result of run_dirs; figure links are relative to out_path's folder.
 
     A FileNotFoundError for a missing directory, a ValueError when none holds a result.
@@ -174,9 +169,7 @@ def build_report(
             raise FileNotFoundError(f"run directory {d} does not exist")
         results += read_results(d)
     if not results:
-        raise ValueError(
-            f"no result JSON (written by positions, ladder, telemetry, recall, throughput) in {run_dirs}"
-        )
+        raise ValueError(f"no result JSON (written by positions, ladder, telemetry, recall, throughput) in {run_dirs}")
     base = Path(out_path).resolve().parent
     lines = [f"# {title}", "", "Gathered from: " + ", ".join(f"`{d}`" for d in run_dirs), ""]
     for kind in ORDER:
@@ -187,8 +180,7 @@ def build_report(
         for r in found:
             env = r.get("environment", {})
             lines += [
-                f"`{os.path.relpath(r['_path'], base)}` ({env.get('device_name', '?')}, "
-                f"{env.get('date', '?')})",
+                f"`{os.path.relpath(r['_path'], base)}` ({env.get('device_name', '?')}, {env.get('date', '?')})",
                 "",
             ]
             lines += SECTIONS[kind](r)

@@ -52,9 +52,7 @@ def _guard(fn):
         return None
 
 
-def training_tokens_per_second(
-    model, batch_size: int, seq_len: int, dtype: torch.dtype, repeats: int = 3
-) -> float:
+def training_tokens_per_second(model, batch_size: int, seq_len: int, dtype: torch.dtype, repeats: int = 3) -> float:
     """Tokens per second of training steps (forward + backward + AdamW), random ids [batch_size, seq_len]."""
     device = next(model.parameters()).device
     model.train()

@@ -32,14 +32,10 @@ class Mamba2Mixer(nn.Module):
         self.ngroups = config.mamba_ngroups
         self.chunk_size = config.mamba_chunk_size
         if self.headdim < 1 or self.d_inner % self.headdim:
-            raise ValueError(
-                f"mamba_headdim = {self.headdim} must divide mamba_expand * hidden_size = {self.d_inner}"
-            )
+            raise ValueError(f"mamba_headdim = {self.headdim} must divide mamba_expand * hidden_size = {self.d_inner}")
         self.nheads = self.d_inner // self.headdim
         if self.ngroups < 1 or self.nheads % self.ngroups:
-            raise ValueError(
-                f"mamba_ngroups = {self.ngroups} must divide the number of SSM heads {self.nheads}"
-            )
+            raise ValueError(f"mamba_ngroups = {self.ngroups} must divide the number of SSM heads {self.nheads}")
         conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
         self.in_proj = nn.Linear(C, self.d_inner + conv_dim + self.nheads, bias=False)
         self.conv = ShortConv(conv_dim, config.conv_kernel, bias=True)

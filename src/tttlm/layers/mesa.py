@@ -93,11 +93,7 @@ class MesaMixer(nn.Module):
         [B, T, H], lamb [H, D], state (None), cg_max_iter, cg_tol, cu_seqlens. `mesa(**inputs)` gives the op
         output (pass cg_stats=dict() for the solver's iterations and residuals)."""
         B, T, _ = hidden_states.shape
-        info = (
-            SeqInfo.contiguous(B, T, 0, hidden_states.device)
-            if cu_seqlens is None
-            else SeqInfo.packed(cu_seqlens)
-        )
+        info = SeqInfo.contiguous(B, T, 0, hidden_states.device) if cu_seqlens is None else SeqInfo.packed(cu_seqlens)
         kwargs, _ = self._project(hidden_states, info, None)
         return {**kwargs, "cu_seqlens": info.cu_seqlens}
 

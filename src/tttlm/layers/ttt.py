@@ -56,8 +56,6 @@ class TTTMixer(nn.Module):
         super().__init__()
         if inner not in _INNER:
             raise ValueError(f"inner must be one of {sorted(_INNER)}, got {inner!r}")
-        if config.ttt_backbone not in ("mamba", "transformer"):
-            raise ValueError(f"ttt_backbone must be 'mamba' or 'transformer', got {config.ttt_backbone!r}")
         C, H = config.hidden_size, config.num_attention_heads
         D = check_heads(C, H)
         self.inner, self.num_heads, self.head_dim = inner, H, D
@@ -93,7 +91,10 @@ class TTTMixer(nn.Module):
 
     def init_parameters(self, std: float) -> None:
         for p in self.inner_params():
-            (init.normal_(p, std=std) if p.dim() == 3 else init.zeros_(p))
+            if p.dim() == 3:  # W0 (or W1, W2) [H, in, out]; the biases start at zero
+                init.normal_(p, std=std)
+            else:
+                init.zeros_(p)
         init.zeros_(self.token_scale_offset)
         init.ones_(self.ln_weight)
         init.zeros_(self.ln_bias)
@@ -127,7 +128,7 @@ class TTTMixer(nn.Module):
         eta = lr * torch.sigmoid(self.lr_proj(x).float())  # [B, T, H]
         i = torch.arange(1, self.mini_batch_size + 1, device=x.device, dtype=torch.float32)
         token_scale = torch.clamp_min(1.0 / i + self.token_scale_offset.float(), 0.0)
-        state = cache.state if cache is not None and cache.state is not None else None
+        state = None if cache is None else cache.state
         if state is None:
             state = self.initial_state(info.num_sequences, x.dtype)
         kwargs = dict(
@@ -150,11 +151,7 @@ class TTTMixer(nn.Module):
         mini_batch_size, token_scale [mini_batch_size], and cu_seqlens. `self.op(**inputs)` gives the op's
         output."""
         B, T, _ = hidden_states.shape
-        info = (
-            SeqInfo.contiguous(B, T, 0, hidden_states.device)
-            if cu_seqlens is None
-            else SeqInfo.packed(cu_seqlens)
-        )
+        info = SeqInfo.contiguous(B, T, 0, hidden_states.device) if cu_seqlens is None else SeqInfo.packed(cu_seqlens)
         kwargs, _ = self._project(hidden_states, info, None)
         return {**kwargs, "cu_seqlens": info.cu_seqlens}
 

@@ -91,20 +91,16 @@ class TTTLMConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"num_attention_heads = {self.num_attention_heads} must divide "
-                f"hidden_size = {self.hidden_size}"
+                f"num_attention_heads = {self.num_attention_heads} must divide hidden_size = {self.hidden_size}"
             )
         head_dim = self.hidden_size // self.num_attention_heads
         if self.mixer in ("transformer", "ttt_linear", "ttt_mlp") and head_dim % 2:
-            raise ValueError(
-                f"RoPE needs an even head dim, got hidden_size / num_attention_heads = {head_dim}"
-            )
+            raise ValueError(f"RoPE needs an even head dim, got hidden_size / num_attention_heads = {head_dim}")
         if self.ttt_backbone not in ("mamba", "transformer"):
             raise ValueError(f"ttt_backbone must be 'mamba' or 'transformer', got {self.ttt_backbone!r}")
         if not self.ttt_base_lr > 0 or not self.ttt_base_lr_init > 0:
             raise ValueError(
-                f"ttt_base_lr and ttt_base_lr_init must be > 0, got {self.ttt_base_lr}, "
-                f"{self.ttt_base_lr_init}"
+                f"ttt_base_lr and ttt_base_lr_init must be > 0, got {self.ttt_base_lr}, {self.ttt_base_lr_init}"
             )
         if self.mesa_cg_tol is not None and not self.mesa_cg_tol >= 0:
             raise ValueError(f"mesa_cg_tol must be None or >= 0, got {self.mesa_cg_tol!r}")

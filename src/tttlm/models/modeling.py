@@ -122,11 +122,7 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk
     out = []
     for s in range(0, hidden.shape[0], chunk_size):
         args = (hidden[s : s + chunk_size], weight, targets[s : s + chunk_size])
-        out.append(
-            checkpoint(chunk_loss, *args, use_reentrant=False)
-            if torch.is_grad_enabled()
-            else chunk_loss(*args)
-        )
+        out.append(checkpoint(chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_loss(*args))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -201,14 +197,17 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
 
         labels [B, T]: the loss predicts labels[t + 1] at position t (shifted here; -100 ignored; never across
             a document boundary); loss_reduction "mean", "sum" or "none" ([B, T] float32, 0 where ignored).
-            With
-            labels, logits are not computed (the loss is chunked so full float32 logits never exist).
+            With labels, logits are not computed (the loss is chunked so full float32 logits never exist).
         cu_seqlens / position_ids: packed documents (see the module docstring). attention_mask may only be all
             ones (padding would leak into recurrent states: pack instead).
         use_cache / past_key_values: decoding; with use_cache=True and no cache a TTTLMCache is created and
             returned. logits_to_keep: compute logits for the last n positions only (0: all).
         Returns CausalLMOutputWithPast(loss, logits [B, T or n, V], past_key_values).
+        Other keyword arguments (as generate() may pass) must be None or False.
         """
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False and k != "cache_position")
+        if unsupported:
+            raise ValueError(f"TTTLMForCausalLM.forward does not support {', '.join(unsupported)}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, C]")
         if loss_reduction not in ("mean", "sum", "none"):
@@ -231,9 +230,7 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
             use_cache = False
         cache = None
         if use_cache:
-            cache = (
-                past_key_values if past_key_values is not None else TTTLMCache(self.config.num_hidden_layers)
-            )
+            cache = past_key_values if past_key_values is not None else TTTLMCache(self.config.num_hidden_layers)
 
         if cu_seqlens is not None:
             cu = _checked_cu_seqlens(cu_seqlens.to(x.device), B, T)
@@ -243,9 +240,7 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
             cu = None
         if cu is not None:
             if cache is not None:
-                raise ValueError(
-                    "packed batches (cu_seqlens / restarting position_ids) cannot use a decoding cache"
-                )
+                raise ValueError("packed batches (cu_seqlens / restarting position_ids) cannot use a decoding cache")
             info = SeqInfo.packed(cu)
             x = x.reshape(1, B * T, -1)
         else:
@@ -282,6 +277,25 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
         total = losses.sum() + 0.0 * h.sum()  # keeps the graph when no position is valid
         return total if reduction == "sum" else total / max(1, valid.numel())
 
+    @torch.no_grad()
+    def mixer_op_inputs(self, input_ids: Tensor, cu_seqlens: Tensor | None = None) -> list[dict | None]:
+        """For inner-loop telemetry: per block, the keyword arguments its TTT or Mesa layer passes to its op
+        (`layer.op_inputs`, see TTTMixer / MesaMixer) while reading input_ids [B, T] from the sequence start;
+        None for the other mixers. Runs one forward pass without gradients."""
+        captured: list[Tensor] = []
+        hooks = [
+            b.mixer.register_forward_pre_hook(lambda mod, args: captured.append(args[0])) for b in self.model.layers
+        ]
+        try:
+            self(input_ids, cu_seqlens=cu_seqlens)
+        finally:
+            for h in hooks:
+                h.remove()
+        return [
+            b.mixer.op_inputs(x, cu_seqlens) if hasattr(b.mixer, "op_inputs") else None
+            for b, x in zip(self.model.layers, captured, strict=True)
+        ]
+
     def set_inner_lr_warmup(self, progress: float) -> float:
         """Warm the TTT inner base learning rate from config.ttt_base_lr_init to config.ttt_base_lr, linearly
         in progress in [0, 1] (the paper warms TTT-MLP's from 0.01 to 0.1 with the outer learning rate).
@@ -298,6 +312,4 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
         """Names of the parameters that weight decay must skip: every vector (norm weights, biases, Mamba2's
         A_log / D / dt_bias), the TTT inner loop's initial weights (W0, b0 or W1, b1, W2, b2), its LayerNorm
         and token-scale offset, and Mesa's regulariser parameter."""
-        return {
-            n for n, p in self.named_parameters() if p.dim() < 2 or n.rsplit(".", 1)[-1] in _NO_DECAY_NAMES
-        }
+        return {n for n, p in self.named_parameters() if p.dim() < 2 or n.rsplit(".", 1)[-1] in _NO_DECAY_NAMES}

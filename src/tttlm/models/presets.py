@@ -74,9 +74,7 @@ def preset_config(name: str, **overrides) -> TTTLMConfig:
             f"num_attention_heads, intermediate_size, vocab_size"
         )
     if "mixer" in overrides:
-        raise ValueError(
-            "the mixer comes from the preset name; choose another preset instead of overriding it"
-        )
+        raise ValueError("the mixer comes from the preset name; choose another preset instead of overriding it")
     kw = dict(SIZES[size])
     if mixer == "mamba2":
         kw.update(_MAMBA.get(size, {}))

@@ -20,14 +20,10 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> None:
     if k.dim() != 4 or k.shape[0] != B or k.shape[2:] != (H, D) or k.shape[1] < T:
         raise ValueError(f"k must have shape [B={B}, S>=T={T}, H={H}, D={D}], got {list(k.shape)}")
     if v.shape[:3] != k.shape[:3]:
-        raise ValueError(
-            f"v must have shape [B, S, H, Dv] with k's B, S, H = {list(k.shape[:3])}, got {list(v.shape)}"
-        )
+        raise ValueError(f"v must have shape [B, S, H, Dv] with k's B, S, H = {list(k.shape[:3])}, got {list(v.shape)}")
     if cu_seqlens is not None:
         if B != 1 or k.shape[1] != T:
-            raise ValueError(
-                "with cu_seqlens, q, k, v must be one packed row (B == 1) with no cached keys (S == T)"
-            )
+            raise ValueError("with cu_seqlens, q, k, v must be one packed row (B == 1) with no cached keys (S == T)")
         if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
             raise ValueError(f"cu_seqlens must be an int64 [N+1] tensor from 0 to T = {T}")
 

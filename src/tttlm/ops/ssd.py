@@ -82,9 +82,7 @@ def ssd(
     Bt, T = x.shape[:2]
     if cu_seqlens is not None:
         if Bt != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
-            raise ValueError(
-                f"with cu_seqlens, x must be one packed row (B == 1) and cu_seqlens run from 0 to T={T}"
-            )
+            raise ValueError(f"with cu_seqlens, x must be one packed row (B == 1) and cu_seqlens run from 0 to T={T}")
         if initial_state is not None or output_final_state:
             raise ValueError("packed calls (cu_seqlens) take no initial_state and return no final state")
     _check_state(initial_state, Bt, H, P, N, "initial_state")
@@ -111,14 +109,10 @@ def ssd(
     dtc = chunks(dt)  # [Bt, nc, L, H]
     xs = chunks(x) * dtc[..., None]  # dt_t x_t
     Bh, Ch = _heads(chunks(B), H), _heads(chunks(C), H)  # [Bt, nc, L, H, N]
-    cs = torch.cumsum(
-        dtc * A.to(cdt), dim=2
-    )  # log decay from the chunk start through token l, [Bt, nc, L, H]
+    cs = torch.cumsum(dtc * A.to(cdt), dim=2)  # log decay from the chunk start through token l, [Bt, nc, L, H]
 
     # inside a chunk: y_i += sum_{j<=i, same document} (C_i . B_j) exp(cs_i - cs_j) dt_j x_j
-    same = (seg[..., :, None] == seg[..., None, :]) & torch.ones(
-        L, L, dtype=torch.bool, device=x.device
-    ).tril()
+    same = (seg[..., :, None] == seg[..., None, :]) & torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
     diff = cs[:, :, :, None, :] - cs[:, :, None, :, :]  # [Bt, nc, L(i), L(j), H]
     decay = torch.exp(torch.where(same[..., None], diff, torch.full_like(diff, -math.inf)))
     scores = torch.einsum("bclhn,bcshn->bclsh", Ch, Bh) * decay
@@ -130,9 +124,7 @@ def ssd(
     local = torch.einsum("bclh,bclhp,bclhn->bchpn", w_end, xs, Bh)  # [Bt, nc, H, P, N]
 
     # across chunks: the state entering chunk c reaches token i only while i is in the same document
-    prev_seg = torch.cat(
-        [seg[:, :1, 0], seg[:, :-1, -1]], dim=1
-    )  # [Bt, nc]: document of the state entering c
+    prev_seg = torch.cat([seg[:, :1, 0], seg[:, :-1, -1]], dim=1)  # [Bt, nc]: document of the state entering c
     carried = (seg == prev_seg[..., None])[..., None]  # [Bt, nc, L, 1]
     carry_end = torch.exp(cs[:, :, -1, :]) * carried[:, :, -1]  # [Bt, nc, H]
     state = x.new_zeros(Bt, H, P, N, dtype=cdt) if initial_state is None else initial_state.to(cdt)

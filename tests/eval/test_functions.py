@@ -1,0 +1,117 @@
+"""The evaluation functions on tensors: MQAR examples, position bins and losses, inner-loop telemetry."""
+
+import math
+
+import pytest
+import torch
+
+import tttlm
+from tttlm.eval.positions import ladder, log_bins, position_curve, token_losses
+from tttlm.eval.recall import mqar_accuracy, mqar_batch
+from tttlm.eval.telemetry import model_telemetry
+
+
+def test_mqar_batch_layout():
+    V, L, P = 41, 40, 6
+    ids, labels = mqar_batch(64, L, P, V, torch.Generator().manual_seed(3))
+    half = (V - 1) // 2
+    for x, y in zip(ids.tolist(), labels.tolist(), strict=True):
+        keys, values = x[0 : 2 * P : 2], x[1 : 2 * P : 2]
+        assert len(set(keys)) == P and len(set(values)) == P  # drawn without replacement
+        assert all(1 <= k <= half for k in keys) and all(half < v < V for v in values)
+        answers = [t for t, lab in enumerate(y) if lab != -100]
+        assert len(answers) == P and min(answers) > 2 * P  # every key asked once, after the pairs
+        table = dict(zip(keys, values, strict=True))
+        assert sorted(x[t - 1] for t in answers) == sorted(keys)
+        for t in answers:
+            assert y[t] == x[t] == table[x[t - 1]]
+        assert sum(v != 0 for v in x) == 4 * P  # the rest is filler
+    with pytest.raises(ValueError, match="seq_len"):
+        mqar_batch(1, 4 * P - 1, P, V)
+    with pytest.raises(ValueError, match="num_pairs"):
+        mqar_batch(1, 400, half + 1, V)
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts each key's value by looking it up in the pairs (a perfect MQAR model) unless told to miss."""
+
+    def __init__(self, vocab: int, pairs: int, miss: bool):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.vocab, self.pairs, self.miss = vocab, pairs, miss
+
+    def forward(self, input_ids):
+        B, L = input_ids.shape
+        logits = torch.zeros(B, L, self.vocab)
+        for b in range(B):
+            x = input_ids[b].tolist()
+            table = dict(zip(x[0 : 2 * self.pairs : 2], x[1 : 2 * self.pairs : 2], strict=True))
+            for t, tok in enumerate(x):
+                if tok in table:
+                    logits[b, t, (table[tok] + self.miss) % self.vocab] = 1.0
+        return type("Out", (), {"logits": logits})
+
+
+def test_mqar_accuracy_counts_answers_only():
+    ids, labels = mqar_batch(8, 32, 4, 31, torch.Generator().manual_seed(0))
+    assert mqar_accuracy(_Oracle(31, 4, miss=False), ids, labels, batch_size=3) == 1.0
+    assert mqar_accuracy(_Oracle(31, 4, miss=True), ids, labels) == 0.0
+
+
+def test_log_bins_cover_every_position_once():
+    for n in (1, 2, 9, 100, 32767):
+        bins = log_bins(n)
+        assert bins[0][0] == 1 and bins[-1][1] == n + 1
+        assert all(a < b and b == a2 for (a, b), (a2, _) in zip(bins, bins[1:] + [(n + 1, None)], strict=True))
+    assert log_bins(1000)[:3] == [(1, 2), (2, 3), (3, 4)]
+
+
+def test_position_curve_averages_bins():
+    losses = torch.arange(1, 101, dtype=torch.float32).repeat(3, 1)  # loss p at position p
+    curve = position_curve(losses)
+    for (a, b), loss in zip(curve["bins"], curve["loss"], strict=True):
+        assert loss == pytest.approx((a + b - 1) / 2)
+    assert curve["mean"] == pytest.approx(50.5) and curve["last_decile"] == pytest.approx(95.5)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return tttlm.build_model("ttt_linear-tiny", vocab_size=97).eval()
+
+
+def test_token_losses_match_model_loss(model):
+    ids = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(1))
+    losses = token_losses(model, ids, batch_size=2)
+    assert losses.shape == (3, 39)
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=ids).loss
+    assert losses.double().mean().item() == pytest.approx(expected.item(), rel=1e-5)
+    # causal: a prefix read alone gives the prefix's losses, so the ladder's short lengths are real contexts
+    res = ladder(model, ids, [16, 40])
+    assert res[16]["loss"] == pytest.approx(losses[:, :15].double().mean().item(), rel=1e-5)
+    assert res[40]["perplexity"] == pytest.approx(math.exp(expected.item()), rel=1e-5)
+
+
+def test_ttt_telemetry_descends_and_flags_non_finite(model):
+    ids = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(2))
+    layers = model_telemetry(model, ids)
+    for layer in layers:
+        assert len(layer["loss_before"]) == 3  # the partial last mini-batch is left out
+        # one gradient step on a mini-batch lowers that mini-batch's loss (inner learning rate is small)
+        assert all(a < b for a, b in zip(layer["loss_after"], layer["loss_before"], strict=True))
+        assert layer["max_abs_diff_vs_op"] < 1e-5
+    mixer = model.model.layers[1].mixer
+    saved = mixer.W0.data.clone()
+    try:
+        mixer.W0.data[0, 0, 0] = float("inf")
+        bad = model_telemetry(model, ids)
+    finally:
+        mixer.W0.data.copy_(saved)
+    assert sum(bad[0]["non_finite"].values()) == 0
+    assert bad[1]["non_finite"]["loss_init"] > 0 and bad[1]["first_non_finite_minibatch"] == 0
+
+
+def test_telemetry_needs_ttt_or_mesa_layers():
+    with pytest.raises(ValueError, match="TTT or Mesa"):
+        model_telemetry(tttlm.build_model("transformer-tiny", vocab_size=31), torch.zeros(1, 16, dtype=torch.long))

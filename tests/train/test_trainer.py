@@ -1,0 +1,129 @@
+"""The trainer on a tiny TTT-Linear and a synthetic corpus: learning, checkpoints, exact resume after SIGKILL,
+and 2 processes (gloo, DDP) equal to 1 with the same global batch."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tttlm.train.checkpoint import checkpoints, load_pretrained
+from tttlm.train.config import make_config
+from tttlm.train.metrics import read_metrics
+from tttlm.train.trainer import train
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+        "mini_batch_size": 8}
+
+
+def settings(corpus, cache, out, **kw):
+    s = dict(model="ttt_linear-tiny", model_overrides=TINY, corpus=str(corpus), vocab_size=300, val_fraction=0.2,
+             cache_dir=str(cache), seq_len=32, batch_size=4, micro_batch_size=2, steps=8, lr=1e-2, warmup_steps=2,
+             log_every=1, eval_every=4, eval_batches=2, save_every=2, keep_last=2, tensorboard=False,
+             progress=False, out_dir=str(out), device="cpu")
+    s.update(kw)
+    return s
+
+
+def toml(path, s):
+    lines = []
+    for k, v in s.items():
+        if k != "model_overrides":
+            lines.append(f"{k} = {v!r}".replace("True", "true").replace("False", "false").replace("'", '"'))
+    lines.append("[model_overrides]")
+    lines += [f"{k} = {v}" for k, v in s["model_overrides"].items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def cli(*args, nproc=1):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    pre = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 \
+        else [sys.executable]
+    return subprocess.Popen([*pre, "-m", "tttlm", "train", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc):
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    return out
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
+
+
+def test_training_learns_saves_and_loads(tmp_path, text_dir):
+    cfg = make_config(settings(text_dir, tmp_path / "cache", tmp_path / "run"))
+    result = train(cfg, log=lambda *_: None)
+    loss = losses(tmp_path / "run")
+    assert sorted(loss) == list(range(1, 9)) and loss[8] < loss[1] - 0.3
+    assert result["val_loss"] < result["unigram_val_loss"] + 1.0
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["step-000006", "step-000008"]  # keep_last=2
+
+    from transformers import AutoModelForCausalLM
+
+    import tttlm.models  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "step-000008"))
+    again, _, saved = load_pretrained(tmp_path / "run")
+    assert saved["steps"] == 8
+    for (n, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), n
+    with pytest.raises(Exception, match="already holds checkpoints"):
+        train(cfg)
+
+
+def test_weight_decay_skips_norms_biases_and_inner_initial_weights():
+    from tttlm.models import build_model
+    from tttlm.train.optim import param_groups
+
+    model = build_model("ttt_linear-tiny", vocab_size=300)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)].rsplit(".", 1)[-1] for p in no_decay["params"]}
+    assert {"W0", "b0", "weight"} <= skipped and decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0
+    assert all(p.dim() == 2 for p in decay["params"])
+    assert not any(names[id(p)].endswith(("W0", "norm.weight")) for p in decay["params"])
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, text_dir):
+    s = settings(text_dir, tmp_path / "cache", tmp_path / "full", steps=24, save_every=3, eval_every=12)
+    full = toml(tmp_path / "full.toml", s)
+    finish(cli("--config", str(full)))
+    killed = toml(tmp_path / "killed.toml", {**s, "out_dir": str(tmp_path / "killed")})
+    proc = cli("--config", str(killed))
+    deadline = time.time() + 180
+    while not (tmp_path / "killed" / "step-000006").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "step-000024").exists()  # it really died mid-run
+    finish(cli("--config", str(killed), "--resume"))
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "killed")
+    assert sorted(b) == list(range(1, 25))
+    assert a == b  # bitwise: weights, optimizer, scheduler, data position and RNG all restored
+    va = [r["val_loss"] for r in read_metrics(tmp_path / "full") if "val_loss" in r]
+    vb = [r["val_loss"] for r in read_metrics(tmp_path / "killed") if "val_loss" in r]
+    assert va == vb and len(va) == 2
+
+
+def test_two_gloo_processes_equal_one_with_the_same_global_batch(tmp_path, text_dir):
+    s = settings(text_dir, tmp_path / "cache", tmp_path / "one", steps=6, save_every=6, eval_every=6)
+    one = cli("--config", str(toml(tmp_path / "one.toml", s)))
+    finish(one)
+    two = cli("--config", str(toml(tmp_path / "two.toml", {**s, "out_dir": str(tmp_path / "two")})), nproc=2)
+    finish(two)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    assert a[6] < a[1]
+    va = [r["val_loss"] for r in read_metrics(tmp_path / "one") if "val_loss" in r]
+    vb = [r["val_loss"] for r in read_metrics(tmp_path / "two") if "val_loss" in r]
+    assert abs(va[-1] - vb[-1]) < 1e-5
