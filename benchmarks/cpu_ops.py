@@ -1,6 +1,6 @@
 """Time one forward and one forward+backward of each op (TTT-Linear, TTT-MLP, Mesa) on the PyTorch paths.
 
-    python benchmarks/cpu_ops.py [--B 1 --T 2048 --H 4 --D 64 --repeats 3 --device cpu]
+    python benchmarks/cpu_ops.py [--B 1 --T 2048 --H 4 --D 64 --repeats 3 --device cpu --threads N]
 
 Prints a Markdown table (median of `repeats` runs after one warm-up).
 """
@@ -22,12 +22,12 @@ def make_call(name: str, B: int, T: int, H: int, D: int, device: str):
     rnd = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
     q, k, v = (rnd(B, T, H, D).requires_grad_() for _ in range(3))
     if name == "mesa":
-        qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         g_ = F.logsigmoid(rnd(B, T, H) + 4).requires_grad_()
         beta = torch.rand(B, T, H, generator=g, device=device).requires_grad_()
         lamb = torch.ones(H, D, device=device, requires_grad=True)
         leaves = [q, k, v, g_, beta, lamb]
-        return (lambda: mesa(qn, kn, v, g_, beta, lamb, None, cg_max_iter=30)[0]), leaves
+        unit = lambda x: F.normalize(x, dim=-1)  # noqa: E731
+        return (lambda: mesa(unit(q), unit(k), v, g_, beta, lamb, None, cg_max_iter=30)[0]), leaves
     eta = (torch.rand(B, T, H, generator=g, device=device) / D).requires_grad_()
     ln_w = torch.ones(H, D, device=device, requires_grad=True)
     ln_b = torch.zeros(H, D, device=device, requires_grad=True)
@@ -66,7 +66,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--ops", default="ttt_linear,ttt_mlp,mesa")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     print(f"B={a.B} T={a.T} H={a.H} D={a.D} float32 on {a.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print("| op | forward ms | forward+backward ms |\n|---|---|---|")

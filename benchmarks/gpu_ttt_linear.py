@@ -6,7 +6,8 @@ and H32xD64, bf16: ours (tttlm.ops.ttt_linear, Triton), flash-linear-attention's
 TTT-Linear op, H16xD128, us per token at batch 1 and 64, eager and replayed from a CUDA graph.
 Peers are skipped (with a note) when flash-linear-attention is not installed.
 
-    python benchmarks/gpu_ttt_linear.py [--json OUT.json] [--tokens 32768] [--no-peers]
+    python benchmarks/gpu_ttt_linear.py [--json OUT.json] [--tokens 32768] [--heads 16x128,32x64] [--no-peers]
+    python benchmarks/gpu_ttt_linear.py --sweep     # ours only, each warps-per-program setting
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch.nn.functional as F
 
 TOKENS = 32768
 SEQ_LENS = (2048, 8192, 32768)
-HEADS = ((16, 128), (32, 64))
 OPS = ("ttt_linear (ours)", "fla chunk_ttt_linear", "fla gated_deltanet", "sdpa flash")
 
 
@@ -89,13 +89,13 @@ def time_op(op, B, T, H, D, fla):
 
     fn, leaves = make_call(op, B, T, H, D, fla)
     with torch.no_grad():
-        f_ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+        f_ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
     do = torch.randn_like(fn())
 
     def fwd_bwd():
         fn().backward(do)
 
-    fb_ms = do_bench(fwd_bwd, warmup=10, rep=50, return_mode="median", grad_to_none=leaves)
+    fb_ms = do_bench(fwd_bwd, warmup=5, rep=40, return_mode="median", grad_to_none=leaves)
     return f_ms, fb_ms
 
 
@@ -123,9 +123,7 @@ def time_decode(B: int, H: int = 16, D: int = 128) -> dict:
     args = (q, k, v, eta, ln_w, ln_b, state)
     res = {}
     with torch.no_grad():
-        res["public op"] = 1e3 * do_bench(
-            lambda: ttt_linear_step(*args), warmup=50, rep=300, return_mode="median"
-        )
+        res["public op"] = 1e3 * do_bench(lambda: ttt_linear_step(*args), warmup=50, rep=300, return_mode="median")
         res["kernel fn"] = 1e3 * do_bench(
             lambda: ttt_linear_step_triton(*args), warmup=50, rep=300, return_mode="median"
         )
@@ -153,12 +151,35 @@ def kernel_report() -> list[str]:
     return lines
 
 
+def sweep(heads, fla) -> None:
+    """Ours at T = 2k and 32k under each warps-per-program setting of the forward and backward kernels."""
+    from tttlm.ops.ttt_linear import triton_chunk
+
+    for H, D in heads:
+        for fw in (4, 8, 16):
+            for bw in (4, 8, 16):
+                if (fw, bw) not in ((4, 4), (8, 8), (16, 16), (8, 16), (16, 8)) or (D <= 64 and 16 in (fw, bw)):
+                    continue
+                triton_chunk.NUM_WARPS[D], triton_chunk.BWD_NUM_WARPS[D] = fw, bw
+                for T in (2048, SEQ_LENS[-1]):
+                    try:
+                        f_ms, fb_ms = time_op(OPS[0], max(1, TOKENS // T), T, H, D, fla)
+                        res = f"fwd {f_ms:.3f} ms, fwd+bwd {fb_ms:.3f} ms"
+                    except Exception as e:
+                        res = repr(e)[:160]
+                    print(f"sweep H{H}xD{D} T={T} warps fwd {fw} bwd {bw}: {res}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="also write every number to this file")
     p.add_argument("--tokens", type=int, default=TOKENS)
     p.add_argument("--no-peers", action="store_true", help="time only our kernels")
+    p.add_argument("--heads", default="16x128,32x64", help="comma-separated HxD")
+    p.add_argument("--no-decode", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="time our kernels under each launch setting, then stop")
     args = p.parse_args(argv)
+    heads = [tuple(int(x) for x in hd.split("x")) for hd in args.heads.split(",")]
     if not torch.cuda.is_available():
         print("gpu_ttt_linear: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -169,7 +190,11 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": [], "decode": {}}
     print(f"device: {out['device']}, torch {out['torch']}, bf16, {args.tokens} tokens per call", flush=True)
-    for H, D in HEADS:
+    if args.sweep:
+        sweep(heads, fla)
+        print("\n".join(kernel_report()))
+        return 0
+    for H, D in heads:
         for T in SEQ_LENS:
             B = max(1, args.tokens // T)
             for op in ops:
@@ -181,7 +206,7 @@ def main(argv=None) -> int:
                 out["rows"].append(row)
                 print(json.dumps(row), flush=True)
                 torch.cuda.empty_cache()
-    for B in (1, 64):
+    for B in () if args.no_decode else (1, 64):
         out["decode"][B] = {k: round(v, 2) for k, v in time_decode(B).items()}
         print(f"decode batch {B}: {out['decode'][B]}", flush=True)
     try:
@@ -192,13 +217,13 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
-    print_table(out, ops)
+    print_table(out, ops, heads)
     return 0
 
 
-def print_table(out: dict, ops) -> None:
+def print_table(out: dict, ops, heads) -> None:
     print(f"\n{out['device']}, bf16, {TOKENS} tokens per call; ms (forward / forward+backward)")
-    for H, D in HEADS:
+    for H, D in heads:
         print(
             f"\nH{H}xD{D}\n| op | "
             + " | ".join(f"T={T // 1024}k fwd | T={T // 1024}k fwd+bwd" for T in SEQ_LENS)

@@ -90,12 +90,13 @@ def main() -> None:
 
     n = args.gpus or torch.cuda.device_count()
     if n < 1:
-        sys.exit("no GPU visible")
+        sys.exit("no GPU visible: pass --gpus N to run N CPU processes (gloo) instead, as a smoke test")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (gloo)"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{args.preset}, seq_len {args.seq_len}, {args.batch_per_gpu} sequences per GPU, global batch "
           f"{args.batch_per_gpu * n} x {args.seq_len} tokens, {args.steps} steps; {n} GPUs: "
-          f"{torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
+          f"{device}; torch {torch.__version__}", flush=True)
     results = []
     for name in args.configs.split(","):
         r = run_config(name.strip(), args, n, out)

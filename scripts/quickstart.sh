@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export TTTLM_CACHE="${TTTLM_CACHE:-$PWD/runs/cache}"
-tttlm data
+tttlm data --vocab-size 2048  # the tokenizer of configs/cpu-ttt_linear-tiny.toml
 rm -rf runs/quickstart  # the quickstart's own run directory: start it afresh
-tttlm train --config configs/cpu-ttt_linear-tiny.toml --no-tensorboard "$@"
+tttlm train --config configs/cpu-ttt_linear-tiny.toml "$@"
 tttlm eval runs/quickstart
 echo "--- a sample (tttlm generate runs/quickstart --prompt 'def '):"
 tttlm generate runs/quickstart --prompt "def " --max-new-tokens 120

@@ -1,7 +1,68 @@
 import os
+import random
 
+import pytest
 import torch
 
 # Triton kernels run under the interpreter on CPU-only machines; the flag must be set before any kernel is defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _fix_interpreter_scalars():
+    """Triton 3.6's interpreter holds scalars as 1-element arrays, which numpy >= 2.4 refuses to turn into an
+    int, so a loop with a run-time bound fails there; index with the element instead."""
+    import triton.runtime.interpreter as interp
+
+    patch = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_scalars()
+
+_WORDS = ("def return self value index total count items result print while for if else import class "
+          "data name list dict key lambda yield None True False").split()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the recurrent ops' many small tensor ops run far slower with 2 intra-op threads on the 2-core CI machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _fake_source(rng: random.Random, lines: int) -> str:
+    out = []
+    for _ in range(lines):
+        depth = rng.randint(0, 3)
+        out.append("    " * depth + " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 8))))
+    return "\n".join(out) + "\n"
+
+
+def _write_corpus(root):
+    """30 small Python-like text documents doc00.txt ... doc29.txt, different in content and length."""
+    rng = random.Random(0)
+    root.mkdir(exist_ok=True)
+    for i in range(30):
+        (root / f"doc{i:02d}.txt").write_text(_fake_source(rng, rng.randint(10, 60)))
+    return root
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    """A corpus directory of the test's own, which it may change."""
+    return _write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture(scope="module")
+def shared_text_dir(tmp_path_factory):
+    """A corpus directory shared by the tests of a module, read-only for them."""
+    return _write_corpus(tmp_path_factory.mktemp("corpus"))

@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # Reproduces the figures and tables of docs/results.md on one GPU (about 7 minutes on an H100), from the
-# repository root: `bash docs/figures/reproduce.sh`. Small models are trained briefly on the Python standard
-# library (20% held out) at a short length, then every evaluation command runs on them; the MQAR sweep trains
-# its own models alongside. Everything lands in $RUN; $RUN/eval/report.md gathers it.
+# repository root: `bash docs/figures/reproduce.sh`. Small models are trained briefly, one after the other, on
+# the Python standard library (20% held out) at a short length, then every evaluation command runs on them;
+# the MQAR sweeps (one process per mixer, few CPU threads each) train their own models alongside. Everything
+# lands in $RUN; $RUN/eval/report.md gathers it. TTTLM_COMPILE=0: the TTT PyTorch path runs eagerly (its
+# torch.compile recompiles for every new batch shape, minutes in all for this many shapes).
 # Every setting can be overridden from the environment (the CPU test of this script uses tiny ones).
 set -u
 RUN=${RUN:-runs/gpu-eval}
-MIXERS=${MIXERS:-"ttt_linear ttt_mlp mesa transformer mamba2"}
+MIXERS=${MIXERS:-"transformer mamba2 ttt_linear mesa ttt_mlp"}  # TTT-MLP last: its PyTorch path is the slowest
 SIZE=${SIZE:-small}
 SEQ=${SEQ:-512}
 STEPS=${STEPS:-300}
 BATCH=${BATCH:-16}
-LIMIT=${LIMIT:-180}  # seconds for each training and each recall sweep (they run side by side)
+SAVE_EVERY=${SAVE_EVERY:-20}
+TRAIN_LIMIT=${TRAIN_LIMIT:-60}    # seconds for each training (they run one after the other)
+RECALL_LIMIT=${RECALL_LIMIT:-180}  # seconds for each recall sweep (they run side by side); RECALL=none: skip
 CONTEXTS=${CONTEXTS:-"2048 8192"}
 LONG=${LONG:-32768}
 LADDER=${LADDER:-"512 1024 2048 4096 8192 16384"}
 TEL_CONTEXT=${TEL_CONTEXT:-2048}
-RECALL=${RECALL:-"--widths 64 128 --seq-lens 256 --pairs 16 64 --lrs 1e-3 3e-3 --steps 300 --batch-size 64"}
-SPEED=${SPEED:-"--contexts 512 2048 8192 32768 --train-batch 8 --train-seq-len 2048 --new-tokens 32"}
-export TTTLM_CACHE=$RUN/cache
+RECALL=${RECALL:-"--widths 64 --seq-lens 64 --pairs 4 16 --lrs 3e-3 1e-2 --steps 300 --batch-size 64 --vocab-size 256 --eval-examples 500"}
+SPEED=${SPEED:-"--contexts 512 2048 8192 32768 --train-batch 8 --train-seq-len 2048 --new-tokens 32 --repeats 2"}
+export TTTLM_CACHE=$RUN/cache TTTLM_COMPILE=${TTTLM_COMPILE:-0}
 T="python3 -m tttlm"
 mkdir -p "$RUN/logs" "$RUN/eval/long"
 log() { echo "[$(date -u +%T)] $*"; }
@@ -30,11 +34,14 @@ step() {  # step NAME SECONDS COMMAND...: runs it with a time limit, output to l
 }
 
 step data 120 $T data stdlib --val-fraction 0.2 --vocab-size 4096
+[ "$RECALL" != none ] && for m in $MIXERS; do
+  OMP_NUM_THREADS=2 step "recall-$m" "$RECALL_LIMIT" $T recall --mixers "$m" $RECALL --out "$RUN/recall/$m" &
+done
 for m in $MIXERS; do
-  step "train-$m" "$LIMIT" $T train --model "$m-$SIZE" --val-fraction 0.2 --vocab-size 4096 --seq-len "$SEQ" \
-    --batch-size "$BATCH" --steps "$STEPS" --warmup-steps $((STEPS / 10)) --save-every $((STEPS / 3)) \
-    --eval-every $((STEPS / 3)) --keep-last 1 --out-dir "$RUN/train/$m" --no-tensorboard --no-progress &
-  step "recall-$m" "$LIMIT" $T recall --mixers "$m" $RECALL --out "$RUN/recall/$m" &
+  step "train-$m" "$TRAIN_LIMIT" $T train --model "$m-$SIZE" --val-fraction 0.2 --vocab-size 4096 \
+    --seq-len "$SEQ" --batch-size "$BATCH" --steps "$STEPS" --warmup-steps $((STEPS / 10)) \
+    --save-every "$SAVE_EVERY" --eval-every $((STEPS / 3)) --keep-last 1 --out-dir "$RUN/train/$m" \
+    --no-tensorboard --no-progress
 done
 wait
 log "trainings and recall sweeps done"

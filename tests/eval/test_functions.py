@@ -115,3 +115,16 @@ def test_ttt_telemetry_descends_and_flags_non_finite(model):
 def test_telemetry_needs_ttt_or_mesa_layers():
     with pytest.raises(ValueError, match="TTT or Mesa"):
         model_telemetry(tttlm.build_model("transformer-tiny", vocab_size=31), torch.zeros(1, 16, dtype=torch.long))
+
+
+def test_write_result_turns_non_finite_into_null(tmp_path):
+    import json
+
+    from tttlm.eval.results import read_results, write_result
+
+    path = write_result(
+        tmp_path, "x", "positions", {"a": [1.0, float("nan")], "b": {"c": torch.tensor([float("inf")])}}
+    )
+    data = json.loads(path.read_text())
+    assert data["a"] == [1.0, None] and data["b"] == {"c": [None]} and data["non_finite"] == 2
+    assert data["figure"] is None and [r["kind"] for r in read_results(tmp_path)] == ["positions"]

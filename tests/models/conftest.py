@@ -6,15 +6,6 @@ from tttlm.models import build_model
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the recurrent layers' many small ops run far slower with 2 intra-op threads on the 2-core CI machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny(mixer: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     kw = dict(vocab_size=VOCAB, initializer_range=0.1, mamba_chunk_size=8)

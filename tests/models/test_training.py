@@ -48,8 +48,8 @@ def test_gradient_checkpointing_changes_nothing(mixer, tiny, tokens):
     for checkpointing in (False, True):
         model = tiny(mixer).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
-            assert model.is_gradient_checkpointing
+            model.checkpoint_activations()
+            assert model.checkpointing_activations
         loss = model(ids, labels=ids).loss
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))

@@ -39,9 +39,7 @@ def max_err(a, b):
 def test_matches_exact_solve_reference(T, chunk_size):
     inputs, state = make_inputs(T=T)
     stats = {}
-    o, s = mesa(
-        *inputs, state, chunk_size=chunk_size, cg_max_iter=40, output_final_state=True, cg_stats=stats
-    )
+    o, s = mesa(*inputs, state, chunk_size=chunk_size, cg_max_iter=40, output_final_state=True, cg_stats=stats)
     o_ref, s_ref = mesa_ref(*inputs, state)
     assert o.dtype == F64 and o.shape == (2, T, 3, 5)
     assert max_err(o, o_ref) <= 1e-8
@@ -172,9 +170,7 @@ def test_step_half_inputs_and_early_stop():
     inputs, state = make_inputs(T=1, D=16, dtype=torch.bfloat16)
     step_inputs = [x[:, 0] for x in inputs[:5]] + [inputs[5]]
     stats = {}
-    o_t, s = mesa_step(
-        *step_inputs, state.map(lambda t: t.float()), cg_max_iter=50, cg_tol=1e-3, cg_stats=stats
-    )
+    o_t, s = mesa_step(*step_inputs, state.map(lambda t: t.float()), cg_max_iter=50, cg_tol=1e-3, cg_stats=stats)
     assert o_t.dtype == torch.bfloat16 and s.h_kk.dtype == torch.float32
     assert 0 < stats["iterations"] < 16 and stats["residual"].max() <= 1e-3
     o_ref, _ = mesa_ref(*[t.to(F64) for t in inputs], state)

@@ -4,8 +4,6 @@ On CUDA in bf16 at the paper's head sizes; on CPU under TRITON_INTERPRET=1 (test
 small heads. Inputs are cast to the kernel dtype first and the reference runs on those same values in float64.
 """
 
-import os
-
 import pytest
 import torch
 
@@ -19,24 +17,6 @@ DEV = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 TOL = 5e-3 if CUDA else 1e-5  # relative RMSE
 B_MB = 16
-
-
-def _fix_interpreter_scalars():
-    """Triton 3.6's interpreter holds scalars as 1-element arrays, which numpy >= 2.4 refuses to turn into an
-    int, so a loop with a run-time bound fails there; index with the element instead."""
-    import triton.runtime.interpreter as interp
-
-    patch = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _fix_interpreter_scalars()
 
 
 @pytest.fixture(autouse=True)

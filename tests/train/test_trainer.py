@@ -57,8 +57,8 @@ def losses(out_dir):
     return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
 
 
-def test_training_learns_saves_and_loads(tmp_path, text_dir):
-    cfg = make_config(settings(text_dir, tmp_path / "cache", tmp_path / "run"))
+def test_training_learns_saves_and_loads(tmp_path, text_dir, cache_dir):
+    cfg = make_config(settings(text_dir, cache_dir, tmp_path / "run"))
     result = train(cfg, log=lambda *_: None)
     loss = losses(tmp_path / "run")
     assert sorted(loss) == list(range(1, 9)) and loss[8] < loss[1] - 0.3
@@ -78,6 +78,21 @@ def test_training_learns_saves_and_loads(tmp_path, text_dir):
         train(cfg)
 
 
+def test_eval_and_generate_commands_read_the_checkpoint(tmp_path, text_dir, cache_dir, capsys):
+    from tttlm.cli import main
+
+    result = train(make_config(settings(text_dir, cache_dir, tmp_path / "run", steps=2, eval_every=2)),
+                   log=lambda *_: None)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--batch-size", "4", "--batches", "2", "--cache-dir",
+                 str(cache_dir)]) == 0
+    out = capsys.readouterr().out
+    printed = float(out.split("validation loss ")[1].split()[0])
+    assert abs(printed - result["val_loss"]) < 1e-3, out
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "def value", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("def value")
+
+
 def test_weight_decay_skips_norms_biases_and_inner_initial_weights():
     from tttlm.models import build_model
     from tttlm.train.optim import param_groups
@@ -91,39 +106,69 @@ def test_weight_decay_skips_norms_biases_and_inner_initial_weights():
     assert not any(names[id(p)].endswith(("W0", "norm.weight")) for p in decay["params"])
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, text_dir):
-    s = settings(text_dir, tmp_path / "cache", tmp_path / "full", steps=24, save_every=3, eval_every=12)
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, text_dir, cache_dir):
+    s = settings(text_dir, cache_dir, tmp_path / "full", steps=16, save_every=4, eval_every=8)
     full = toml(tmp_path / "full.toml", s)
     finish(cli("--config", str(full)))
     killed = toml(tmp_path / "killed.toml", {**s, "out_dir": str(tmp_path / "killed")})
     proc = cli("--config", str(killed))
     deadline = time.time() + 180
-    while not (tmp_path / "killed" / "step-000006").exists():
+    while not (tmp_path / "killed" / "step-000004").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "killed" / "step-000024").exists()  # it really died mid-run
+    assert not (tmp_path / "killed" / "step-000016").exists()  # it really died mid-run
     finish(cli("--config", str(killed), "--resume"))
     a, b = losses(tmp_path / "full"), losses(tmp_path / "killed")
-    assert sorted(b) == list(range(1, 25))
+    assert sorted(b) == list(range(1, 17))
     assert a == b  # bitwise: weights, optimizer, scheduler, data position and RNG all restored
     va = [r["val_loss"] for r in read_metrics(tmp_path / "full") if "val_loss" in r]
     vb = [r["val_loss"] for r in read_metrics(tmp_path / "killed") if "val_loss" in r]
     assert va == vb and len(va) == 2
 
 
-def test_two_gloo_processes_equal_one_with_the_same_global_batch(tmp_path, text_dir):
-    s = settings(text_dir, tmp_path / "cache", tmp_path / "one", steps=6, save_every=6, eval_every=6)
-    one = cli("--config", str(toml(tmp_path / "one.toml", s)))
-    finish(one)
-    two = cli("--config", str(toml(tmp_path / "two.toml", {**s, "out_dir": str(tmp_path / "two")})), nproc=2)
-    finish(two)
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, text_dir, cache_dir):
+    """A 6-step run in one process: global batch 4 as 2 accumulation steps of 2 sequences."""
+    tmp = tmp_path_factory.mktemp("one")
+    s = settings(text_dir, cache_dir, tmp / "run", steps=6, save_every=6, eval_every=6)
+    finish(cli("--config", str(toml(tmp / "one.toml", s))))
+    return s
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_equal_one_with_the_same_global_batch(tmp_path, one_process_run, parallel):
+    s = {**one_process_run, "out_dir": str(tmp_path / "two"), "parallel": parallel}
+    finish(cli("--config", str(toml(tmp_path / "two.toml", s)), nproc=2))
+    a, b = losses(one_process_run["out_dir"]), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
     assert a[6] < a[1]
-    va = [r["val_loss"] for r in read_metrics(tmp_path / "one") if "val_loss" in r]
+    va = [r["val_loss"] for r in read_metrics(one_process_run["out_dir"]) if "val_loss" in r]
     vb = [r["val_loss"] for r in read_metrics(tmp_path / "two") if "val_loss" in r]
     assert abs(va[-1] - vb[-1]) < 1e-5
+
+
+def test_inner_learning_rate_warms_up_with_the_outer_one(tmp_path, text_dir, cache_dir, monkeypatch):
+    from tttlm.models import TTTLMForCausalLM
+
+    seen = []
+    original = TTTLMForCausalLM.set_inner_lr_warmup
+    monkeypatch.setattr(TTTLMForCausalLM, "set_inner_lr_warmup",
+                        lambda self, p: seen.append(round(p, 6)) or original(self, p))
+    s = settings(text_dir, cache_dir, tmp_path / "run", model="ttt_mlp-tiny", steps=4, warmup_steps=3,
+                 eval_every=4, save_every=4)
+    train(make_config(s), log=lambda *_: None)
+    assert seen == [round(1 / 3, 6), round(2 / 3, 6), 1.0, 1.0]
+
+
+def test_activation_checkpointing_changes_memory_not_results(tmp_path, text_dir, cache_dir):
+    runs = {}
+    for flag in (False, True):
+        s = settings(text_dir, cache_dir, tmp_path / str(flag), steps=3, eval_every=3, save_every=3,
+                     activation_checkpointing=flag, model_overrides={**TINY, "num_hidden_layers": 2})
+        train(make_config(s), log=lambda *_: None)
+        runs[flag] = losses(tmp_path / str(flag))
+    assert runs[True] == runs[False]

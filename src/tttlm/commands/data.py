@@ -33,13 +33,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"corpus {corpus.source}: {len(corpus.files)} file(s) under {corpus.root}")
     data = prepare_data(corpus, tokenizer=args.tokenizer, vocab_size=args.vocab_size, cache_dir=args.cache_dir)
     m = data.meta
-    how = "reused the cached shards" if data.cached else "tokenized into new shards"
-    print(f"{how} in {data.seconds:.2f} s: {data.path}")
+    print(f"shards: {data.path}")
     for split in ("train", "val"):
         print(f"  {split:5s} {m['documents'][split]:8d} documents {m['tokens'][split]:12,d} tokens "
               f"(longest document {m['max_document_tokens'][split]:,d})")
-    skipped = m["skipped"]
-    print(f"skipped: {skipped['binary']} binary, {skipped['not_utf8']} non-UTF-8, {skipped['empty']} empty")
     if m["val_from_tail"]:
         print("no document fell in the validation split: it holds the last tokens of the corpus instead")
     print(f"tokenizer: {m['vocab_size']} tokens; unigram baseline on validation: {m['unigram_val_loss']:.4f} "

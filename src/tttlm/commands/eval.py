@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     path = resolve_checkpoint(args.checkpoint)
     model, _, trained = load_pretrained(path, rt.device)
     trained = trained or {}
-    corpus = Corpus(args.corpus or trained.get("corpus", "stdlib"), args.text_field or trained.get("text_field", "text"),
+    corpus = Corpus(args.corpus or trained.get("corpus", "stdlib"),
+                    args.text_field or trained.get("text_field", "text"),
                     args.val_fraction or trained.get("val_fraction", 0.05))
     seq_len = args.seq_len or trained.get("seq_len")
     if not seq_len:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument(
-        "run_dirs", nargs="+", metavar="RUN_DIR", help="directories written by the eval commands"
-    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories written by the eval commands")
     parser.add_argument("-o", "--output", required=True, help="the Markdown file to write")
     parser.add_argument("--title", default="tttlm evaluation report", help="the report's title")
 

@@ -15,9 +15,7 @@ from tttlm.eval.options import add_device, add_documents, add_out, positive_floa
 
 def add_arguments(parser) -> None:
     add_documents(parser, num_docs=2, batch_size=False)
-    parser.add_argument(
-        "--context", type=positive_int, default=2048, help="tokens per document (default 2048)"
-    )
+    parser.add_argument("--context", type=positive_int, default=2048, help="tokens per document (default 2048)")
     parser.add_argument(
         "--tolerances",
         type=positive_float,

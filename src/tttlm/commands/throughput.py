@@ -15,9 +15,7 @@ MIXERS = ("ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2")
 
 def add_arguments(parser) -> None:
     parser.add_argument("--size", default="small", help="preset size (default small; see `tttlm info`)")
-    parser.add_argument(
-        "--mixers", nargs="+", default=list(MIXERS), choices=MIXERS, help="mixers (default all)"
-    )
+    parser.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS, help="mixers (default all)")
     parser.add_argument(
         "--contexts",
         type=positive_int,
@@ -26,19 +24,11 @@ def add_arguments(parser) -> None:
         help="context lengths for prefill and decode (512 2048 8192)",
     )
     parser.add_argument("--train-batch", type=positive_int, default=8, help="training batch (8)")
-    parser.add_argument(
-        "--train-seq-len", type=positive_int, default=2048, help="training sequence length (2048)"
-    )
-    parser.add_argument(
-        "--new-tokens", type=positive_int, default=32, help="decoded tokens per measurement (32)"
-    )
+    parser.add_argument("--train-seq-len", type=positive_int, default=2048, help="training sequence length (2048)")
+    parser.add_argument("--new-tokens", type=positive_int, default=32, help="decoded tokens per measurement (32)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed repeats, median kept (3)")
-    parser.add_argument(
-        "--vocab-size", type=positive_int, default=None, help="vocabulary (default: the preset's)"
-    )
-    add_device(
-        parser, "compute dtype under autocast (default auto: bfloat16 on CUDA, else float32)", auto_dtype=True
-    )
+    parser.add_argument("--vocab-size", type=positive_int, default=None, help="vocabulary (default: the preset's)")
+    add_device(parser, "compute dtype under autocast (default auto: bfloat16 on CUDA, else float32)", auto_dtype=True)
     add_out(parser)
 
 
@@ -55,6 +45,9 @@ def run(args) -> int:
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     dtype = resolve_dtype(dtype_name)
     overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
+    settings = {k: getattr(args, k) for k in ("size", "train_batch", "train_seq_len", "new_tokens", "repeats")}
+    env = environment(device)
+    title = f"{args.size} models, {dtype_name}, {env['device_name']}"
     mixers = {}
     for mixer in args.mixers:
         torch.manual_seed(0)
@@ -82,16 +75,9 @@ def run(args) -> int:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    settings = {
-        k: getattr(args, k) for k in ("size", "train_batch", "train_seq_len", "new_tokens", "repeats")
-    }
-    data = {
-        "settings": {**settings, "dtype": dtype_name},
-        "environment": environment(device),
-        "mixers": mixers,
-    }
-    title = f"{args.size} models, {dtype_name}, {data['environment']['device_name']}"
-    path = write_result(args.out, "throughput", "throughput", data, plot_throughput(mixers, title))
+        # written after every mixer, so that a run cut short keeps the mixers it finished
+        data = {"settings": {**settings, "dtype": dtype_name}, "environment": env, "mixers": mixers}
+        path = write_result(args.out, "throughput", "throughput", data, plot_throughput(mixers, title))
     print(f"wrote {path}")
     return 0
 

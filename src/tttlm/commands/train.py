@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 _HELP = {
     "model": "model preset {mixer}-{size}: mixers ttt_linear, ttt_mlp, mesa, transformer, mamba2; sizes tiny, "
@@ -34,6 +35,8 @@ _HELP = {
     "min_lr_ratio": "final learning rate as a fraction of the peak (cosine decay)",
     "warmup_steps": "linear warm-up steps",
     "weight_decay": "AdamW weight decay (never on norms, biases, lambda or the inner loop's initial weights)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
     "grad_clip": "gradient clipping norm",
     "seed": "seed of the model initialisation and the data order",
     "device": "auto, cpu or cuda",
@@ -49,6 +52,7 @@ _HELP = {
     "tensorboard": "also write TensorBoard logs",
     "progress": "show a progress bar",
 }
+_CHOICES = {"device": ["auto", "cpu", "cuda"], "dtype": ["auto", "float32", "bfloat16"], "parallel": ["ddp", "fsdp"]}
 
 
 def _value(text: str):
@@ -81,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=_HELP[name])
         else:
             conv = int if kind.startswith("int") else float if kind.startswith("float") else str
-            parser.add_argument(flag, dest=name, type=conv, default=None, help=_HELP.get(name))
+            parser.add_argument(flag, dest=name, type=conv, default=None, choices=_CHOICES.get(name),
+                                help=_HELP[name])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,7 +99,12 @@ def run(args: argparse.Namespace) -> int:
         flags["model_overrides"] = {**base.get("model_overrides", {}), **dict(args.model_overrides)}
     cfg = make_config(base, **flags)
     result = train(cfg, resume=args.resume)
-    line = f"step {result['step']}: train loss {result.get('loss', float('nan')):.4f}"
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the first process reports
+        return 0
+    if "loss" not in result:
+        print(f"{cfg.out_dir} is already at step {result['step']} of {cfg.steps}: nothing to train (raise --steps)")
+        return 0
+    line = f"step {result['step']}: train loss {result['loss']:.4f}"
     if "val_loss" in result:
         line += (f", validation loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.1f}); "
                  f"unigram baseline {result['unigram_val_loss']:.4f}")

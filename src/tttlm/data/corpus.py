@@ -2,7 +2,7 @@
 
 A corpus source is one of:
   "stdlib" (or None)   the Python standard library's own .py files (found through sysconfig; tests,
-                       site-packages and IDLE left out), one document per file
+                       site-packages, IDLE and the codec / help-text tables left out), one document per file
   a directory          every file under it (recursively; hidden ones skipped), each read by its suffix;
                        a directory written by `datasets.Dataset.save_to_disk` is read as that dataset
   a glob pattern       "data/**/*.txt" (recursive)
@@ -27,7 +27,9 @@ from pathlib import Path
 from tttlm.errors import UserError
 
 STDLIB = "stdlib"
-_STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo"}
+# tests, third-party packages, and modules that are data tables rather than code (codec maps, help texts)
+_STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo", "encodings",
+                "pydoc_data"}
 _DATASET_MARKERS = (("dataset_info.json", "state.json"), ("dataset_dict.json",))  # Dataset, DatasetDict
 _SNIFF = 8192  # bytes read to decide whether a file is binary
 

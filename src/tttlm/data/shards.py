@@ -2,10 +2,11 @@
 
 A shard directory holds, per split ("train", "val"), `{split}.bin` (all documents' tokens back to back, each
 framed by EOS at both ends so that the model learns how documents start and end; uint16 when the vocabulary
-fits, else uint32) and `{split}.offsets.npy` (int64 [N+1]: document i is tokens[offsets[i]:offsets[i+1]]), plus tokenizer.json and meta.json (counts, the unigram baseline).
-Its name is a hash of the corpus fingerprint (files, sizes, mtimes, options) and the tokenizer, so a later run on
-the same corpus and tokenizer reuses it. A trained tokenizer is cached the same way, keyed by corpus and
-vocabulary size. Directories are written under a temporary name and renamed, so a crash never leaves half a cache.
+fits, else uint32) and `{split}.offsets.npy` (int64 [N+1]: document i is tokens[offsets[i]:offsets[i+1]]),
+plus tokenizer.json and meta.json (counts, the unigram baseline). Its name is a hash of the corpus fingerprint
+(files, sizes, mtimes, options) and the tokenizer, so a later run on the same corpus and tokenizer reuses it.
+A trained tokenizer is cached the same way, keyed by corpus and vocabulary size. Directories are written under
+a temporary name and renamed, so a crash never leaves half a cache.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tttlm.data.corpus import Corpus
+from tttlm.data.corpus import Corpus, SkipCounts
 from tttlm.data.tokenizer import eos_id, load_tokenizer, tokenizer_key, train_tokenizer
 from tttlm.errors import UserError
 
@@ -209,4 +210,9 @@ def prepare_data(corpus: Corpus, *, tokenizer: str | None = None, vocab_size: in
             raise
         _publish(tmp, final)
     meta = json.loads((final / "meta.json").read_text())
-    return PreparedData(final, tok, meta, cached, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    docs, tokens = meta["documents"], meta["tokens"]
+    how = "reused the cached shards" if cached else "tokenized into new shards"
+    log(f"{how} in {seconds:.2f} s: {docs['train']:,d} + {docs['val']:,d} documents, {tokens['train']:,d} + "
+        f"{tokens['val']:,d} tokens (train + validation); skipped: {SkipCounts(**meta['skipped']).describe()}")
+    return PreparedData(final, tok, meta, cached, seconds)

@@ -8,6 +8,13 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+
+
+def _log_x(ax, base: float = 10) -> None:
+    """Log-scale x axis labelled at its major ticks only (minor labels crowd short ranges)."""
+    ax.set_xscale("log", base=base)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _finite(xs, ys):
@@ -27,7 +34,7 @@ def plot_positions(contexts: dict) -> plt.Figure:
     for ax, (L, entry) in zip(axes[0], contexts.items(), strict=True):
         for name, curve in entry["checkpoints"].items():
             ax.plot(*_finite(curve["position"], curve["loss"]), label=name)
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_xlabel("token position")
         ax.set_ylabel("next-token loss (nats)")
         ax.set_title(f"context {L}, {entry['num_docs']} documents")
@@ -45,7 +52,7 @@ def plot_ladder(checkpoints: dict) -> plt.Figure:
         line = ax.plot(*_finite([L for L, _ in pts], [v["perplexity"] for _, v in pts]), marker="o", label=name)[0]
         if entry.get("trained_context"):
             ax.axvline(entry["trained_context"], color=line.get_color(), ls=":", alpha=0.7)
-    ax.set_xscale("log", base=2)
+    _log_x(ax, base=2)
     ax.set_yscale("log")
     ax.set_xlabel("evaluation length (tokens); dotted: training length")
     ax.set_ylabel("perplexity")
@@ -76,7 +83,7 @@ def plot_telemetry(layers: list[dict]) -> plt.Figure:
             bottom.set_yscale("log")
             bottom.set_ylabel("norm")
             for ax in (top, bottom):
-                ax.set_xscale("log")
+                _log_x(ax)
                 ax.set_xlabel("token position (end of mini-batch)")
         else:
             solves = [s for s in layer["solves"] if s["tolerance"] is not None]
@@ -89,7 +96,7 @@ def plot_telemetry(layers: list[dict]) -> plt.Figure:
             bottom.set_yscale("log")
             bottom.set_ylabel("relative residual at stop")
             for ax in (top, bottom):
-                ax.set_xscale("log")
+                _log_x(ax)
                 ax.set_xlabel("CG tolerance")
         top.set_title(title)
         for ax in (top, bottom):
@@ -133,7 +140,7 @@ def plot_throughput(mixers: dict, title: str) -> plt.Figure:
         for m in names:
             pts = _by_length(mixers[m][key])
             ax.plot(*_finite([L for L, _ in pts], [v for _, v in pts]), marker="o", label=m)
-        ax.set_xscale("log", base=2)
+        _log_x(ax, base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(ylabel)

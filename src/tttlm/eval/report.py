@@ -25,6 +25,16 @@ def _num(x, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -73,15 +83,16 @@ def _telemetry(r: dict) -> list[str]:
     if ttt:
         rows = []
         for layer in ttt:
-            last = {
-                k: layer[k][-1] if layer[k] else None for k in ("loss_init", "loss_before", "loss_after", "grad_norm")
-            }
+            avg = {k: _mean(layer[k]) for k in ("loss_init", "loss_before", "loss_after", "grad_norm")}
             rows.append([
-                layer["layer"], _num(last["loss_init"]), _num(last["loss_before"]), _num(last["loss_after"]),
-                _num(last["grad_norm"]), _num(sum(layer["non_finite"].values())),
+                layer["layer"], _num(avg["loss_init"]), _num(avg["loss_before"]), _num(avg["loss_after"]),
+                _num(avg["grad_norm"]), _num(sum(layer["non_finite"].values())),
                 _num(layer["first_non_finite_minibatch"]), _num(layer["max_abs_diff_vs_op"], 2),
             ])  # fmt: skip
-        out += ["TTT inner loss on the last mini-batch under W_0, before and after its update:", ""]
+        out += [
+            "TTT inner loss of each mini-batch under W_0, before and after its update (means over mini-batches):",
+            "",
+        ]
         out += _table(
             ["layer", "loss W_0", "loss before", "loss after", "mean grad norm", "non-finite", "first bad mb",
              "re-run vs op"],

@@ -178,6 +178,16 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    def checkpoint_activations(self) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations (non-reentrant)."""
+        # transformers renamed gradient_checkpointing_enable in 5.2x (the old name warns); keep both working
+        enable = getattr(self, "activation_checkpointing_enable", None) or self.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+
+    @property
+    def checkpointing_activations(self) -> bool:
+        return any(block.gradient_checkpointing for block in self.model.layers)
+
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -226,8 +236,8 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
         if past_key_values is not None and not isinstance(past_key_values, TTTLMCache):
             raise ValueError(f"past_key_values must be a TTTLMCache, got {type(past_key_values).__name__}")
         use_cache = past_key_values is not None if use_cache is None else use_cache
-        if self.is_gradient_checkpointing and self.training:
-            use_cache = False
+        if self.training and self.checkpointing_activations:
+            use_cache = False  # a checkpointed block runs twice, and would advance its cache twice
         cache = None
         if use_cache:
             cache = past_key_values if past_key_values is not None else TTTLMCache(self.config.num_hidden_layers)

@@ -131,12 +131,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, loader, rt: Runtime
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizers.Tokenizer, TrainConfig settings dict or None) of a checkpoint directory
     or the latest checkpoint of a run directory."""
-    import tttlm.models  # noqa: F401  (registers model_type "tttlm" with the Auto classes)
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    import tttlm.models  # noqa: F401  (registers model_type "tttlm" with the Auto classes)
     from tttlm.data.tokenizer import load_tokenizer
 
     path = resolve_checkpoint(path)
+    transformers.utils.logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
     settings = json.loads((path / "train.json").read_text()) if (path / "train.json").is_file() else None
     return model, load_tokenizer(path / "tokenizer.json"), settings

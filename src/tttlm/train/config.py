@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+    import tomli as tomllib
 
 from tttlm.errors import UserError
 
@@ -51,7 +55,6 @@ class TrainConfig:
     keep_last: int = 2
     tensorboard: bool = True
     progress: bool = True
-    sample_prompt: str = ""  # when set, a sample continuing this prompt is printed at the end
 
     def check(self) -> None:
         """UserError naming the setting for any value out of range."""

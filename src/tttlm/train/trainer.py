@@ -132,9 +132,11 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
                           world_size=rt.world_size)
     model = build(cfg, data).to(rt.device)
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.checkpoint_activations()
     wrapped = distributed.wrap(model, rt, cfg.parallel)
-    optimizer, scheduler = make_optimizer(model, cfg, fused=rt.device.type == "cuda")
+    # the fused AdamW kernel for plain CUDA tensors; FSDP2's sharded DTensor parameters take the default path
+    fused = rt.device.type == "cuda" and not (rt.distributed and cfg.parallel == "fsdp")
+    optimizer, scheduler = make_optimizer(model, cfg, fused=fused)
     step, counters = 0, {"tokens": 0}
     if ckpt is not None:
         state = load_checkpoint(ckpt, wrapped, optimizer, scheduler, loader, rt)

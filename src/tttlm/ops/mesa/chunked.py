@@ -95,9 +95,7 @@ class _ChunkScan(torch.autograd.Function):
             if c in lay.ends:
                 finals[lay.ends[c]] = torch.addcmul(updates[:, :, c], chunk_decay[:, :, c], starts[:, :, c])
             else:
-                torch.addcmul(
-                    updates[:, :, c], chunk_decay[:, :, c], starts[:, :, c], out=starts[:, :, c + 1]
-                )
+                torch.addcmul(updates[:, :, c], chunk_decay[:, :, c], starts[:, :, c], out=starts[:, :, c + 1])
         ctx.lay = lay
         ctx.save_for_backward(chunk_decay, starts)
         return starts, torch.cat(finals, 0)
@@ -115,13 +113,9 @@ class _ChunkScan(torch.autograd.Function):
             if c in lay.ends:
                 dupdates[:, :, c] = dfinal_pieces[lay.ends[c]]
             if c in lay.starts:
-                dinit[lay.starts[c]] = torch.addcmul(
-                    dstarts[:, :, c], chunk_decay[:, :, c], dupdates[:, :, c]
-                )
+                dinit[lay.starts[c]] = torch.addcmul(dstarts[:, :, c], chunk_decay[:, :, c], dupdates[:, :, c])
             else:
-                torch.addcmul(
-                    dstarts[:, :, c], chunk_decay[:, :, c], dupdates[:, :, c], out=dupdates[:, :, c - 1]
-                )
+                torch.addcmul(dstarts[:, :, c], chunk_decay[:, :, c], dupdates[:, :, c], out=dupdates[:, :, c - 1])
         ddecay = dupdates.flatten(-2).unsqueeze(-2) @ starts.flatten(-2).unsqueeze(-1)  # [S,H,NC,1,1]
         return ddecay, dupdates, torch.cat(dinit, 0), None
 

@@ -6,6 +6,7 @@ dual-form PyTorch path (`chunked`). Both are tested against `reference.ttt_linea
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 from torch import Tensor
@@ -17,12 +18,17 @@ from tttlm.ops.ttt_linear.chunked import LINEAR, ttt_linear_chunked, ttt_linear_
 BACKENDS = (None, "triton", "torch")
 
 
+@functools.cache
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _use_triton(q: Tensor, mini_batch_size: int, backend: str | None) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend is None and not q.is_cuda):
         return False
-    if importlib.util.find_spec("triton") is None:
+    if not _have_triton():
         if backend == "triton":
             raise ValueError("backend='triton' needs the triton package")
         return False

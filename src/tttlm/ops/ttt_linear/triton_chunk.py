@@ -53,8 +53,14 @@ def _new(shape, dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+# Warps per program by head dim, for the forward/step and the backward kernels (benchmarks/gpu_ttt_linear.py
+# --sweep times the alternatives).
+NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
+BWD_NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
+
+
 def _num_warps(D: int) -> int:
-    return 8 if D >= 128 else 4
+    return NUM_WARPS[D]
 
 
 # ---------------------------------------------------------------------------------------------- kernel pieces
@@ -650,8 +656,7 @@ class _TTTLinearFn(torch.autograd.Function):
     def backward(ctx, do, dWF, dBF, dGWF, dGBF):
         if not ctx.store_e:
             raise RuntimeError(
-                "ttt_linear_triton ran without storing what its backward needs (no input needed "
-                "a gradient when it ran)"
+                "ttt_linear_triton ran without storing what its backward needs (no input needed a gradient when it ran)"
             )
         q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, WF, BF, E = ctx.saved_tensors
         total, H, D = q.shape
@@ -707,7 +712,9 @@ class _TTTLinearFn(torch.autograd.Function):
             D=D,
             BT=BT,
             HAS_DFINAL=has_dfinal,
-            num_warps=_num_warps(D),
+            num_warps=BWD_NUM_WARPS[D],
+            # the final sums' gradient is a D x D load inside the loop: pipelining it overflows shared memory
+            num_stages=1 if has_dfinal else 3,
         )
         dlnw = dlnw.sum(0).to(ln_weight.dtype)
         dlnb = dlnb.sum(0).to(ln_bias.dtype)
@@ -741,11 +748,7 @@ def ttt_linear_triton(
         cu = torch.arange(0, B * T + 1, T, dtype=torch.long, device=dev)
     else:
         cu = cu_seqlens.to(torch.long)
-    s = (
-        default_token_scale(mini_batch_size, torch.float32, dev)
-        if token_scale is None
-        else token_scale.float()
-    )
+    s = default_token_scale(mini_batch_size, torch.float32, dev) if token_scale is None else token_scale.float()
     tensors = (q, k, v, eta, ln_weight, ln_bias, s, state.W, state.b, state.grad_W, state.grad_b)
     store_e = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     flat = [t.reshape(B * T, H, D).contiguous() for t in (q, k, v)]
