@@ -233,7 +233,7 @@ def print_table(out: dict, ops, heads) -> None:
         for op in ops:
             cells = []
             for T in SEQ_LENS:
-                row = next(r for r in out["rows"] if r["op"] == op and r["H"] == H and r["T"] == T)
+                row = next(r for r in out["rows"] if r["op"] == op and (r["H"], r["D"], r["T"]) == (H, D, T))
                 cells += [str(row.get("fwd_ms", "err")), str(row.get("fwdbwd_ms", "err"))]
             print(f"| {op} | " + " | ".join(cells) + " |")
     print("\ndecode, one TTT-Linear op, H16xD128, us per token")

@@ -99,12 +99,20 @@ def run_reference(leaves, offset, cu, default_scale=False):
     return torch.cat(outs, 1), TTTLinearState(*cat)
 
 
-SHAPES = [  # B, T, H, D, cu_seqlens
+SHAPES = [  # B, T, H, D, cu_seqlens; a D that is not a power of two runs padded on chip
     (2, 37, 2, 16, None),
     (1, 45, 2, 32, [0, 5, 28, 45]),
+    (2, 21, 2, 24, None),
+    (1, 40, 1, 12, [0, 19, 40]),
 ]
 if CUDA:
-    SHAPES += [(2, 100, 4, 128, None), (1, 333, 3, 64, [0, 1, 17, 200, 333]), (1, 530, 2, 128, None)]
+    SHAPES += [
+        (2, 100, 4, 128, None),
+        (1, 333, 3, 64, [0, 1, 17, 200, 333]),
+        (1, 530, 2, 128, None),
+        (2, 150, 3, 96, None),
+        (1, 300, 2, 96, [0, 7, 150, 300]),
+    ]
 
 
 @pytest.mark.parametrize("with_state_grads", [True, False])
@@ -145,9 +153,10 @@ def test_kernel_matches_reference(B, T, H, D, cu, with_state_grads):
     assert not bad, f"relative RMSE over {TOL}: {bad}"
 
 
+@pytest.mark.parametrize("D", [32, 24] if not CUDA else [128, 96])
 @pytest.mark.parametrize("default_scale", [False, True])
-def test_decode_steps_match_reference(default_scale):
-    B, T, H, D = 2, 21, 2, 32 if not CUDA else 128
+def test_decode_steps_match_reference(default_scale, D):
+    B, T, H = 2, 21, 2
     ref_leaves, dev_leaves, offset, _ = make_case(B, T, H, D, B, seed=3)
     o_ref, f_ref = run_reference(ref_leaves, offset, None, default_scale)
     with torch.no_grad():
@@ -179,5 +188,6 @@ def test_supports():
     q = torch.zeros(1, 4, 2, 64, device=DEV, dtype=DTYPE)
     assert triton_chunk.supports(q, 16)
     assert not triton_chunk.supports(q, 8)
-    assert not triton_chunk.supports(q[..., :48], 16)
+    assert triton_chunk.supports(q[..., :48], 16)
+    assert not triton_chunk.supports(torch.zeros(1, 4, 2, 192, device=DEV, dtype=DTYPE), 16)
     assert not triton_chunk.supports(q.double(), 16)

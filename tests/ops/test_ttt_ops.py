@@ -259,3 +259,24 @@ def test_bad_state():
     with pytest.raises(ValueError, match="never drop to 16 bits"):
         ttt_linear(q, k, v, eta, ln_w, ln_b, s.map(lambda t: t.half() if t.is_floating_point() else t),
                    mini_batch_size=4)
+
+
+def test_minibatch_step_sees_the_same_layout_at_every_length():
+    """The step that is compiled on CUDA gets contiguous mini-batches whose shapes and strides do not depend
+    on the sequence length (else torch.compile recompiles for every length)."""
+    from tttlm.ops.ttt_common import run_chunked
+    from tttlm.ops.ttt_linear.chunked import LINEAR
+
+    seen = set()
+
+    def recording(params, sums, Q, K, V, eta, *rest):
+        seen.add(tuple((tuple(t.shape), t.stride()) for t in (Q, K, V, eta)))
+        return LINEAR.minibatch(params, sums, Q, K, V, eta, *rest)
+
+    model = LINEAR._replace(minibatch=recording)
+    for T in (20, 37, 64):
+        run_chunked(model, *make_inputs(2, T, 2, 8), make_state("linear", 2, 2, 8, 16), mini_batch_size=16,
+                    token_scale=None, eps=1e-6, cu_seqlens=None, output_final_state=False)
+    assert len(seen) == 1
+    (layout,) = seen
+    assert all(torch.empty(shape).stride() == stride for shape, stride in layout)

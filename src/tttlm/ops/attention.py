@@ -2,6 +2,10 @@
 
 `attention` is the fast path (SDPA picks FlashAttention / memory-efficient kernels where it can);
 `attention_ref` is the readable spec it is tested against.
+
+Calls whose shapes change from call to call (decoding with a growing cache, documents of a packed batch)
+leave out SDPA's cuDNN backend: it builds an execution plan for every new shape, ~9 ms of host time on an
+H100 with torch 2.11, which made each decoded token cost ~50 ms (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ import itertools
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> None:
@@ -45,19 +52,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = No
     if cu_seqlens is not None:
         # one causal call per document keeps the flash kernels (no [T, T] mask) and nothing crosses a boundary
         bounds = cu_seqlens.tolist()
-        outs = [
-            F.scaled_dot_product_attention(qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], is_causal=True)
-            for a, b in itertools.pairwise(bounds)
-        ]
+        with sdpa_kernel(_NO_CUDNN):
+            outs = [
+                F.scaled_dot_product_attention(qh[:, :, a:b], kh[:, :, a:b], vh[:, :, a:b], is_causal=True)
+                for a, b in itertools.pairwise(bounds)
+            ]
         return torch.cat(outs, dim=2).transpose(1, 2)
     if S == T:
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
-    elif T == 1:
-        o = F.scaled_dot_product_attention(qh, kh, vh)
-    else:
-        i = torch.arange(T, device=q.device)[:, None]
-        j = torch.arange(S, device=q.device)[None, :]
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=j <= i + (S - T))
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True).transpose(1, 2)
+    with sdpa_kernel(_NO_CUDNN):
+        if T == 1:
+            o = F.scaled_dot_product_attention(qh, kh, vh)
+        else:
+            i = torch.arange(T, device=q.device)[:, None]
+            j = torch.arange(S, device=q.device)[None, :]
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=j <= i + (S - T))
     return o.transpose(1, 2)
 
 

@@ -150,15 +150,18 @@ def check_ttt_inputs(
 
 # ------------------------------------------------------------------------------------------ mini-batch layout
 class Layout(NamedTuple):
-    """N sequences placed in rows of a [N, Tp] grid so that every row starts at a mini-batch boundary.
+    """N sequences placed in rows of a grid of mini-batches, [num_minibatches, N, b], so that every row starts
+    at a mini-batch boundary.
 
     Row r holds `offset[r]` empty slots (tokens an earlier call already read), then its tokens, then empty
-    slots up to Tp, a multiple of the mini-batch size. Empty slots get zero inputs and eta = 0, so they change
-    no inner weights, and their outputs are dropped.
+    slots up to a whole number of mini-batches. Empty slots get zero inputs and eta = 0, so they change no
+    inner weights, and their outputs are dropped. Mini-batch-major, so that every mini-batch is one contiguous
+    block whose strides do not depend on the sequence length (the compiled mini-batch step is not recompiled
+    for each length).
     """
 
     dest: Tensor  # [total] flat grid position of every input token, in input order
-    src: Tensor  # [N*Tp] input token of every grid slot; `total` (one past the end) for an empty slot
+    src: Tensor  # [num_minibatches*N*b] input token of every grid slot; `total` (one past the end) if empty
     num_minibatches: int
     end_minibatch: list[int]  # per row: the mini-batch holding its last token's successor
     end_offset: Tensor  # [N] int64: tokens of that mini-batch already read, the final state's offset
@@ -169,28 +172,26 @@ def make_layout(lengths: Tensor, offsets: Tensor, mini_batch_size: int) -> Layou
     N, b = lengths.numel(), mini_batch_size
     ends = offsets + lengths
     num_mb = max(1, math.ceil(int(ends.max()) / b))
-    Tp = num_mb * b
     total = int(lengths.sum())
     row = torch.repeat_interleave(torch.arange(N, device=lengths.device), lengths)
     starts = torch.cumsum(lengths, 0) - lengths
-    local = torch.arange(total, device=lengths.device) - starts[row]
-    dest = row * Tp + offsets[row] + local
-    src = torch.full((N * Tp,), total, dtype=torch.long, device=lengths.device)
+    pos = torch.arange(total, device=lengths.device) - starts[row] + offsets[row]  # slot within the row
+    dest = ((pos // b) * N + row) * b + pos % b
+    src = torch.full((num_mb * N * b,), total, dtype=torch.long, device=lengths.device)
     src[dest] = torch.arange(total, device=lengths.device)
     return Layout(dest, src, num_mb, (ends // b).tolist(), ends % b)
 
 
 def to_grid(x: Tensor, layout: Layout, N: int) -> Tensor:
-    """x [total, H, ...] -> [N, H, Tp, ...]: tokens placed by `layout`, zeros in empty slots."""
+    """x [total, H, ...] -> [num_minibatches, N, H, b, ...]: tokens placed by `layout`, zeros in empty slots."""
     x = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
-    g = x[layout.src].reshape(N, -1, *x.shape[1:])  # [N, Tp, H, ...]
-    return g.movedim(1, 2)  # [N, H, Tp, ...]
+    return x[layout.src].reshape(layout.num_minibatches, N, -1, *x.shape[1:]).transpose(2, 3).contiguous()
 
 
 def from_grid(g: Tensor, layout: Layout) -> Tensor:
-    """Inverse of to_grid for outputs: [N, H, Tp, D] -> [total, H, D]."""
-    g = g.movedim(2, 1)
-    return g.reshape(-1, *g.shape[2:])[layout.dest]
+    """Inverse of to_grid for outputs: [num_minibatches, N, H, b, D] -> [total, H, D]."""
+    g = g.transpose(2, 3)
+    return g.reshape(-1, *g.shape[3:])[layout.dest]
 
 
 # ------------------------------------------------------------------------------------------ the mini-batch scan
@@ -204,9 +205,9 @@ def scan_minibatches(
     model, params: tuple[Tensor, ...], sums: tuple[Tensor, ...], Q: Tensor, K: Tensor, V: Tensor, eta: Tensor,
     s: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float, layout: Layout, output_final_state: bool,
 ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
-    """Runs `model.minibatch` over the grid. Q, K, V [N,H,Tp,D], eta [N,H,Tp], s [b].
+    """Runs `model.minibatch` over the grid. Q, K, V [num_mb,N,H,b,D], eta [num_mb,N,H,b], s [b].
 
-    Returns O [N,H,Tp,D] and, if asked, the final state tensors (params then sums) per row. In training, the
+    Returns O [num_mb,N,H,b,D] and, if asked, the final state tensors (params then sums) per row. In training, the
     mini-batches are run in checkpointed segments, so only every few mini-batches' inner weights are stored.
     """
     b = s.numel()
@@ -224,16 +225,14 @@ def scan_minibatches(
         p, sm, final = tensors[: len(params)], tensors[len(params) : n_state], tensors[n_state:]
         outs = []
         for m in range(m0, m1):
-            sl = slice(m * b, (m + 1) * b)
             O, new_sums = model.minibatch(
-                p, sm if m == 0 else None, Q[..., sl, :], K[..., sl, :], V[..., sl, :], eta[..., sl],
-                s, ln_w, ln_b, eps,
+                p, sm if m == 0 else None, Q[m], K[m], V[m], eta[m], s, ln_w, ln_b, eps,
             )
             outs.append(O)
             if m in capture:
                 final = tuple(_where_rows(capture[m], new, old) for new, old in zip(p + new_sums, final))
             p = tuple(w - s[-1] * g for w, g in zip(p, new_sums))
-        return (torch.cat(outs, dim=-2), *p, *final)
+        return (torch.stack(outs), *p, *final)
 
     final = tuple(torch.zeros_like(t) for t in params + sums) if output_final_state else ()
     p = params
@@ -247,7 +246,7 @@ def scan_minibatches(
     if output_final_state and num_mb in capture:
         mask = capture[num_mb]
         final = tuple(_where_rows(mask, new, old) for new, old in zip(p + tuple(map(torch.zeros_like, sums)), final))
-    return torch.cat(outs, dim=-2), (final if output_final_state else None)
+    return torch.cat(outs), (final if output_final_state else None)
 
 
 def _where_rows(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
@@ -310,8 +309,10 @@ class InnerModel(NamedTuple):
 @functools.cache
 def _compiled(model: InnerModel) -> InnerModel:
     """The model with its mini-batch function compiled: on a GPU, fusing its element-wise work (LayerNorm and
-    its gradient, GELU) roughly halves the time of the PyTorch path (docs/benchmarks.md)."""
-    return model._replace(minibatch=torch.compile(model.minibatch, dynamic=False))
+    its gradient, GELU) roughly halves the time of the PyTorch path (docs/benchmarks.md). It is compiled once
+    per grad mode and for the first mini-batch of a call (which adds the state's sums); a second batch size
+    makes that dimension dynamic rather than compiling again for each."""
+    return model._replace(minibatch=torch.compile(model.minibatch))
 
 
 def _prepare(q: Tensor, state, ln_weight: Tensor, ln_bias: Tensor, token_scale, mini_batch_size: int):

@@ -12,6 +12,10 @@ matrix products run on the tensor cores (tf32 for float32 operands). The backwar
 rebuilding each mini-batch's W from the next one and the stored E (W_m = W_{m+1} + s_{b-1} K^T E, exact up to
 float32 rounding), so nothing of size D x D per mini-batch is stored.
 
+Head dims up to 128: one that is not a power of two (the 760m presets' 96) is padded on chip to `block_d(D)`
+with zeros, and every LayerNorm statistic and LayerNorm gradient is taken over, and kept to, the D real
+columns, so the padding stays zero through all updates.
+
 Sequences are aligned to the mini-batch grid as in `ttt_common.make_layout`: sequence n's token t sits at grid
 position offset[n] + t; slots outside the sequence load as zeros with eta = 0 and write nothing.
 """
@@ -28,7 +32,7 @@ from torch import Tensor
 from tttlm.ops.state import TTTLinearState
 from tttlm.ops.ttt_common import default_token_scale
 
-SUPPORTED_D = (16, 32, 64, 128)
+MAX_D = 128
 SUPPORTED_MINI_BATCH = (16,)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -41,10 +45,15 @@ def supports(q: Tensor, mini_batch_size: int) -> bool:
     on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     return (
         on_device
-        and q.shape[-1] in SUPPORTED_D
+        and 1 <= q.shape[-1] <= MAX_D
         and mini_batch_size in SUPPORTED_MINI_BATCH
         and q.dtype in SUPPORTED_DTYPES
     )
+
+
+def block_d(D: int) -> int:
+    """The on-chip width of a head dim: the next power of two (Triton's tiles), at least 16 (tensor cores)."""
+    return max(16, triton.next_power_of_2(D))
 
 
 def _new(shape, dtype, device) -> Tensor:
@@ -53,14 +62,14 @@ def _new(shape, dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-# Warps per program by head dim, for the forward/step and the backward kernels (benchmarks/gpu_ttt_linear.py
-# --sweep times the alternatives).
+# Warps per program by on-chip head dim (block_d), for the forward/step and the backward kernels
+# (benchmarks/gpu_ttt_linear.py --sweep times the alternatives).
 NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 BWD_NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 
 
 def _num_warps(D: int) -> int:
-    return NUM_WARPS[D]
+    return NUM_WARPS[block_d(D)]
 
 
 # ---------------------------------------------------------------------------------------------- kernel pieces
@@ -75,18 +84,26 @@ def _dot_acc(a, b, acc):
 
 
 @triton.jit
-def _layernorm(z, D: tl.constexpr, eps):
-    """Row-wise xhat [BT,D] and rstd [BT] of z [BT,D]."""
+def _cols(x, D: tl.constexpr, BD: tl.constexpr):
+    """x [R, BD] with its padding columns (D and up) set to zero."""
+    if BD != D:
+        x = tl.where((tl.arange(0, BD) < D)[None, :], x, 0.0)
+    return x
+
+
+@triton.jit
+def _layernorm(z, D: tl.constexpr, BD: tl.constexpr, eps):
+    """Row-wise xhat [BT,BD] and rstd [BT] of z [BT,BD] over its first D columns (the rest must be zero)."""
     mu = tl.sum(z, 1) / D
-    zc = z - mu[:, None]
+    zc = _cols(z - mu[:, None], D, BD)
     rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, 1) / D + eps)
     return zc * rstd[:, None], rstd
 
 
 @triton.jit
-def _tile_ptrs(X, tok, h, H, D: tl.constexpr):
-    """Pointers of a [BT, D] tile of tokens `tok` [BT] (int64) of head h in a [tokens, H, D] tensor."""
-    return X + (tok * H + h)[:, None] * D + tl.arange(0, D)[None, :]
+def _tile_ptrs(X, tok, h, H, D: tl.constexpr, BD: tl.constexpr):
+    """Pointers of a [BT, BD] tile of tokens `tok` [BT] (int64) of head h in a [tokens, H, D] tensor."""
+    return X + (tok * H + h)[:, None] * D + tl.arange(0, BD)[None, :]
 
 
 @triton.jit
@@ -98,13 +115,13 @@ def _minibatch_tokens(m, start, off, L, BT: tl.constexpr):
 
 
 @triton.jit
-def _ln_l2_grad(Z, V, K, lnw, lnb, D: tl.constexpr, eps):
-    """xhat, rstd, G = lnw*(y - (V - K)) and dZ = d(1/2||LN(Z) - (V - K)||^2)/dZ for a [BT, D] tile."""
-    xh, rstd = _layernorm(Z, D, eps)
+def _ln_l2_grad(Z, V, K, lnw, lnb, D: tl.constexpr, BD: tl.constexpr, eps):
+    """xhat, rstd, G = lnw*(y - (V - K)) and dZ = d(1/2||LN(Z) - (V - K)||^2)/dZ for a [BT, BD] tile."""
+    xh, rstd = _layernorm(Z, D, BD, eps)
     G = lnw[None, :] * (lnw[None, :] * xh + lnb[None, :] - V + K)
     mG = tl.sum(G, 1) / D
     mGx = tl.sum(G * xh, 1) / D
-    dZ = rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None])
+    dZ = _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
     return xh, rstd, G, dZ
 
 
@@ -138,6 +155,7 @@ def _fwd_minibatch(
     L,
     num_mb,
     D: tl.constexpr,
+    BD: tl.constexpr,
     BT: tl.constexpr,
     HAS_SUMS: tl.constexpr,
     STORE_E: tl.constexpr,
@@ -145,22 +163,23 @@ def _fwd_minibatch(
 ):
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
     i = tl.arange(0, BT)
-    d = tl.arange(0, D)
-    vm = valid[:, None]
-    q_in = tl.load(_tile_ptrs(Q, tok, h, H, D), mask=vm, other=0.0)
-    k_in = tl.load(_tile_ptrs(K, tok, h, H, D), mask=vm, other=0.0)
+    d = tl.arange(0, BD)
+    dd = (d[:, None] < D) & (d[None, :] < D)
+    vm = valid[:, None] & (d < D)[None, :]
+    q_in = tl.load(_tile_ptrs(Q, tok, h, H, D, BD), mask=vm, other=0.0)
+    k_in = tl.load(_tile_ptrs(K, tok, h, H, D, BD), mask=vm, other=0.0)
     q = q_in.to(tl.float32)
     k = k_in.to(tl.float32)
-    v = tl.load(_tile_ptrs(V, tok, h, H, D), mask=vm, other=0.0).to(tl.float32)
+    v = tl.load(_tile_ptrs(V, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
     eta = tl.load(ETA + tok * H + h, mask=valid, other=0.0).to(tl.float32)
     s = tl.load(S + i)
     s_last = tl.load(S + BT - 1)
 
     Z = _dot(k, W) + bv[None, :]
-    _, _, _, dZ = _ln_l2_grad(Z, v, k, lnw, lnb, D, eps)
+    _, _, _, dZ = _ln_l2_grad(Z, v, k, lnw, lnb, D, BD, eps)
     E = eta[:, None] * dZ
     if STORE_E:
-        tl.store(_tile_ptrs(E_OUT, tok, h, H, D), E, mask=vm)
+        tl.store(_tile_ptrs(E_OUT, tok, h, H, D, BD), E, mask=vm)
 
     P = tl.dot(q_in, tl.trans(k_in))  # exact products of the 16-bit inputs, float32 sums
     A = tl.where(i[:, None] >= i[None, :], P + 1.0, 0.0)
@@ -169,15 +188,15 @@ def _fwd_minibatch(
     Sb = tl.sum(E, 0)
     if HAS_SUMS:
         base = (n * H + h).to(tl.int64)
-        gW = tl.load(GW0 + base * D * D + d[:, None] * D + d[None, :])
-        gb = tl.load(GB0 + base * D + d)
+        gW = tl.load(GW0 + base * D * D + d[:, None] * D + d[None, :], mask=dd, other=0.0)
+        gb = tl.load(GB0 + base * D + d, mask=d < D, other=0.0)
         C = _dot_acc(q, gW, C) + gb[None, :]
         Sum += gW
         Sb += gb
     Zq = _dot(q, W) + bv[None, :] - s[:, None] * C
-    xq, _ = _layernorm(Zq, D, eps)
+    xq, _ = _layernorm(Zq, D, BD, eps)
     o = q + lnw[None, :] * xq + lnb[None, :]
-    tl.store(_tile_ptrs(O, tok, h, H, D), o.to(O.dtype.element_ty), mask=vm)
+    tl.store(_tile_ptrs(O, tok, h, H, D, BD), o.to(O.dtype.element_ty), mask=vm)
 
     full = ((m + 1) * BT <= off + L).to(tl.float32)  # only a row's last mini-batch can be unfinished
     W_next = W - (s_last * full) * Sum
@@ -185,10 +204,10 @@ def _fwd_minibatch(
     if STORE_FINAL:
         if m == num_mb - 1:
             base = (n * H + h).to(tl.int64)
-            tl.store(WF + base * D * D + d[:, None] * D + d[None, :], W_next)
-            tl.store(BF + base * D + d, b_next)
-            tl.store(GWF + base * D * D + d[:, None] * D + d[None, :], (1.0 - full) * Sum)
-            tl.store(GBF + base * D + d, (1.0 - full) * Sb)
+            tl.store(WF + base * D * D + d[:, None] * D + d[None, :], W_next, mask=dd)
+            tl.store(BF + base * D + d, b_next, mask=d < D)
+            tl.store(GWF + base * D * D + d[:, None] * D + d[None, :], (1.0 - full) * Sum, mask=dd)
+            tl.store(GBF + base * D + d, (1.0 - full) * Sb, mask=d < D)
     return W_next, b_next
 
 
@@ -216,6 +235,7 @@ def _fwd_kernel(
     eps,
     H,
     D: tl.constexpr,
+    BD: tl.constexpr,
     BT: tl.constexpr,
     STORE_E: tl.constexpr,
     STORE_FINAL: tl.constexpr,
@@ -227,12 +247,13 @@ def _fwd_kernel(
     L = tl.load(CU + n + 1) - start
     off = tl.load(OFF + n)
     num_mb = (off + L + BT - 1) // BT
-    d = tl.arange(0, D)
+    d = tl.arange(0, BD)
+    dd = (d[:, None] < D) & (d[None, :] < D)
     base = (n * H + h).to(tl.int64)
-    W = tl.load(W0 + base * D * D + d[:, None] * D + d[None, :])
-    bv = tl.load(B0 + base * D + d)
-    lnw = tl.load(LNW + h * D + d).to(tl.float32)
-    lnb = tl.load(LNB + h * D + d).to(tl.float32)
+    W = tl.load(W0 + base * D * D + d[:, None] * D + d[None, :], mask=dd, other=0.0)
+    bv = tl.load(B0 + base * D + d, mask=d < D, other=0.0)
+    lnw = tl.load(LNW + h * D + d, mask=d < D, other=0.0).to(tl.float32)
+    lnb = tl.load(LNB + h * D + d, mask=d < D, other=0.0).to(tl.float32)
     W, bv = _fwd_minibatch(
         0,
         W,
@@ -261,6 +282,7 @@ def _fwd_kernel(
         L,
         num_mb,
         D,
+        BD,
         BT,
         True,
         STORE_E,
@@ -295,6 +317,7 @@ def _fwd_kernel(
             L,
             num_mb,
             D,
+            BD,
             BT,
             False,
             STORE_E,
@@ -341,6 +364,7 @@ def _bwd_minibatch(
     L,
     num_mb,
     D: tl.constexpr,
+    BD: tl.constexpr,
     BT: tl.constexpr,
     HAS_SUMS: tl.constexpr,
     HAS_DFINAL: tl.constexpr,
@@ -349,26 +373,27 @@ def _bwd_minibatch(
     start, plus the running sums ds [BT] (token_scale), dlnw, dlnb [D]."""
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
     i = tl.arange(0, BT)
-    d = tl.arange(0, D)
-    vm = valid[:, None]
+    d = tl.arange(0, BD)
+    dd = (d[:, None] < D) & (d[None, :] < D)
+    vm = valid[:, None] & (d < D)[None, :]
     base = (n * H + h).to(tl.int64)
-    q_in = tl.load(_tile_ptrs(Q, tok, h, H, D), mask=vm, other=0.0)
-    k_in = tl.load(_tile_ptrs(K, tok, h, H, D), mask=vm, other=0.0)
+    q_in = tl.load(_tile_ptrs(Q, tok, h, H, D, BD), mask=vm, other=0.0)
+    k_in = tl.load(_tile_ptrs(K, tok, h, H, D, BD), mask=vm, other=0.0)
     q = q_in.to(tl.float32)
     k = k_in.to(tl.float32)
-    v = tl.load(_tile_ptrs(V, tok, h, H, D), mask=vm, other=0.0).to(tl.float32)
+    v = tl.load(_tile_ptrs(V, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
     eta = tl.load(ETA + tok * H + h, mask=valid, other=0.0).to(tl.float32)
-    do = tl.load(_tile_ptrs(DO, tok, h, H, D), mask=vm, other=0.0).to(tl.float32)
+    do = tl.load(_tile_ptrs(DO, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
     s = tl.load(S + i)
     s_last = tl.load(S + BT - 1)
     full = ((m + 1) * BT <= off + L).to(tl.float32)
 
     # rebuild the mini-batch's starting weights from the stored E
-    E_st = tl.load(_tile_ptrs(E_ST, tok, h, H, D), mask=vm, other=0.0)
+    E_st = tl.load(_tile_ptrs(E_ST, tok, h, H, D, BD), mask=vm, other=0.0)
     Sb = tl.sum(E_st, 0)
     if HAS_SUMS:
-        gW = tl.load(GW0 + base * D * D + d[:, None] * D + d[None, :])
-        gb = tl.load(GB0 + base * D + d)
+        gW = tl.load(GW0 + base * D * D + d[:, None] * D + d[None, :], mask=dd, other=0.0)
+        gb = tl.load(GB0 + base * D + d, mask=d < D, other=0.0)
         Sb += gb
         W = _dot_acc(tl.trans(k) * (s_last * full), E_st, W + (s_last * full) * gW)
     else:
@@ -377,7 +402,7 @@ def _bwd_minibatch(
 
     # recompute the forward
     Z = _dot(k, W) + bv[None, :]
-    xh, rstd, G, dZ = _ln_l2_grad(Z, v, k, lnw, lnb, D, eps)
+    xh, rstd, G, dZ = _ln_l2_grad(Z, v, k, lnw, lnb, D, BD, eps)
     E = eta[:, None] * dZ
     P = tl.dot(q_in, tl.trans(k_in))
     causal = i[:, None] >= i[None, :]
@@ -386,7 +411,7 @@ def _bwd_minibatch(
     if HAS_SUMS:
         C = _dot_acc(q, gW, C) + gb[None, :]
     Zq = _dot(q, W) + bv[None, :] - s[:, None] * C
-    xq, rq = _layernorm(Zq, D, eps)
+    xq, rq = _layernorm(Zq, D, BD, eps)
 
     # gradients of the sums (gW + K^T E) that the mini-batch hands on: the next weights', or the final state's
     kdW = _dot(k, dW)
@@ -396,17 +421,17 @@ def _bwd_minibatch(
     dSb = -c * db
     if HAS_DFINAL:  # the final state's open sums, when the row's last mini-batch is unfinished
         last_open = (m == num_mb - 1) & (full == 0.0)
-        dGW = tl.load(DGWF + base * D * D + d[:, None] * D + d[None, :], mask=last_open, other=0.0)
+        dGW = tl.load(DGWF + base * D * D + d[:, None] * D + d[None, :], mask=dd & last_open, other=0.0)
         dSum += dGW
         kdS = _dot_acc(k, dGW, kdS)
-        dSb += tl.load(DGBF + base * D + d, mask=last_open, other=0.0)
+        dSb += tl.load(DGBF + base * D + d, mask=(d < D) & last_open, other=0.0)
     ds_last = -full * (tl.sum(tl.sum(kdW * E, 1), 0) + tl.sum(db * Sb, 0))
 
     # output LayerNorm
     dlnw += tl.sum(do * xq, 0)
     dlnb += tl.sum(do, 0)
     dxq = lnw[None, :] * do
-    dZq = rq[:, None] * (dxq - (tl.sum(dxq, 1) / D)[:, None] - xq * (tl.sum(dxq * xq, 1) / D)[:, None])
+    dZq = _cols(rq[:, None] * (dxq - (tl.sum(dxq, 1) / D)[:, None] - xq * (tl.sum(dxq * xq, 1) / D)[:, None]), D, BD)
     dq = do + _dot(dZq, tl.trans(W))
     dC = -s[:, None] * dZq
     ds_i = -tl.sum(dZq * C, 1)
@@ -417,8 +442,8 @@ def _bwd_minibatch(
     dk = _dot(tl.trans(dA), q) + _dot(E, tl.trans(dSum))
     if HAS_SUMS:
         dq = _dot_acc(dC, tl.trans(gW), dq)
-        tl.store(DGW0 + base * D * D + d[:, None] * D + d[None, :], _dot(tl.trans(q), dC) + dSum)
-        tl.store(DGB0 + base * D + d, tl.sum(dC, 0) + dSb)
+        tl.store(DGW0 + base * D * D + d[:, None] * D + d[None, :], _dot(tl.trans(q), dC) + dSum, mask=dd)
+        tl.store(DGB0 + base * D + d, tl.sum(dC, 0) + dSb, mask=d < D)
         ds_last -= full * (tl.sum(tl.sum(dW * gW, 1), 0))
 
     # through E = eta * dZ and the LayerNorm-L2 gradient dZ(Z)
@@ -429,7 +454,7 @@ def _bwd_minibatch(
     mg = tl.sum(g, 1) / D
     mgx = tl.sum(g * xh, 1) / D
     dr = tl.sum(g * (G - mG[:, None] - xh * mGx[:, None]), 1)
-    dG = rstd[:, None] * (g - mg[:, None] - xh * mgx[:, None])
+    dG = _cols(rstd[:, None] * (g - mg[:, None] - xh * mgx[:, None]), D, BD)
     dx = -rstd[:, None] * (g * mGx[:, None] + G * mgx[:, None])
     y = lnw[None, :] * xh + lnb[None, :]
     dy = lnw[None, :] * dG
@@ -438,13 +463,13 @@ def _bwd_minibatch(
     dv = -dy
     dk += dy
     dx += lnw[None, :] * dy
-    dZt = rstd[:, None] * (dx - (tl.sum(dx, 1) / D)[:, None] - xh * (tl.sum(dx * xh, 1) / D)[:, None])
+    dZt = _cols(rstd[:, None] * (dx - (tl.sum(dx, 1) / D)[:, None] - xh * (tl.sum(dx * xh, 1) / D)[:, None]), D, BD)
     dZt -= (dr * rstd * rstd / D)[:, None] * xh
 
     dk = _dot_acc(dZt, tl.trans(W), dk)
-    tl.store(_tile_ptrs(DQ, tok, h, H, D), dq.to(DQ.dtype.element_ty), mask=vm)
-    tl.store(_tile_ptrs(DK, tok, h, H, D), dk.to(DK.dtype.element_ty), mask=vm)
-    tl.store(_tile_ptrs(DV, tok, h, H, D), dv.to(DV.dtype.element_ty), mask=vm)
+    tl.store(_tile_ptrs(DQ, tok, h, H, D, BD), dq.to(DQ.dtype.element_ty), mask=vm)
+    tl.store(_tile_ptrs(DK, tok, h, H, D, BD), dk.to(DK.dtype.element_ty), mask=vm)
+    tl.store(_tile_ptrs(DV, tok, h, H, D, BD), dv.to(DV.dtype.element_ty), mask=vm)
     tl.store(DETA + tok * H + h, deta.to(DETA.dtype.element_ty), mask=valid)
 
     dW = _dot_acc(tl.trans(q), dZq, dW)
@@ -489,6 +514,7 @@ def _bwd_kernel(
     eps,
     H,
     D: tl.constexpr,
+    BD: tl.constexpr,
     BT: tl.constexpr,
     HAS_DFINAL: tl.constexpr,
 ):
@@ -499,22 +525,23 @@ def _bwd_kernel(
     L = tl.load(CU + n + 1) - start
     off = tl.load(OFF + n)
     num_mb = (off + L + BT - 1) // BT
-    d = tl.arange(0, D)
+    d = tl.arange(0, BD)
+    dd = (d[:, None] < D) & (d[None, :] < D)
     base = (n * H + h).to(tl.int64)
     mat = base * D * D + d[:, None] * D + d[None, :]
-    W = tl.load(WF + mat)
-    bv = tl.load(BF + base * D + d)
+    W = tl.load(WF + mat, mask=dd, other=0.0)
+    bv = tl.load(BF + base * D + d, mask=d < D, other=0.0)
     if HAS_DFINAL:
-        dW = tl.load(DWF + mat)
-        db = tl.load(DBF + base * D + d)
+        dW = tl.load(DWF + mat, mask=dd, other=0.0)
+        db = tl.load(DBF + base * D + d, mask=d < D, other=0.0)
     else:
-        dW = tl.zeros([D, D], dtype=tl.float32)
-        db = tl.zeros([D], dtype=tl.float32)
-    lnw = tl.load(LNW + h * D + d).to(tl.float32)
-    lnb = tl.load(LNB + h * D + d).to(tl.float32)
+        dW = tl.zeros([BD, BD], dtype=tl.float32)
+        db = tl.zeros([BD], dtype=tl.float32)
+    lnw = tl.load(LNW + h * D + d, mask=d < D, other=0.0).to(tl.float32)
+    lnb = tl.load(LNB + h * D + d, mask=d < D, other=0.0).to(tl.float32)
     ds = tl.zeros([BT], dtype=tl.float32)
-    dlnw = tl.zeros([D], dtype=tl.float32)
-    dlnb = tl.zeros([D], dtype=tl.float32)
+    dlnw = tl.zeros([BD], dtype=tl.float32)
+    dlnb = tl.zeros([BD], dtype=tl.float32)
     for r in range(1, num_mb):
         W, bv, dW, db, ds, dlnw, dlnb = _bwd_minibatch(
             num_mb - r,
@@ -553,6 +580,7 @@ def _bwd_kernel(
             L,
             num_mb,
             D,
+            BD,
             BT,
             False,
             HAS_DFINAL,
@@ -594,14 +622,15 @@ def _bwd_kernel(
         L,
         num_mb,
         D,
+        BD,
         BT,
         True,
         HAS_DFINAL,
     )
-    tl.store(DW0 + mat, dW)
-    tl.store(DB0 + base * D + d, db)
-    tl.store(DLNW + base * D + d, dlnw)
-    tl.store(DLNB + base * D + d, dlnb)
+    tl.store(DW0 + mat, dW, mask=dd)
+    tl.store(DB0 + base * D + d, db, mask=d < D)
+    tl.store(DLNW + base * D + d, dlnw, mask=d < D)
+    tl.store(DLNB + base * D + d, dlnb, mask=d < D)
     tl.store(DS + base * BT + tl.arange(0, BT), ds)
 
 
@@ -641,6 +670,7 @@ class _TTTLinearFn(torch.autograd.Function):
             eps,
             H,
             D=D,
+            BD=block_d(D),
             BT=BT,
             STORE_E=store_e,
             STORE_FINAL=True,
@@ -710,9 +740,10 @@ class _TTTLinearFn(torch.autograd.Function):
             ctx.eps,
             H,
             D=D,
+            BD=block_d(D),
             BT=BT,
             HAS_DFINAL=has_dfinal,
-            num_warps=BWD_NUM_WARPS[D],
+            num_warps=BWD_NUM_WARPS[block_d(D)],
             # the final sums' gradient is a D x D load inside the loop: pipelining it overflows shared memory
             num_stages=1 if has_dfinal else 3,
         )

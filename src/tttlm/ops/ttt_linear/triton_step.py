@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from tttlm.ops.state import TTTLinearState
-from tttlm.ops.ttt_linear.triton_chunk import _layernorm, _ln_l2_grad, _new, _num_warps
+from tttlm.ops.ttt_linear.triton_chunk import _layernorm, _ln_l2_grad, _new, _num_warps, block_d
 
 
 @triton.jit
@@ -39,6 +39,7 @@ def _step_kernel(
     eps,
     H,
     D: tl.constexpr,
+    BD: tl.constexpr,
     BT: tl.constexpr,
     DEFAULT_S: tl.constexpr,
 ):
@@ -46,41 +47,43 @@ def _step_kernel(
     n = pid // H
     h = pid % H
     base = pid.to(tl.int64)
-    d = tl.arange(0, D)
+    d = tl.arange(0, BD)
+    dm = d < D
+    dd = dm[:, None] & dm[None, :]
     mat = base * D * D + d[:, None] * D + d[None, :]
-    q = tl.load(Q + base * D + d).to(tl.float32)
-    k = tl.load(K + base * D + d).to(tl.float32)
-    v = tl.load(V + base * D + d).to(tl.float32)
+    q = tl.load(Q + base * D + d, mask=dm, other=0.0).to(tl.float32)
+    k = tl.load(K + base * D + d, mask=dm, other=0.0).to(tl.float32)
+    v = tl.load(V + base * D + d, mask=dm, other=0.0).to(tl.float32)
     eta = tl.load(ETA + base).to(tl.float32)
-    lnw = tl.load(LNW + h * D + d).to(tl.float32)
-    lnb = tl.load(LNB + h * D + d).to(tl.float32)
+    lnw = tl.load(LNW + h * D + d, mask=dm, other=0.0).to(tl.float32)
+    lnb = tl.load(LNB + h * D + d, mask=dm, other=0.0).to(tl.float32)
     pos = tl.load(OFF + n)
     if DEFAULT_S:
         s = 1.0 / (pos + 1).to(tl.float32)
     else:
         s = tl.load(S + pos)
-    W = tl.load(W0 + mat)
-    bv = tl.load(B0 + base * D + d)
-    gW = tl.load(GW0 + mat)
-    gb = tl.load(GB0 + base * D + d)
+    W = tl.load(W0 + mat, mask=dd, other=0.0)
+    bv = tl.load(B0 + base * D + d, mask=dm, other=0.0)
+    gW = tl.load(GW0 + mat, mask=dd, other=0.0)
+    gb = tl.load(GB0 + base * D + d, mask=dm, other=0.0)
 
     z = tl.sum(k[:, None] * W, 0) + bv
-    _, _, _, dz = _ln_l2_grad(z[None, :], v[None, :], k[None, :], lnw, lnb, D, eps)
+    _, _, _, dz = _ln_l2_grad(z[None, :], v[None, :], k[None, :], lnw, lnb, D, BD, eps)
     e = eta * tl.sum(dz, 0)  # the [1, D] row as a vector
     gW = gW + k[:, None] * e[None, :]
     gb = gb + e
     W_bar = W - s * gW
     b_bar = bv - s * gb
     zq = tl.sum(q[:, None] * W_bar, 0) + b_bar
-    xq, _ = _layernorm(zq[None, :], D, eps)
+    xq, _ = _layernorm(zq[None, :], D, BD, eps)
     o = q + lnw * tl.sum(xq, 0) + lnb
-    tl.store(O + base * D + d, o.to(O.dtype.element_ty))
+    tl.store(O + base * D + d, o.to(O.dtype.element_ty), mask=dm)
 
     done = (pos + 1 == BT).to(tl.float32)
-    tl.store(W1 + mat, W + done * (W_bar - W))
-    tl.store(B1 + base * D + d, bv + done * (b_bar - bv))
-    tl.store(GW1 + mat, (1.0 - done) * gW)
-    tl.store(GB1 + base * D + d, (1.0 - done) * gb)
+    tl.store(W1 + mat, W + done * (W_bar - W), mask=dd)
+    tl.store(B1 + base * D + d, bv + done * (b_bar - bv), mask=dm)
+    tl.store(GW1 + mat, (1.0 - done) * gW, mask=dd)
+    tl.store(GB1 + base * D + d, (1.0 - done) * gb, mask=dm)
     if h == 0:
         tl.store(OFF1 + n, (pos + 1) % BT)
 
@@ -157,6 +160,7 @@ def ttt_linear_step_triton(
         float(eps),
         H,
         D=D,
+        BD=block_d(D),
         BT=mini_batch_size,
         DEFAULT_S=token_scale is None,
         num_warps=_num_warps(D),
