@@ -160,7 +160,8 @@ def sweep(heads, fla) -> None:
             for bw in (4, 8, 16):
                 if (fw, bw) not in ((4, 4), (8, 8), (16, 16), (8, 16), (16, 8)) or (D <= 64 and 16 in (fw, bw)):
                     continue
-                triton_chunk.NUM_WARPS[D], triton_chunk.BWD_NUM_WARPS[D] = fw, bw
+                bd = triton_chunk.block_d(D)
+                triton_chunk.NUM_WARPS[bd], triton_chunk.BWD_NUM_WARPS[bd] = fw, bw
                 for T in (2048, SEQ_LENS[-1]):
                     try:
                         f_ms, fb_ms = time_op(OPS[0], max(1, TOKENS // T), T, H, D, fla)

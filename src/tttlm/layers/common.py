@@ -119,11 +119,10 @@ class ShortConv(nn.Module):
         prev = x.new_zeros(B, K - 1, C) if state is None else state.to(x.dtype)
         xx = torch.cat([prev, x], dim=1)  # [B, T+K-1, C]
         y = x * self.weight[:, K - 1]
-        if K > 1:
-            # keep[..., k-1]: x_{t-k} lies in token t's document; computed once, multiplied in (fewer kernels)
-            keep = (pos[..., None] >= torch.arange(1, K, device=pos.device)).to(x.dtype)  # [B, T, K-1]
-            for k in range(1, K):
-                y = y + xx[:, K - 1 - k : K - 1 - k + T] * self.weight[:, K - 1 - k] * keep[..., k - 1, None]
+        # keep[..., k-1]: x_{t-k} lies in token t's document; computed once, multiplied in (fewer kernels)
+        keep = (pos[..., None] >= torch.arange(1, K, device=pos.device)).to(x.dtype)  # [B, T, K-1]
+        for k in range(1, K):
+            y = y + xx[:, K - 1 - k : K - 1 - k + T] * self.weight[:, K - 1 - k] * keep[..., k - 1, None]
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype), xx[:, T:]  # float32 weights must not promote x (autocast leaves mul alone)

@@ -101,6 +101,14 @@ def _layernorm(z, D: tl.constexpr, BD: tl.constexpr, eps):
 
 
 @triton.jit
+def _ln_bwd(g, xh, rstd, D: tl.constexpr, BD: tl.constexpr):
+    """d/dz of a LayerNorm's xhat = (z - mean) * rstd, given g = dL/dxhat [BT,BD] (padding columns kept zero)."""
+    mg = tl.sum(g, 1) / D
+    mgx = tl.sum(g * xh, 1) / D
+    return _cols(rstd[:, None] * (g - mg[:, None] - xh * mgx[:, None]), D, BD)
+
+
+@triton.jit
 def _tile_ptrs(X, tok, h, H, D: tl.constexpr, BD: tl.constexpr):
     """Pointers of a [BT, BD] tile of tokens `tok` [BT] (int64) of head h in a [tokens, H, D] tensor."""
     return X + (tok * H + h)[:, None] * D + tl.arange(0, BD)[None, :]
@@ -119,10 +127,7 @@ def _ln_l2_grad(Z, V, K, lnw, lnb, D: tl.constexpr, BD: tl.constexpr, eps):
     """xhat, rstd, G = lnw*(y - (V - K)) and dZ = d(1/2||LN(Z) - (V - K)||^2)/dZ for a [BT, BD] tile."""
     xh, rstd = _layernorm(Z, D, BD, eps)
     G = lnw[None, :] * (lnw[None, :] * xh + lnb[None, :] - V + K)
-    mG = tl.sum(G, 1) / D
-    mGx = tl.sum(G * xh, 1) / D
-    dZ = _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
-    return xh, rstd, G, dZ
+    return xh, rstd, G, _ln_bwd(G, xh, rstd, D, BD)
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -431,7 +436,7 @@ def _bwd_minibatch(
     dlnw += tl.sum(do * xq, 0)
     dlnb += tl.sum(do, 0)
     dxq = lnw[None, :] * do
-    dZq = _cols(rq[:, None] * (dxq - (tl.sum(dxq, 1) / D)[:, None] - xq * (tl.sum(dxq * xq, 1) / D)[:, None]), D, BD)
+    dZq = _ln_bwd(dxq, xq, rq, D, BD)
     dq = do + _dot(dZq, tl.trans(W))
     dC = -s[:, None] * dZq
     ds_i = -tl.sum(dZq * C, 1)
@@ -451,10 +456,9 @@ def _bwd_minibatch(
     g = eta[:, None] * dE
     mG = tl.sum(G, 1) / D
     mGx = tl.sum(G * xh, 1) / D
-    mg = tl.sum(g, 1) / D
     mgx = tl.sum(g * xh, 1) / D
     dr = tl.sum(g * (G - mG[:, None] - xh * mGx[:, None]), 1)
-    dG = _cols(rstd[:, None] * (g - mg[:, None] - xh * mgx[:, None]), D, BD)
+    dG = _ln_bwd(g, xh, rstd, D, BD)
     dx = -rstd[:, None] * (g * mGx[:, None] + G * mgx[:, None])
     y = lnw[None, :] * xh + lnb[None, :]
     dy = lnw[None, :] * dG
@@ -463,7 +467,7 @@ def _bwd_minibatch(
     dv = -dy
     dk += dy
     dx += lnw[None, :] * dy
-    dZt = _cols(rstd[:, None] * (dx - (tl.sum(dx, 1) / D)[:, None] - xh * (tl.sum(dx * xh, 1) / D)[:, None]), D, BD)
+    dZt = _ln_bwd(dx, xh, rstd, D, BD)
     dZt -= (dr * rstd * rstd / D)[:, None] * xh
 
     dk = _dot_acc(dZt, tl.trans(W), dk)
