@@ -140,9 +140,11 @@ def time_decode(B: int, H: int = 16, D: int = 128) -> dict:
 def kernel_report() -> list[str]:
     """Registers and spilled bytes of every compiled variant of our kernels (from Triton's cache)."""
     from tttlm.ops.ttt_linear import triton_chunk, triton_step
+    from tttlm.ops.ttt_linear import triton_chunk_bwd as bwd
 
     lines = []
-    for fn in (triton_chunk._fwd_kernel, triton_chunk._bwd_kernel, triton_step._step_kernel):
+    kernels = (bwd._weights_kernel, bwd._local_kernel, bwd._chain_kernel, bwd._finish_kernel)
+    for fn in (triton_chunk._fwd_kernel, *kernels, triton_step._step_kernel):
         for cache in fn.device_caches.values():
             for kernel in cache[0].values():
                 consts = getattr(getattr(kernel, "src", None), "constexprs", {})
@@ -152,23 +154,29 @@ def kernel_report() -> list[str]:
 
 
 def sweep(heads, fla) -> None:
-    """Ours at T = 2k and 32k under each warps-per-program setting of the forward and backward kernels."""
-    from tttlm.ops.ttt_linear import triton_chunk
+    """Ours at T = 2k and 32k with each kernel family's warps per program varied in turn (the others at their
+    defaults): the forward, the backward's sequential kernels, its parallel kernels."""
+    from tttlm.ops.ttt_linear import triton_chunk, triton_chunk_bwd
 
+    tables = {
+        "fwd": triton_chunk.NUM_WARPS,
+        "bwd chain": triton_chunk_bwd.CHAIN_NUM_WARPS,
+        "bwd local": triton_chunk_bwd.LOCAL_NUM_WARPS,
+    }
     for H, D in heads:
-        for fw in (4, 8, 16):
-            for bw in (4, 8, 16):
-                if (fw, bw) not in ((4, 4), (8, 8), (16, 16), (8, 16), (16, 8)) or (D <= 64 and 16 in (fw, bw)):
-                    continue
-                bd = triton_chunk.block_d(D)
-                triton_chunk.NUM_WARPS[bd], triton_chunk.BWD_NUM_WARPS[bd] = fw, bw
+        bd = triton_chunk.block_d(D)
+        for name, table in tables.items():
+            default = table[bd]
+            for warps in (4, 8, 16) if bd >= 128 else (2, 4, 8):
+                table[bd] = warps
                 for T in (2048, SEQ_LENS[-1]):
                     try:
                         f_ms, fb_ms = time_op(OPS[0], max(1, TOKENS // T), T, H, D, fla)
                         res = f"fwd {f_ms:.3f} ms, fwd+bwd {fb_ms:.3f} ms"
                     except Exception as e:
                         res = repr(e)[:160]
-                    print(f"sweep H{H}xD{D} T={T} warps fwd {fw} bwd {bw}: {res}", flush=True)
+                    print(f"sweep H{H}xD{D} T={T} {name} warps {warps}: {res}", flush=True)
+            table[bd] = default
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tttlm.ops.state import TTTLinearState
-from tttlm.ops.ttt_linear import triton_chunk, ttt_linear, ttt_linear_step
+from tttlm.ops.ttt_linear import triton_chunk, triton_parts, ttt_linear, ttt_linear_step
 from tttlm.ops.ttt_linear.reference import ttt_linear_ref
 
 F64 = torch.float64
@@ -21,7 +21,7 @@ B_MB = 16
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(triton_chunk, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(triton_parts, "POISON_OUTPUTS", True)
 
 
 def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -104,6 +104,7 @@ SHAPES = [  # B, T, H, D, cu_seqlens; a D that is not a power of two runs padded
     (1, 45, 2, 32, [0, 5, 28, 45]),
     (2, 21, 2, 24, None),
     (1, 40, 1, 12, [0, 19, 40]),
+    (1, 30, 2, 16, [0, 3, 30]),  # a sequence inside one unfinished mini-batch
 ]
 if CUDA:
     SHAPES += [

@@ -13,7 +13,8 @@ import triton.language as tl
 from torch import Tensor
 
 from tttlm.ops.state import TTTLinearState
-from tttlm.ops.ttt_linear.triton_chunk import _layernorm, _ln_l2_grad, _new, _num_warps, block_d
+from tttlm.ops.ttt_linear.triton_chunk import _num_warps
+from tttlm.ops.ttt_linear.triton_parts import _layernorm, _ln_l2_grad, block_d, new
 
 
 @triton.jit
@@ -136,9 +137,9 @@ def ttt_linear_step_triton(
         )
     B, H, D = q_t.shape
     dev = q_t.device
-    o = _new((B, H, D), q_t.dtype, dev)
-    W1, GW1 = _new((B, H, D, D), torch.float32, dev), _new((B, H, D, D), torch.float32, dev)
-    B1, GB1 = _new((B, H, D), torch.float32, dev), _new((B, H, D), torch.float32, dev)
+    o = new((B, H, D), q_t.dtype, dev)
+    W1, GW1 = new((B, H, D, D), torch.float32, dev), new((B, H, D, D), torch.float32, dev)
+    B1, GB1 = new((B, H, D), torch.float32, dev), new((B, H, D), torch.float32, dev)
     offset = torch.empty_like(state.offset)
     s = q_t if token_scale is None else token_scale.float().contiguous()  # q_t: an unread placeholder
     _step_kernel[(B * H,)](

@@ -1,0 +1,95 @@
+"""Pieces shared by TTT-Linear's Triton kernels: on-chip widths, output allocation, and the jitted math
+(LayerNorm, its gradient, the LayerNorm-L2 inner loss's gradient, tile pointers)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Tests set this to fill every kernel output with NaN before the kernels run, so an unwritten element shows.
+POISON_OUTPUTS = False
+
+
+def block_d(D: int) -> int:
+    """The on-chip width of a head dim: the next power of two (Triton's tiles), at least 16 (tensor cores)."""
+    return max(16, triton.next_power_of_2(D))
+
+
+def new(shape, dtype, device) -> Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------- kernel pieces
+@triton.jit
+def _dot(a, b):
+    return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
+def _dot_acc(a, b, acc):
+    return tl.dot(a, b, acc, input_precision="tf32")
+
+
+@triton.jit
+def _cols(x, D: tl.constexpr, BD: tl.constexpr):
+    """x [R, BD] with its padding columns (D and up) set to zero."""
+    if BD != D:
+        x = tl.where((tl.arange(0, BD) < D)[None, :], x, 0.0)
+    return x
+
+
+@triton.jit
+def _layernorm(z, D: tl.constexpr, BD: tl.constexpr, eps):
+    """Row-wise xhat [BT,BD] and rstd [BT] of z [BT,BD] over its first D columns (the rest must be zero)."""
+    mu = tl.sum(z, 1) / D
+    zc = _cols(z - mu[:, None], D, BD)
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, 1) / D + eps)
+    return zc * rstd[:, None], rstd
+
+
+@triton.jit
+def _ln_bwd(g, xh, rstd, D: tl.constexpr, BD: tl.constexpr):
+    """d/dz of a LayerNorm's xhat = (z - mean) * rstd, given g = dL/dxhat [BT,BD] (padding columns kept zero)."""
+    mg = tl.sum(g, 1) / D
+    mgx = tl.sum(g * xh, 1) / D
+    return _cols(rstd[:, None] * (g - mg[:, None] - xh * mgx[:, None]), D, BD)
+
+
+@triton.jit
+def _tile_ptrs(X, tok, h, H, D: tl.constexpr, BD: tl.constexpr):
+    """Pointers of a [BT, BD] tile of tokens `tok` [BT] (int64) of head h in a [tokens, H, D] tensor."""
+    return X + (tok * H + h)[:, None] * D + tl.arange(0, BD)[None, :]
+
+
+@triton.jit
+def _minibatch_tokens(m, start, off, L, BT: tl.constexpr):
+    """Token index [BT] (int64) and validity of mini-batch m's slots for a sequence starting at `start`."""
+    t = m * BT + tl.arange(0, BT) - off
+    valid = (t >= 0) & (t < L)
+    return start + t, valid
+
+
+@triton.jit
+def _ln_l2_grad(Z, V, K, lnw, lnb, D: tl.constexpr, BD: tl.constexpr, eps):
+    """xhat, rstd, G = lnw*(y - (V - K)) and dZ = d(1/2||LN(Z) - (V - K)||^2)/dZ for a [BT, BD] tile."""
+    xh, rstd = _layernorm(Z, D, BD, eps)
+    G = lnw[None, :] * (lnw[None, :] * xh + lnb[None, :] - V + K)
+    return xh, rstd, G, _ln_bwd(G, xh, rstd, D, BD)
+
+
+@triton.jit
+def _ln_l2_grad_bwd(dE, xh, rstd, G, eta, lnw, D: tl.constexpr, BD: tl.constexpr):
+    """Back through E = eta * dZ, dZ the LayerNorm-L2 gradient of `_ln_l2_grad`: given dL/dE [BT,BD], returns
+    dL/dZ and dL/dG (G as `_ln_l2_grad` gives it; padding columns kept zero)."""
+    mG = tl.sum(G, 1) / D
+    mGx = tl.sum(G * xh, 1) / D
+    g = eta[:, None] * dE
+    mgx = tl.sum(g * xh, 1) / D
+    dr = tl.sum(g * (G - mG[:, None] - xh * mGx[:, None]), 1)
+    dG = _ln_bwd(g, xh, rstd, D, BD)
+    dx = lnw[None, :] * lnw[None, :] * dG - rstd[:, None] * (g * mGx[:, None] + G * mgx[:, None])
+    return _ln_bwd(dx, xh, rstd, D, BD) - (dr * rstd * rstd / D)[:, None] * xh, dG
