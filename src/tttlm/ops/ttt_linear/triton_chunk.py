@@ -37,7 +37,10 @@ from tttlm.ops.ttt_linear.triton_parts import (
     _dot_acc,
     _layernorm,
     _ln_l2_grad,
+    _load_inputs,
+    _mat_ptrs,
     _minibatch_tokens,
+    _sequence,
     _tile_ptrs,
     block_d,
     new,
@@ -70,19 +73,6 @@ def _num_warps(D: int) -> int:
 
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
-def _fwd_load(m, Q, K, V, ETA, h, H, start, off, L, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
-    """Mini-batch m's q, k, v tiles and eta (zeros outside the sequence), in their input dtypes."""
-    tok, valid = _minibatch_tokens(m, start, off, L, BT)
-    vm = valid[:, None] & (tl.arange(0, BD) < D)[None, :]
-    return (
-        tl.load(_tile_ptrs(Q, tok, h, H, D, BD), mask=vm, other=0.0),
-        tl.load(_tile_ptrs(K, tok, h, H, D, BD), mask=vm, other=0.0),
-        tl.load(_tile_ptrs(V, tok, h, H, D, BD), mask=vm, other=0.0),
-        tl.load(ETA + tok * H + h, mask=valid, other=0.0),
-    )
-
-
-@triton.jit
 def _fwd_minibatch(
     m, W, bv, q_in, k_in, v, eta,
     S, O, E_OUT, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb,
@@ -114,7 +104,7 @@ def _fwd_minibatch(
     Sb = tl.sum(E, 0)
     if HAS_SUMS:
         base = (n * H + h).to(tl.int64)
-        gW = tl.load(GW0 + base * D * D + d[:, None] * D + d[None, :], mask=dd, other=0.0)
+        gW = tl.load(_mat_ptrs(GW0, base, D, BD), mask=dd, other=0.0)
         gb = tl.load(GB0 + base * D + d, mask=d < D, other=0.0)
         C = _dot_acc(q, gW, C) + gb[None, :]
         Sum += gW
@@ -130,9 +120,9 @@ def _fwd_minibatch(
     if STORE_FINAL:
         if m == num_mb - 1:
             base = (n * H + h).to(tl.int64)
-            tl.store(WF + base * D * D + d[:, None] * D + d[None, :], W_next, mask=dd)
+            tl.store(_mat_ptrs(WF, base, D, BD), W_next, mask=dd)
             tl.store(BF + base * D + d, b_next, mask=d < D)
-            tl.store(GWF + base * D * D + d[:, None] * D + d[None, :], (1.0 - full) * Sum, mask=dd)
+            tl.store(_mat_ptrs(GWF, base, D, BD), (1.0 - full) * Sum, mask=dd)
             tl.store(GBF + base * D + d, (1.0 - full) * Sb, mask=d < D)
     return W_next, b_next
 
@@ -169,25 +159,22 @@ def _fwd_kernel(
     pid = tl.program_id(0)
     n = pid // H
     h = pid % H
-    start = tl.load(CU + n)
-    L = tl.load(CU + n + 1) - start
-    off = tl.load(OFF + n)
-    num_mb = (off + L + BT - 1) // BT
+    start, L, off, num_mb = _sequence(CU, OFF, n, BT)
     d = tl.arange(0, BD)
     dd = (d[:, None] < D) & (d[None, :] < D)
     base = (n * H + h).to(tl.int64)
-    W = tl.load(W0 + base * D * D + d[:, None] * D + d[None, :], mask=dd, other=0.0)
+    W = tl.load(_mat_ptrs(W0, base, D, BD), mask=dd, other=0.0)
     bv = tl.load(B0 + base * D + d, mask=d < D, other=0.0)
     lnw = tl.load(LNW + h * D + d, mask=d < D, other=0.0).to(tl.float32)
     lnb = tl.load(LNB + h * D + d, mask=d < D, other=0.0).to(tl.float32)
-    q, k, v, eta = _fwd_load(0, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
+    q, k, v, eta = _load_inputs(0, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
     W, bv = _fwd_minibatch(
         0, W, bv, q, k, v, eta,
         S, O, E_OUT, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb,
         D, BD, BT, True, STORE_E, STORE_FINAL,
     )
     for m in range(1, num_mb):
-        q, k, v, eta = _fwd_load(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
+        q, k, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
         W, bv = _fwd_minibatch(
             m, W, bv, q, k, v, eta,
             S, O, E_OUT, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb,

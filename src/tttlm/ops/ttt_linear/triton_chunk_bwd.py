@@ -36,7 +36,10 @@ from tttlm.ops.ttt_linear.triton_parts import (
     _ln_bwd,
     _ln_l2_grad,
     _ln_l2_grad_bwd,
+    _load_inputs,
+    _mat_ptrs,
     _minibatch_tokens,
+    _sequence,
     _tile_ptrs,
     block_d,
     new,
@@ -46,23 +49,6 @@ from tttlm.ops.ttt_linear.triton_parts import (
 # (benchmarks/gpu_ttt_linear.py --sweep times the alternatives).
 CHAIN_NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 LOCAL_NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
-
-
-@triton.jit
-def _mat_ptrs(X, row, D: tl.constexpr, BD: tl.constexpr, TRANSPOSED: tl.constexpr = False):
-    """Pointers of the [BD, BD] tile of D x D matrix `row` (int64) of X, or of its transpose."""
-    d = tl.arange(0, BD)
-    if TRANSPOSED:
-        return X + row * D * D + d[None, :] * D + d[:, None]
-    return X + row * D * D + d[:, None] * D + d[None, :]
-
-
-@triton.jit
-def _sequence(CU, OFF, n, BT: tl.constexpr):
-    start = tl.load(CU + n)
-    L = tl.load(CU + n + 1) - start
-    off = tl.load(OFF + n)
-    return start, L, off, (off + L + BT - 1) // BT
 
 
 # --------------------------------------------------------------------------------------- 1. weights per slot
@@ -142,13 +128,12 @@ def _local_kernel(
         vm = valid[:, None] & dm[None, :]
         row = (g * H + h).to(tl.int64)
         seq = (n * H + h).to(tl.int64)
-        q_in = tl.load(_tile_ptrs(Q, tok, h, H, D, BD), mask=vm, other=0.0)
-        k_in = tl.load(_tile_ptrs(K, tok, h, H, D, BD), mask=vm, other=0.0)
+        q_in, k_in, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
         q = q_in.to(tl.float32)
         k = k_in.to(tl.float32)
-        v = tl.load(_tile_ptrs(V, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
+        v = v.to(tl.float32)
+        eta = eta.to(tl.float32)
         do = tl.load(_tile_ptrs(DO, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
-        eta = tl.load(ETA + tok * H + h, mask=valid, other=0.0).to(tl.float32)
         s = tl.load(S + i)
         lnw = tl.load(LNW + h * D + d, mask=dm, other=0.0).to(tl.float32)
         lnb = tl.load(LNB + h * D + d, mask=dm, other=0.0).to(tl.float32)
@@ -193,13 +178,14 @@ def _local_kernel(
 def _chain_load(m, Q, K, V, ETA, XH, RSTD, DZQ, DEP, h, H, start, off, L, D: tl.constexpr, BD: tl.constexpr,
                 BT: tl.constexpr):
     """Mini-batch m's input tiles for `_chain_step` (zeros outside the sequence)."""
+    q, k, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
     vm = valid[:, None] & (tl.arange(0, BD) < D)[None, :]
     return (
-        tl.load(_tile_ptrs(Q, tok, h, H, D, BD), mask=vm, other=0.0),
-        tl.load(_tile_ptrs(K, tok, h, H, D, BD), mask=vm, other=0.0),
-        tl.load(_tile_ptrs(V, tok, h, H, D, BD), mask=vm, other=0.0),
-        tl.load(ETA + tok * H + h, mask=valid, other=0.0),
+        q,
+        k,
+        v,
+        eta,
         tl.load(RSTD + tok * H + h, mask=valid, other=0.0),
         tl.load(_tile_ptrs(XH, tok, h, H, D, BD), mask=vm, other=0.0),
         tl.load(_tile_ptrs(DZQ, tok, h, H, D, BD), mask=vm, other=0.0),
@@ -211,13 +197,13 @@ def _chain_load(m, Q, K, V, ETA, XH, RSTD, DZQ, DEP, h, H, start, off, L, D: tl.
 def _chain_step(
     m, dW, db, ds, q, k, v, eta, rstd, xh, dZq, dE,
     S, GW0, GB0, DGWF, DGBF, DWN, DE, DGW0, DGB0,
-    lnw, lnb, base, h, H, start, off, L, slot0,
+    lnw, lnb, base, h, H, start, off, L, num_mb, slot0,
     D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr, OPEN: tl.constexpr,
 ):
     """Mini-batch m in reverse. In: dW, db w.r.t. the weights after it. Out: w.r.t. the weights at its start,
-    and the running sum ds [BT] (token_scale). q .. dE: its tiles from `_chain_load`. OPEN: the row's last
-    mini-batch, unfinished, which hands its sums to the final state (whose gradient is DGWF, DGBF) instead of
-    to the weights."""
+    and the running sum ds [BT] (token_scale). q .. dE: its tiles from `_chain_load`. OPEN: the mini-batch may
+    be the row's last and unfinished, which hands its sums to the final state (whose gradient is DGWF, DGBF)
+    instead of to the weights."""
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
     i = tl.arange(0, BT)
     d = tl.arange(0, BD)
@@ -240,9 +226,10 @@ def _chain_step(
     kdS = -c * kdW
     dSb = -c * db
     if OPEN:
-        dGW = tl.load(_mat_ptrs(DGWF, base, D, BD), mask=dd, other=0.0)
+        is_open = (m == num_mb - 1) & (full == 0.0)
+        dGW = tl.load(_mat_ptrs(DGWF, base, D, BD), mask=dd & is_open, other=0.0)
         kdS = _dot_acc(k, dGW, kdS)
-        dSb += tl.load(DGBF + base * D + d, mask=dm, other=0.0)
+        dSb += tl.load(DGBF + base * D + d, mask=dm & is_open, other=0.0)
     ds_last = -full * (tl.sum(tl.sum(kdW * E, 1), 0) + tl.sum(db * Sb, 0))
     if FIRST:
         gW = tl.load(_mat_ptrs(GW0, base, D, BD), mask=dd, other=0.0)
@@ -291,15 +278,15 @@ def _chain_kernel(
     if HAS_DFINAL:
         dW = tl.load(_mat_ptrs(DWF, base, D, BD), mask=dd, other=0.0)
         db = tl.load(DBF + base * D + d, mask=dm, other=0.0)
-        is_open = (off + L) % BT != 0
-        if is_open & (num_mb > 1):
+        # an unfinished last mini-batch is peeled too, so that the loop never holds the final sums' gradient
+        if ((off + L) % BT != 0) & (num_mb > 1):
             q1, k1, v1, eta1, rstd1, xh1, dzq1, dep1 = _chain_load(
                 top - 1, Q, K, V, ETA, XH, RSTD, DZQ, DEP, h, H, start, off, L, D, BD, BT
             )
             dW, db, ds = _chain_step(
                 top, dW, db, ds, q, k, v, eta, rstd, xh, dzq, dep,
                 S, GW0, GB0, DGWF, DGBF, DWN, DE, DGW0, DGB0,
-                lnw, lnb, base, h, H, start, off, L, slot0, D, BD, BT, False, True,
+                lnw, lnb, base, h, H, start, off, L, num_mb, slot0, D, BD, BT, False, True,
             )
             q, k, v, eta, rstd, xh, dzq, dep = q1, k1, v1, eta1, rstd1, xh1, dzq1, dep1
             top = num_mb - 2
@@ -314,28 +301,14 @@ def _chain_kernel(
         dW, db, ds = _chain_step(
             m, dW, db, ds, q, k, v, eta, rstd, xh, dzq, dep,
             S, GW0, GB0, DGWF, DGBF, DWN, DE, DGW0, DGB0,
-            lnw, lnb, base, h, H, start, off, L, slot0, D, BD, BT, False, False,
+            lnw, lnb, base, h, H, start, off, L, num_mb, slot0, D, BD, BT, False, False,
         )
         q, k, v, eta, rstd, xh, dzq, dep = q1, k1, v1, eta1, rstd1, xh1, dzq1, dep1
-    if HAS_DFINAL:
-        if is_open & (num_mb == 1):
-            dW, db, ds = _chain_step(
-                0, dW, db, ds, q, k, v, eta, rstd, xh, dzq, dep,
-                S, GW0, GB0, DGWF, DGBF, DWN, DE, DGW0, DGB0,
-                lnw, lnb, base, h, H, start, off, L, slot0, D, BD, BT, True, True,
-            )
-        else:
-            dW, db, ds = _chain_step(
-                0, dW, db, ds, q, k, v, eta, rstd, xh, dzq, dep,
-                S, GW0, GB0, DGWF, DGBF, DWN, DE, DGW0, DGB0,
-                lnw, lnb, base, h, H, start, off, L, slot0, D, BD, BT, True, False,
-            )
-    else:
-        dW, db, ds = _chain_step(
-            0, dW, db, ds, q, k, v, eta, rstd, xh, dzq, dep,
-            S, GW0, GB0, DGWF, DGBF, DWN, DE, DGW0, DGB0,
-            lnw, lnb, base, h, H, start, off, L, slot0, D, BD, BT, True, False,
-        )
+    dW, db, ds = _chain_step(
+        0, dW, db, ds, q, k, v, eta, rstd, xh, dzq, dep,
+        S, GW0, GB0, DGWF, DGBF, DWN, DE, DGW0, DGB0,
+        lnw, lnb, base, h, H, start, off, L, num_mb, slot0, D, BD, BT, True, HAS_DFINAL,
+    )
     tl.store(_mat_ptrs(DW0, base, D, BD), dW, mask=dd)
     tl.store(DB0 + base * D + d, db, mask=dm)
     tl.store(DS + base * BT + tl.arange(0, BT), ds)

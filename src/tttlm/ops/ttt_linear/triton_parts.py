@@ -74,6 +74,37 @@ def _minibatch_tokens(m, start, off, L, BT: tl.constexpr):
 
 
 @triton.jit
+def _mat_ptrs(X, row, D: tl.constexpr, BD: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+    """Pointers of the [BD, BD] tile of D x D matrix `row` (int64) of X, or of its transpose."""
+    d = tl.arange(0, BD)
+    if TRANSPOSED:
+        return X + row * D * D + d[None, :] * D + d[:, None]
+    return X + row * D * D + d[:, None] * D + d[None, :]
+
+
+@triton.jit
+def _sequence(CU, OFF, n, BT: tl.constexpr):
+    """Sequence n's first token, length, offset in its first mini-batch, and number of mini-batch slots."""
+    start = tl.load(CU + n)
+    L = tl.load(CU + n + 1) - start
+    off = tl.load(OFF + n)
+    return start, L, off, (off + L + BT - 1) // BT
+
+
+@triton.jit
+def _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+    """Mini-batch m's q, k, v tiles and eta (zeros outside the sequence), in their input dtypes."""
+    tok, valid = _minibatch_tokens(m, start, off, L, BT)
+    vm = valid[:, None] & (tl.arange(0, BD) < D)[None, :]
+    return (
+        tl.load(_tile_ptrs(Q, tok, h, H, D, BD), mask=vm, other=0.0),
+        tl.load(_tile_ptrs(K, tok, h, H, D, BD), mask=vm, other=0.0),
+        tl.load(_tile_ptrs(V, tok, h, H, D, BD), mask=vm, other=0.0),
+        tl.load(ETA + tok * H + h, mask=valid, other=0.0),
+    )
+
+
+@triton.jit
 def _ln_l2_grad(Z, V, K, lnw, lnb, D: tl.constexpr, BD: tl.constexpr, eps):
     """xhat, rstd, G = lnw*(y - (V - K)) and dZ = d(1/2||LN(Z) - (V - K)||^2)/dZ for a [BT, BD] tile."""
     xh, rstd = _layernorm(Z, D, BD, eps)
