@@ -1,0 +1,152 @@
+"""Registers, spills and shared memory of TTT-Linear's Triton kernels as compiled for an NVIDIA GPU, on any machine.
+
+No GPU needed: the op's host code runs on CPU tensors with every kernel launch replaced by Triton's
+ahead-of-time compile for the target architecture (default sm_90, the H100), and the ptxas that ships with
+Triton reports what each kernel uses. Pointers are marked 16-byte aligned and integers that are multiples of 16
+marked so, as Triton's launcher specialises them on the GPU; on the H100 this gave the register counts that the
+driver reported there (190 for the old rebuild kernel, 135 for the old finish kernel at D=128). Kernels that spill
+(a stack frame, spill stores) hold more than the registers allow, which costs time on the GPU.
+
+    python benchmarks/kernel_registers.py [--heads 16x128,32x64] [--arch 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import types
+
+os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be compiled, not interpreted
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+POINTER_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64"}
+SHOWN_CONSTEXPRS = ("BD", "GROUP", "STORE_E", "CHECKPOINT", "HAS_DFINAL")
+
+
+def _resources(kernel: JITFunction, args, kwargs, arch: int) -> dict:
+    """Compile one launch's specialisation and read ptxas's report of it."""
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    bound = dict(zip((p.name for p in kernel.params), args)) | kwargs
+    signature, constexprs, attrs = {}, {}, {}
+    for p in kernel.params:
+        value = bound.get(p.name, p.default)
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[p.name] = "*" + POINTER_TYPES[value.dtype]
+            attrs[(p.num,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[p.name] = "i1"
+        elif isinstance(value, int):
+            signature[p.name] = "i32"
+            if value % 16 == 0:
+                attrs[(p.num,)] = [["tt.divisibility", 16]]
+        else:
+            signature[p.name] = "fp32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        report = subprocess.run(
+            [PTXAS, f"-arch=sm_{arch}a", "-v", ptx, "-o", os.path.join(tmp, "kernel.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    text = report.stdout + report.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return dict(
+        kernel=kernel.__name__,
+        constexprs={k: v for k, v in constexprs.items() if k in SHOWN_CONSTEXPRS},
+        warps=options.get("num_warps", 4),
+        registers=int(regs.group(1)),
+        stack_bytes=int(spills.group(1)),
+        spill_store_bytes=int(spills.group(2)),
+        spill_load_bytes=int(spills.group(3)),
+        shared_bytes=compiled.metadata.shared,
+    )
+
+
+@contextlib.contextmanager
+def compile_only(arch: int):
+    """Within it, every Triton launch compiles for sm_`arch` and runs nothing; yields the list of reports
+    (one per distinct specialisation)."""
+    rows, seen = [], set()
+    real_run = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        key = (self.__name__, repr(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor))))
+        if key not in seen:
+            seen.add(key)
+            rows.append(_resources(self, args, dict(kwargs), arch))
+        return None
+
+    JITFunction.run = run
+    try:
+        yield rows
+    finally:
+        JITFunction.run = real_run
+
+
+def ttt_linear_launches(H: int, D: int) -> None:
+    """The forward (with and without what the backward needs), the backward (with and without the final
+    state's gradient) and the decode step, on CPU tensors of 4 mini-batches."""
+    from tttlm.ops.state import TTTLinearState
+    from tttlm.ops.ttt_linear import triton_chunk, triton_step
+
+    T, dt = 64, torch.bfloat16
+    q, k, v = (torch.randn(T, H, D, dtype=dt) for _ in range(3))
+    eta = torch.rand(T, H, dtype=dt)
+    ln_w, ln_b = torch.ones(H, D, dtype=dt), torch.zeros(H, D, dtype=dt)
+    s = torch.ones(16)
+    W, gW = torch.zeros(1, H, D, D), torch.zeros(1, H, D, D)
+    b, gb = torch.zeros(1, H, D), torch.zeros(1, H, D)
+    cu, offset = torch.tensor([0, T]), torch.zeros(1, dtype=torch.long)
+    ctx = types.SimpleNamespace(set_materialize_grads=lambda flag: None)
+    ctx.save_for_backward = lambda *t: setattr(ctx, "saved_tensors", t)
+    fn = triton_chunk._TTTLinearFn
+    fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, False)
+    fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, True)
+    fn.backward(ctx, torch.randn_like(q), None, None, None, None)
+    fn.backward(ctx, torch.randn_like(q), W, b, gW, gb)
+    state = TTTLinearState(W, b, gW, gb, torch.full((1,), 3))
+    triton_step.ttt_linear_step_triton(q[:1], k[:1], v[:1], eta[:1], ln_w, ln_b, state)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--heads", default="16x128,32x64", help="comma-separated HxD")
+    p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for the H100")
+    args = p.parse_args(argv)
+    print(f"sm_{args.arch}, triton {triton.__version__}")
+    print("| H×D | kernel | constexprs | warps | registers | stack B | spill stores B | spill loads B | shared B |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for hd in args.heads.split(","):
+        H, D = (int(x) for x in hd.split("x"))
+        with compile_only(args.arch) as rows:
+            ttt_linear_launches(H, D)
+        for r in rows:
+            print(
+                f"| {H}×{D} | {r['kernel']} | {r['constexprs']} | {r['warps']} | {r['registers']} | "
+                f"{r['stack_bytes']} | {r['spill_store_bytes']} | {r['spill_load_bytes']} | {r['shared_bytes']} |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
