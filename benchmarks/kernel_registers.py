@@ -31,7 +31,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 POINTER_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64"}
-SHOWN_CONSTEXPRS = ("BD", "GROUP", "STORE_E", "CHECKPOINT", "HAS_DFINAL")
+HIDDEN_CONSTEXPRS = ("D", "BT")  # the head dim is in its own column; the mini-batch is always 16
 
 
 def _resources(kernel: JITFunction, args, kwargs, arch: int) -> dict:
@@ -71,7 +71,7 @@ def _resources(kernel: JITFunction, args, kwargs, arch: int) -> dict:
     spills = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return dict(
         kernel=kernel.__name__,
-        constexprs={k: v for k, v in constexprs.items() if k in SHOWN_CONSTEXPRS},
+        constexprs={k: v for k, v in constexprs.items() if k not in HIDDEN_CONSTEXPRS},
         warps=options.get("num_warps", 4),
         registers=int(regs.group(1)),
         stack_bytes=int(spills.group(1)),

@@ -77,7 +77,7 @@ def _fwd_minibatch(
     m, W, bv, q_in, k_in, v, eta,
     S, O, E_OUT, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb,
     D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
-    HAS_SUMS: tl.constexpr, STORE_E: tl.constexpr, STORE_FINAL: tl.constexpr,
+    HAS_SUMS: tl.constexpr, STORE_E: tl.constexpr,
 ):
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
     i = tl.arange(0, BT)
@@ -117,13 +117,12 @@ def _fwd_minibatch(
     full = ((m + 1) * BT <= off + L).to(tl.float32)  # only a row's last mini-batch can be unfinished
     W_next = W - (s_last * full) * Sum
     b_next = bv - (s_last * full) * Sb
-    if STORE_FINAL:
-        if m == num_mb - 1:
-            base = (n * H + h).to(tl.int64)
-            tl.store(_mat_ptrs(WF, base, D, BD), W_next, mask=dd)
-            tl.store(BF + base * D + d, b_next, mask=d < D)
-            tl.store(_mat_ptrs(GWF, base, D, BD), (1.0 - full) * Sum, mask=dd)
-            tl.store(GBF + base * D + d, (1.0 - full) * Sb, mask=d < D)
+    if m == num_mb - 1:
+        base = (n * H + h).to(tl.int64)
+        tl.store(_mat_ptrs(WF, base, D, BD), W_next, mask=dd)
+        tl.store(BF + base * D + d, b_next, mask=d < D)
+        tl.store(_mat_ptrs(GWF, base, D, BD), (1.0 - full) * Sum, mask=dd)
+        tl.store(GBF + base * D + d, (1.0 - full) * Sb, mask=d < D)
     return W_next, b_next
 
 
@@ -154,7 +153,6 @@ def _fwd_kernel(
     BD: tl.constexpr,
     BT: tl.constexpr,
     STORE_E: tl.constexpr,
-    STORE_FINAL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // H
@@ -171,14 +169,14 @@ def _fwd_kernel(
     W, bv = _fwd_minibatch(
         0, W, bv, q, k, v, eta,
         S, O, E_OUT, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb,
-        D, BD, BT, True, STORE_E, STORE_FINAL,
+        D, BD, BT, True, STORE_E,
     )
     for m in range(1, num_mb):
         q, k, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
         W, bv = _fwd_minibatch(
             m, W, bv, q, k, v, eta,
             S, O, E_OUT, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb,
-            D, BD, BT, False, STORE_E, STORE_FINAL,
+            D, BD, BT, False, STORE_E,
         )
 
 
@@ -221,7 +219,6 @@ class _TTTLinearFn(torch.autograd.Function):
             BD=block_d(D),
             BT=BT,
             STORE_E=store_e,
-            STORE_FINAL=True,
             num_warps=_num_warps(D),
         )
         ctx.save_for_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, WF, BF, E)

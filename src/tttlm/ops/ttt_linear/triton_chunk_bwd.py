@@ -177,7 +177,8 @@ def _local_kernel(
 @triton.jit
 def _chain_load(m, Q, K, V, ETA, XH, RSTD, DZQ, DEP, h, H, start, off, L, D: tl.constexpr, BD: tl.constexpr,
                 BT: tl.constexpr):
-    """Mini-batch m's input tiles for `_chain_step` (zeros outside the sequence)."""
+    """Mini-batch m's input tiles for `_chain_step` (zeros outside the sequence): q, k, v, eta, rstd, xhat,
+    dZq and the local part of dE."""
     q, k, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
     vm = valid[:, None] & (tl.arange(0, BD) < D)[None, :]
@@ -195,15 +196,16 @@ def _chain_load(m, Q, K, V, ETA, XH, RSTD, DZQ, DEP, h, H, start, off, L, D: tl.
 
 @triton.jit
 def _chain_step(
-    m, dW, db, ds, q, k, v, eta, rstd, xh, dZq, dE,
+    m, dW, db, ds, tiles,
     S, GW0, GB0, DGWF, DGBF, DWN, DE, DGW0, DGB0,
     lnw, lnb, base, h, H, start, off, L, num_mb, slot0,
     D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr, OPEN: tl.constexpr,
 ):
     """Mini-batch m in reverse. In: dW, db w.r.t. the weights after it. Out: w.r.t. the weights at its start,
-    and the running sum ds [BT] (token_scale). q .. dE: its tiles from `_chain_load`. OPEN: the mini-batch may
+    and the running sum ds [BT] (token_scale). tiles: its tiles from `_chain_load`. OPEN: the mini-batch may
     be the row's last and unfinished, which hands its sums to the final state (whose gradient is DGWF, DGBF)
     instead of to the weights."""
+    q, k, v, eta, rstd, xh, dZq, dE = tiles
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
     i = tl.arange(0, BT)
     d = tl.arange(0, BD)
@@ -272,40 +274,34 @@ def _chain_kernel(
     ds = tl.zeros([BT], dtype=tl.float32)
     # each step's tiles are loaded one step ahead, so their latency hides behind the step before
     top = num_mb - 1  # the loop takes mini-batches top..1, the first one is peeled
-    q, k, v, eta, rstd, xh, dzq, dep = _chain_load(
-        top, Q, K, V, ETA, XH, RSTD, DZQ, DEP, h, H, start, off, L, D, BD, BT
-    )
+    tiles = _chain_load(top, Q, K, V, ETA, XH, RSTD, DZQ, DEP, h, H, start, off, L, D, BD, BT)
     if HAS_DFINAL:
         dW = tl.load(_mat_ptrs(DWF, base, D, BD), mask=dd, other=0.0)
         db = tl.load(DBF + base * D + d, mask=dm, other=0.0)
         # an unfinished last mini-batch is peeled too, so that the loop never holds the final sums' gradient
         if ((off + L) % BT != 0) & (num_mb > 1):
-            q1, k1, v1, eta1, rstd1, xh1, dzq1, dep1 = _chain_load(
-                top - 1, Q, K, V, ETA, XH, RSTD, DZQ, DEP, h, H, start, off, L, D, BD, BT
-            )
+            tiles_next = _chain_load(top - 1, Q, K, V, ETA, XH, RSTD, DZQ, DEP, h, H, start, off, L, D, BD, BT)
             dW, db, ds = _chain_step(
-                top, dW, db, ds, q, k, v, eta, rstd, xh, dzq, dep,
+                top, dW, db, ds, tiles,
                 S, GW0, GB0, DGWF, DGBF, DWN, DE, DGW0, DGB0,
                 lnw, lnb, base, h, H, start, off, L, num_mb, slot0, D, BD, BT, False, True,
             )
-            q, k, v, eta, rstd, xh, dzq, dep = q1, k1, v1, eta1, rstd1, xh1, dzq1, dep1
+            tiles = tiles_next
             top = num_mb - 2
     else:
         dW = tl.zeros([BD, BD], dtype=tl.float32)
         db = tl.zeros([BD], dtype=tl.float32)
     for r in range(num_mb - top, num_mb):
         m = num_mb - r
-        q1, k1, v1, eta1, rstd1, xh1, dzq1, dep1 = _chain_load(
-            m - 1, Q, K, V, ETA, XH, RSTD, DZQ, DEP, h, H, start, off, L, D, BD, BT
-        )
+        tiles_next = _chain_load(m - 1, Q, K, V, ETA, XH, RSTD, DZQ, DEP, h, H, start, off, L, D, BD, BT)
         dW, db, ds = _chain_step(
-            m, dW, db, ds, q, k, v, eta, rstd, xh, dzq, dep,
+            m, dW, db, ds, tiles,
             S, GW0, GB0, DGWF, DGBF, DWN, DE, DGW0, DGB0,
             lnw, lnb, base, h, H, start, off, L, num_mb, slot0, D, BD, BT, False, False,
         )
-        q, k, v, eta, rstd, xh, dzq, dep = q1, k1, v1, eta1, rstd1, xh1, dzq1, dep1
+        tiles = tiles_next
     dW, db, ds = _chain_step(
-        0, dW, db, ds, q, k, v, eta, rstd, xh, dzq, dep,
+        0, dW, db, ds, tiles,
         S, GW0, GB0, DGWF, DGBF, DWN, DE, DGW0, DGB0,
         lnw, lnb, base, h, H, start, off, L, num_mb, slot0, D, BD, BT, True, HAS_DFINAL,
     )
