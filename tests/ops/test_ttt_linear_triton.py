@@ -122,10 +122,37 @@ def test_kernel_matches_reference(B, T, H, D, cu, with_state_grads):
     N = B if cu is None else len(cu) - 1
     ref_leaves, dev_leaves, offset, weights = make_case(B, T, H, D, N, seed=T + D)
     o_ref, f_ref = run_reference(ref_leaves, offset, cu)
+    o, f = run_kernel(dev_leaves, offset, cu)
+    errs = forward_errors(o, f, o_ref, f_ref)
+    g_ref = torch.autograd.grad(loss_of(o_ref, f_ref, weights, with_state_grads), ref_leaves)
+    g_dev = torch.autograd.grad(loss_of(o, f, weights, with_state_grads), dev_leaves)
+    names = ("dq", "dk", "dv", "deta", "dln_w", "dln_b", "dtoken_scale", "dW", "db", "dgrad_W", "dgrad_b")
+    for name, gd, gr in zip(names, g_dev, g_ref, strict=True):
+        assert gd.shape == gr.shape
+        errs[name] = rel_rmse(gd, gr)
+    bad = {name: e for name, e in errs.items() if not e <= TOL}
+    assert not bad, f"relative RMSE over {TOL}: {bad}"
+
+
+@pytest.mark.parametrize("B,T,H,D,cu", SHAPES)
+def test_kernel_forward_only_matches_reference(B, T, H, D, cu):
+    """Without autograd (prefill, evaluation) the forward runs as compiled without what it keeps for the
+    backward: a kernel variant of its own."""
+    N = B if cu is None else len(cu) - 1
+    ref_leaves, dev_leaves, offset, _ = make_case(B, T, H, D, N, seed=T + D)
+    o_ref, f_ref = run_reference(ref_leaves, offset, cu)
+    with torch.no_grad():
+        o, f = run_kernel(dev_leaves, offset, cu)
+    errs = forward_errors(o, f, o_ref, f_ref)
+    bad = {name: e for name, e in errs.items() if not e <= TOL}
+    assert not bad, f"relative RMSE over {TOL}: {bad}"
+
+
+def run_kernel(dev_leaves, offset, cu):
     q, k, v, eta, ln_w, ln_b, ts, W, b, gW, gb = dev_leaves
     state = TTTLinearState(W, b, gW, gb, offset.to(DEV))
     cu_dev = None if cu is None else torch.tensor(cu, dtype=torch.long, device=DEV)
-    o, f = ttt_linear(
+    return ttt_linear(
         q,
         k,
         v,
@@ -139,19 +166,16 @@ def test_kernel_matches_reference(B, T, H, D, cu, with_state_grads):
         output_final_state=True,
         backend="triton",
     )
+
+
+def forward_errors(o, f, o_ref, f_ref):
+    """Relative RMSE of the output and of each final-state tensor; checks dtypes and the final offsets."""
     assert o.dtype == DTYPE and f.W.dtype == torch.float32
     assert torch.equal(f.offset.cpu(), f_ref.offset)
     errs = {"o": rel_rmse(o, o_ref)}
     for name in ("W", "b", "grad_W", "grad_b"):
         errs[name] = rel_rmse(getattr(f, name), getattr(f_ref, name))
-    g_ref = torch.autograd.grad(loss_of(o_ref, f_ref, weights, with_state_grads), ref_leaves)
-    g_dev = torch.autograd.grad(loss_of(o, f, weights, with_state_grads), dev_leaves)
-    names = ("dq", "dk", "dv", "deta", "dln_w", "dln_b", "dtoken_scale", "dW", "db", "dgrad_W", "dgrad_b")
-    for name, gd, gr in zip(names, g_dev, g_ref, strict=True):
-        assert gd.shape == gr.shape
-        errs[name] = rel_rmse(gd, gr)
-    bad = {name: e for name, e in errs.items() if not e <= TOL}
-    assert not bad, f"relative RMSE over {TOL}: {bad}"
+    return errs
 
 
 @pytest.mark.parametrize("D", [32, 24] if not CUDA else [128, 96])
