@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tttlm.ops.state import TTTLinearState
-from tttlm.ops.ttt_linear import triton_chunk, triton_parts, ttt_linear, ttt_linear_step
+from tttlm.ops.ttt_linear import triton_chunk, triton_chunk_bwd, triton_parts, ttt_linear, ttt_linear_step
 from tttlm.ops.ttt_linear.reference import ttt_linear_ref
 
 F64 = torch.float64
@@ -119,6 +119,18 @@ if CUDA:
 @pytest.mark.parametrize("with_state_grads", [True, False])
 @pytest.mark.parametrize("B,T,H,D,cu", SHAPES)
 def test_kernel_matches_reference(B, T, H, D, cu, with_state_grads):
+    check_kernel(B, T, H, D, cu, with_state_grads)
+
+
+@pytest.mark.parametrize("B,T,H,D,cu", [SHAPES[0], SHAPES[1]] + ([SHAPES[-4]] if CUDA else []))
+def test_kernel_with_short_checkpoint_groups(monkeypatch, B, T, H, D, cu):
+    """Two mini-batches per checkpoint: the backward's walks from one checkpoint to the next are checked on
+    sequences of several groups also where those are short."""
+    monkeypatch.setattr(triton_chunk_bwd, "GROUP", 2)
+    check_kernel(B, T, H, D, cu, True)
+
+
+def check_kernel(B, T, H, D, cu, with_state_grads):
     N = B if cu is None else len(cu) - 1
     ref_leaves, dev_leaves, offset, weights = make_case(B, T, H, D, N, seed=T + D)
     o_ref, f_ref = run_reference(ref_leaves, offset, cu)

@@ -7,10 +7,10 @@ mini-batch of b tokens, with W, b the inner weights at its start,
     W <- W - s_{b-1} (gW + K^T E)  (b likewise) when the mini-batch is complete,
 where (gW, gb) are the state's partial sums (nonzero only in the first mini-batch of a call).
 
-One program per (sequence, head) walks its mini-batches in order with W and b held on chip in float32; the
-matrix products run on the tensor cores (tf32 for float32 operands). With gradients wanted it stores E, from
-which the backward (`triton_chunk_bwd`) rebuilds each mini-batch's W (W_m = W_{m+1} + s_{b-1} K^T E, exact up
-to float32 rounding), so nothing of size D x D per mini-batch is kept between the passes.
+One program per (sequence, head) walks its mini-batches in order with W and b held on chip in float32, each
+mini-batch's tiles loaded while the one before is computed; the matrix products run on the tensor cores (tf32
+for float32 operands). With gradients wanted it keeps W and b at the start of every GROUP mini-batches, the
+checkpoints from which the backward (`triton_chunk_bwd`) walks each group again.
 
 Head dims up to 128: one that is not a power of two (the 760m presets' 96) is padded on chip to `block_d(D)`
 with zeros, and every LayerNorm statistic and LayerNorm gradient is taken over, and kept to, the D real
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from tttlm.ops.state import TTTLinearState
 from tttlm.ops.ttt_common import default_token_scale
-from tttlm.ops.ttt_linear.triton_chunk_bwd import chunk_backward
+from tttlm.ops.ttt_linear import triton_chunk_bwd
 from tttlm.ops.ttt_linear.triton_parts import (
     _dot,
     _dot_acc,
@@ -75,9 +75,9 @@ def _num_warps(D: int) -> int:
 @triton.jit
 def _fwd_minibatch(
     m, W, bv, q_in, k_in, v, eta,
-    S, O, E_OUT, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb,
-    D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
-    HAS_SUMS: tl.constexpr, STORE_E: tl.constexpr,
+    S, O, WC, BC, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb, g0,
+    D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
+    HAS_SUMS: tl.constexpr, CHECKPOINT: tl.constexpr,
 ):
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
     i = tl.arange(0, BT)
@@ -90,15 +90,19 @@ def _fwd_minibatch(
     eta = eta.to(tl.float32)
     s = tl.load(S + i)
     s_last = tl.load(S + BT - 1)
+    if CHECKPOINT:
+        if m % GROUP == 0:  # the backward's checkpoint of this group of mini-batches
+            row = ((g0 + m // GROUP) * H + h).to(tl.int64)
+            tl.store(_mat_ptrs(WC, row, D, BD), W, mask=dd)
+            tl.store(BC + row * D + d, bv, mask=d < D)
 
     Z = _dot(k, W) + bv[None, :]
-    _, _, _, dZ = _ln_l2_grad(Z, v, k, lnw, lnb, D, BD, eps)
+    _, _, _, _, _, dZ = _ln_l2_grad(Z, v, k, lnw, lnb, D, BD, eps)
     E = eta[:, None] * dZ
-    if STORE_E:
-        tl.store(_tile_ptrs(E_OUT, tok, h, H, D, BD), E, mask=vm)
 
-    P = tl.dot(q_in, tl.trans(k_in))  # exact products of the 16-bit inputs, float32 sums
-    A = tl.where(i[:, None] >= i[None, :], P + 1.0, 0.0)
+    # float32 operands: 16-bit inputs are exact in tf32, so these products are exact; a 16-bit tl.dot of tiles
+    # loaded a step ahead gave NaN on the H100 with Triton 3.6
+    A = tl.where(i[:, None] >= i[None, :], _dot(q, tl.trans(k)) + 1.0, 0.0)
     C = _dot(A, E)
     Sum = _dot(tl.trans(k), E)
     Sb = tl.sum(E, 0)
@@ -128,36 +132,14 @@ def _fwd_minibatch(
 
 @triton.jit
 def _fwd_kernel(
-    Q,
-    K,
-    V,
-    ETA,
-    LNW,
-    LNB,
-    S,
-    CU,
-    OFF,
-    W0,
-    B0,
-    GW0,
-    GB0,
-    O,
-    E_OUT,
-    WF,
-    BF,
-    GWF,
-    GBF,
-    eps,
-    H,
-    D: tl.constexpr,
-    BD: tl.constexpr,
-    BT: tl.constexpr,
-    STORE_E: tl.constexpr,
+    Q, K, V, ETA, LNW, LNB, S, CU, OFF, GCUM, W0, B0, GW0, GB0, O, WC, BC, WF, BF, GWF, GBF,
+    eps, H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr, CHECKPOINT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // H
     h = pid % H
     start, L, off, num_mb = _sequence(CU, OFF, n, BT)
+    g0 = tl.load(GCUM + n)
     d = tl.arange(0, BD)
     dd = (d[:, None] < D) & (d[None, :] < D)
     base = (n * H + h).to(tl.int64)
@@ -165,84 +147,73 @@ def _fwd_kernel(
     bv = tl.load(B0 + base * D + d, mask=d < D, other=0.0)
     lnw = tl.load(LNW + h * D + d, mask=d < D, other=0.0).to(tl.float32)
     lnb = tl.load(LNB + h * D + d, mask=d < D, other=0.0).to(tl.float32)
+    # each step's tiles are loaded one step ahead, so their latency hides behind the step before
     q, k, v, eta = _load_inputs(0, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
+    q1, k1, v1, eta1 = _load_inputs(1, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
     W, bv = _fwd_minibatch(
         0, W, bv, q, k, v, eta,
-        S, O, E_OUT, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb,
-        D, BD, BT, True, STORE_E,
+        S, O, WC, BC, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb, g0,
+        D, BD, BT, GROUP, True, CHECKPOINT,
     )
+    q, k, v, eta = q1, k1, v1, eta1
     for m in range(1, num_mb):
-        q, k, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
+        q1, k1, v1, eta1 = _load_inputs(m + 1, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
         W, bv = _fwd_minibatch(
             m, W, bv, q, k, v, eta,
-            S, O, E_OUT, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb,
-            D, BD, BT, False, STORE_E,
+            S, O, WC, BC, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb, g0,
+            D, BD, BT, GROUP, False, CHECKPOINT,
         )
+        q, k, v, eta = q1, k1, v1, eta1
 
 
 # ------------------------------------------------------------------------------------------------ autograd
 class _TTTLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, eta, ln_weight, ln_bias, s, W0, b0, gW0, gb0, cu, offset, eps, store_e):
+    def forward(ctx, q, k, v, eta, ln_weight, ln_bias, s, W0, b0, gW0, gb0, cu, offset, eps, checkpoint):
         """q, k, v [tokens,H,D], eta [tokens,H], s [BT] float32, W0/gW0 [N,H,D,D], b0/gb0 [N,H,D] float32,
-        cu [N+1], offset [N] int64 -> o [tokens,H,D], final W, b, grad_W, grad_b (float32)."""
+        cu [N+1], offset [N] int64 -> o [tokens,H,D], final W, b, grad_W, grad_b (float32). With `checkpoint`
+        it keeps W, b at the start of every GROUP mini-batches for the backward."""
         total, H, D = q.shape
         N, BT = W0.shape[0], s.numel()
         dev = q.device
+        f32 = torch.float32
         o = new((total, H, D), q.dtype, dev)
-        E = new((total, H, D), torch.float32, dev) if store_e else o
-        WF, GWF = new((N, H, D, D), torch.float32, dev), new((N, H, D, D), torch.float32, dev)
-        BF, GBF = new((N, H, D), torch.float32, dev), new((N, H, D), torch.float32, dev)
+        WF, GWF = new((N, H, D, D), f32, dev), new((N, H, D, D), f32, dev)
+        BF, GBF = new((N, H, D), f32, dev), new((N, H, D), f32, dev)
+        group = triton_chunk_bwd.GROUP
+        gcum, slots = triton_chunk_bwd.checkpoint_layout(cu, offset, total, BT, group)
+        if checkpoint:
+            WC, BC = new((slots, H, D, D), f32, dev), new((slots, H, D), f32, dev)
+        else:
+            WC, BC = WF, BF  # unwritten placeholders
         _fwd_kernel[(N * H,)](
-            q,
-            k,
-            v,
-            eta,
-            ln_weight,
-            ln_bias,
-            s,
-            cu,
-            offset,
-            W0,
-            b0,
-            gW0,
-            gb0,
-            o,
-            E,
-            WF,
-            BF,
-            GWF,
-            GBF,
-            eps,
-            H,
-            D=D,
-            BD=block_d(D),
-            BT=BT,
-            STORE_E=store_e,
-            num_warps=_num_warps(D),
+            q, k, v, eta, ln_weight, ln_bias, s, cu, offset, gcum, W0, b0, gW0, gb0, o, WC, BC, WF, BF, GWF, GBF,
+            eps, H, D=D, BD=block_d(D), BT=BT, GROUP=group, CHECKPOINT=checkpoint, num_warps=_num_warps(D),
         )
-        ctx.save_for_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, WF, BF, E)
+        ctx.save_for_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gcum, WC, BC)
         ctx.eps = eps
-        ctx.store_e = store_e
+        ctx.checkpoint = checkpoint
+        ctx.group = group
         ctx.set_materialize_grads(False)
         return o, WF, BF, GWF, GBF
 
     @staticmethod
     def backward(ctx, do, dWF, dBF, dGWF, dGBF):
-        if not ctx.store_e:
+        if not ctx.checkpoint:
             raise RuntimeError(
-                "ttt_linear_triton ran without storing what its backward needs (no input needed a gradient when it ran)"
+                "ttt_linear_triton ran without keeping what its backward needs (no input needed a gradient when it ran)"
             )
-        q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, WF, BF, E = ctx.saved_tensors
+        q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gcum, WC, BC = ctx.saved_tensors
         do = torch.zeros_like(q) if do is None else do.contiguous()
         dfinal = None
         if any(t is not None for t in (dWF, dBF, dGWF, dGBF)):
             dfinal = tuple(
                 torch.zeros_like(like) if t is None else t.float().contiguous()
-                for t, like in zip((dWF, dBF, dGWF, dGBF), (WF, BF, WF, BF), strict=True)
+                for t, like in zip((dWF, dBF, dGWF, dGBF), (gW0, gb0, gW0, gb0), strict=True)
             )
-        grads = chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, WF, BF, E, do, dfinal,
-                               ctx.eps)
+        grads = triton_chunk_bwd.chunk_backward(
+            q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gcum, WC, BC, ctx.group, do, dfinal, ctx.eps
+        )
         return *grads, None, None, None, None
 
 
@@ -275,7 +246,7 @@ def ttt_linear_triton(
         cu = cu_seqlens.to(torch.long)
     s = default_token_scale(mini_batch_size, torch.float32, dev) if token_scale is None else token_scale.float()
     tensors = (q, k, v, eta, ln_weight, ln_bias, s, state.W, state.b, state.grad_W, state.grad_b)
-    store_e = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    checkpoint = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     flat = [t.reshape(B * T, H, D).contiguous() for t in (q, k, v)]
     o, WF, BF, GWF, GBF = _TTTLinearFn.apply(
         *flat,
@@ -287,7 +258,7 @@ def ttt_linear_triton(
         cu,
         state.offset.contiguous(),
         float(eps),
-        store_e,
+        checkpoint,
     )
     o = o.reshape(B, T, H, D)
     if not output_final_state:

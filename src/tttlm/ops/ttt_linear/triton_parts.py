@@ -106,18 +106,19 @@ def _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D: tl.constexpr, BD: tl.c
 
 @triton.jit
 def _ln_l2_grad(Z, V, K, lnw, lnb, D: tl.constexpr, BD: tl.constexpr, eps):
-    """xhat, rstd, G = lnw*(y - (V - K)) and dZ = d(1/2||LN(Z) - (V - K)||^2)/dZ for a [BT, BD] tile."""
+    """For a [BT, BD] tile: xhat, rstd, G = lnw*(y - (V - K)), G's row means mG = mean(G), mGx = mean(G xhat),
+    and dZ = d(1/2||LN(Z) - (V - K)||^2)/dZ."""
     xh, rstd = _layernorm(Z, D, BD, eps)
     G = lnw[None, :] * (lnw[None, :] * xh + lnb[None, :] - V + K)
-    return xh, rstd, G, _ln_bwd(G, xh, rstd, D, BD)
+    mG = tl.sum(G, 1) / D
+    mGx = tl.sum(G * xh, 1) / D
+    return xh, rstd, G, mG, mGx, _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
 
 
 @triton.jit
-def _ln_l2_grad_bwd(dE, xh, rstd, G, eta, lnw, D: tl.constexpr, BD: tl.constexpr):
-    """Back through E = eta * dZ, dZ the LayerNorm-L2 gradient of `_ln_l2_grad`: given dL/dE [BT,BD], returns
-    dL/dZ and dL/dG (G as `_ln_l2_grad` gives it; padding columns kept zero)."""
-    mG = tl.sum(G, 1) / D
-    mGx = tl.sum(G * xh, 1) / D
+def _ln_l2_grad_bwd(dE, xh, rstd, G, mG, mGx, eta, lnw, D: tl.constexpr, BD: tl.constexpr):
+    """Back through E = eta * dZ, dZ the LayerNorm-L2 gradient of `_ln_l2_grad` (G, mG, mGx as it gives them):
+    given dL/dE [BT,BD], returns dL/dZ and dL/dG (padding columns kept zero)."""
     g = eta[:, None] * dE
     mgx = tl.sum(g * xh, 1) / D
     dr = tl.sum(g * (G - mG[:, None] - xh * mGx[:, None]), 1)
