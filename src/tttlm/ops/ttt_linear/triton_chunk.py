@@ -7,10 +7,10 @@ mini-batch of b tokens, with W, b the inner weights at its start,
     W <- W - s_{b-1} (gW + K^T E)  (b likewise) when the mini-batch is complete,
 where (gW, gb) are the state's partial sums (nonzero only in the first mini-batch of a call).
 
-One program per (sequence, head) walks its mini-batches in order with W and b held on chip in float32, each
-mini-batch's tiles loaded while the one before is computed; the matrix products run on the tensor cores (tf32
-for float32 operands). With gradients wanted it keeps W and b at the start of every GROUP mini-batches, the
-checkpoints from which the backward (`triton_chunk_bwd`) walks each group again.
+One program per (sequence, head) walks its mini-batches in order with W and b held on chip in float32; the
+matrix products run on the tensor cores (tf32 for float32 operands). With gradients wanted it keeps W and b at
+the start of every GROUP mini-batches, the checkpoints from which the backward (`triton_chunk_bwd`) walks each
+group again.
 
 Head dims up to 128: one that is not a power of two (the 760m presets' 96) is padded on chip to `block_d(D)`
 with zeros, and every LayerNorm statistic and LayerNorm gradient is taken over, and kept to, the D real
@@ -100,9 +100,8 @@ def _fwd_minibatch(
     _, _, _, _, _, dZ = _ln_l2_grad(Z, v, k, lnw, lnb, D, BD, eps)
     E = eta[:, None] * dZ
 
-    # float32 operands: 16-bit inputs are exact in tf32, so these products are exact; a 16-bit tl.dot of tiles
-    # loaded a step ahead gave NaN on the H100 with Triton 3.6
-    A = tl.where(i[:, None] >= i[None, :], _dot(q, tl.trans(k)) + 1.0, 0.0)
+    P = tl.dot(q_in, tl.trans(k_in))  # exact products of the 16-bit inputs, float32 sums
+    A = tl.where(i[:, None] >= i[None, :], P + 1.0, 0.0)
     C = _dot(A, E)
     Sum = _dot(tl.trans(k), E)
     Sb = tl.sum(E, 0)
@@ -147,23 +146,19 @@ def _fwd_kernel(
     bv = tl.load(B0 + base * D + d, mask=d < D, other=0.0)
     lnw = tl.load(LNW + h * D + d, mask=d < D, other=0.0).to(tl.float32)
     lnb = tl.load(LNB + h * D + d, mask=d < D, other=0.0).to(tl.float32)
-    # each step's tiles are loaded one step ahead, so their latency hides behind the step before
     q, k, v, eta = _load_inputs(0, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
-    q1, k1, v1, eta1 = _load_inputs(1, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
     W, bv = _fwd_minibatch(
         0, W, bv, q, k, v, eta,
         S, O, WC, BC, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb, g0,
         D, BD, BT, GROUP, True, CHECKPOINT,
     )
-    q, k, v, eta = q1, k1, v1, eta1
     for m in range(1, num_mb):
-        q1, k1, v1, eta1 = _load_inputs(m + 1, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
+        q, k, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
         W, bv = _fwd_minibatch(
             m, W, bv, q, k, v, eta,
             S, O, WC, BC, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb, g0,
             D, BD, BT, GROUP, False, CHECKPOINT,
         )
-        q, k, v, eta = q1, k1, v1, eta1
 
 
 # ------------------------------------------------------------------------------------------------ autograd
