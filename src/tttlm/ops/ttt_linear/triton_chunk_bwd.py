@@ -52,9 +52,11 @@ from tttlm.ops.ttt_linear.triton_parts import (
     new,
 )
 
-# Mini-batches per checkpoint (each group of them is walked by one program of the parallel kernels): fewer
-# means more memory and traffic for the checkpoints, more means longer walks.
-GROUP = 8
+# Mini-batches per checkpoint (each group of them is walked by one program of the parallel kernels, unrolled):
+# fewer means more memory and traffic for the checkpoints, more means longer walks. Compiled for sm_90 at
+# D=128 the walks spill (stack bytes local / finish: 208 / 56 with 1, 496 / 896 with 2, 528 / 952 with 8), so
+# 1: every mini-batch is its own checkpoint and nothing D x D is carried.
+GROUP = 1
 # Warps per program by on-chip head dim, for the sequential and the parallel kernels
 # (benchmarks/gpu_ttt_linear.py --sweep times the alternatives; at D=64 the parallel kernels' walks spill
 # with 4).
@@ -109,55 +111,57 @@ def _local_kernel(
         dln_w = tl.zeros([BD], dtype=tl.float32)
         dln_b = tl.zeros([BD], dtype=tl.float32)
         ds = tl.zeros([BT], dtype=tl.float32)
-        for m in range(m0, m1):
-            tok, valid = _minibatch_tokens(m, start, off, L, BT)
-            vm = valid[:, None] & dm[None, :]
-            q, k, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
-            q = q.to(tl.float32)
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-            eta = eta.to(tl.float32)
-            do = tl.load(_tile_ptrs(DO, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
+        for j in tl.static_range(GROUP):  # unrolled: with GROUP 1 nothing is carried
+            m = m0 + j
+            if m < m1:
+                tok, valid = _minibatch_tokens(m, start, off, L, BT)
+                vm = valid[:, None] & dm[None, :]
+                q, k, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
+                q = q.to(tl.float32)
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+                eta = eta.to(tl.float32)
+                do = tl.load(_tile_ptrs(DO, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
 
-            # the forward of this mini-batch
-            Z = _dot(k, W) + bv[None, :]
-            xh, rstd, _, mG, mGx, dZ = _ln_l2_grad(Z, v, k, lnw, lnb, D, BD, eps)
-            E = eta[:, None] * dZ
-            A = tl.where(causal, _dot(q, tl.trans(k)) + 1.0, 0.0)
-            C = _dot(A, E)
-            Sb = tl.sum(E, 0)
-            if m == 0:
-                gb = tl.load(GB0 + seq * D + d, mask=dm, other=0.0)
-                C = _dot_acc(q, tl.load(_mat_ptrs(GW0, seq, D, BD), mask=dd, other=0.0), C) + gb[None, :]
-                Sb += gb
-            Zq = _dot(q, W) + bv[None, :] - s[:, None] * C
-            xq, rq = _layernorm(Zq, D, BD, eps)
+                # the forward of this mini-batch
+                Z = _dot(k, W) + bv[None, :]
+                xh, rstd, _, mG, mGx, dZ = _ln_l2_grad(Z, v, k, lnw, lnb, D, BD, eps)
+                E = eta[:, None] * dZ
+                A = tl.where(causal, _dot(q, tl.trans(k)) + 1.0, 0.0)
+                C = _dot(A, E)
+                Sb = tl.sum(E, 0)
+                if m == 0:
+                    gb = tl.load(GB0 + seq * D + d, mask=dm, other=0.0)
+                    C = _dot_acc(q, tl.load(_mat_ptrs(GW0, seq, D, BD), mask=dd, other=0.0), C) + gb[None, :]
+                    Sb += gb
+                Zq = _dot(q, W) + bv[None, :] - s[:, None] * C
+                xq, rq = _layernorm(Zq, D, BD, eps)
 
-            # its backward up to dE (all but what comes from later mini-batches)
-            dZq = _ln_bwd(lnw[None, :] * do, xq, rq, D, BD)
-            dC = -s[:, None] * dZq
-            dA = tl.where(causal, _dot(dC, tl.trans(E)), 0.0)
-            dq = do + _dot(dZq, tl.trans(W))
-            dq = _dot_acc(dA, k, dq)
-            if m == 0:
-                dq = _dot_acc(dC, tl.load(_mat_ptrs(GW0, seq, D, BD, True), mask=dd, other=0.0), dq)
-            tl.store(_tile_ptrs(DQ, tok, h, H, D, BD), dq.to(DQ.dtype.element_ty), mask=vm)
-            tl.store(_tile_ptrs(DZQ, tok, h, H, D, BD), dZq, mask=vm)
-            tl.store(_tile_ptrs(DEP, tok, h, H, D, BD), _dot(tl.trans(A), dC), mask=vm)
-            tl.store(_tile_ptrs(DKP, tok, h, H, D, BD), _dot(tl.trans(dA), q), mask=vm)
-            tl.store(_tile_ptrs(XH, tok, h, H, D, BD), xh, mask=vm)
-            tl.store(RSTD + tok * H + h, rstd, mask=valid)
-            tl.store(MG + (tok * H + h) * 2, mG, mask=valid)
-            tl.store(MG + (tok * H + h) * 2 + 1, mGx, mask=valid)
-            dln_w += tl.sum(do * xq, 0)
-            dln_b += tl.sum(do, 0)
-            ds -= tl.sum(dZq * C, 1)
+                # its backward up to dE (all but what comes from later mini-batches)
+                dZq = _ln_bwd(lnw[None, :] * do, xq, rq, D, BD)
+                dC = -s[:, None] * dZq
+                dA = tl.where(causal, _dot(dC, tl.trans(E)), 0.0)
+                dq = do + _dot(dZq, tl.trans(W))
+                dq = _dot_acc(dA, k, dq)
+                if m == 0:
+                    dq = _dot_acc(dC, tl.load(_mat_ptrs(GW0, seq, D, BD, True), mask=dd, other=0.0), dq)
+                tl.store(_tile_ptrs(DQ, tok, h, H, D, BD), dq.to(DQ.dtype.element_ty), mask=vm)
+                tl.store(_tile_ptrs(DZQ, tok, h, H, D, BD), dZq, mask=vm)
+                tl.store(_tile_ptrs(DEP, tok, h, H, D, BD), _dot(tl.trans(A), dC), mask=vm)
+                tl.store(_tile_ptrs(DKP, tok, h, H, D, BD), _dot(tl.trans(dA), q), mask=vm)
+                tl.store(_tile_ptrs(XH, tok, h, H, D, BD), xh, mask=vm)
+                tl.store(RSTD + tok * H + h, rstd, mask=valid)
+                tl.store(MG + (tok * H + h) * 2, mG, mask=valid)
+                tl.store(MG + (tok * H + h) * 2 + 1, mGx, mask=valid)
+                dln_w += tl.sum(do * xq, 0)
+                dln_b += tl.sum(do, 0)
+                ds -= tl.sum(dZq * C, 1)
 
-            c = tl.load(S + BT - 1) * ((m + 1) * BT <= off + L).to(tl.float32)
-            W = _dot_acc(tl.trans(-c * k), E, W)
-            if m == 0:
-                W -= c * tl.load(_mat_ptrs(GW0, seq, D, BD), mask=dd, other=0.0)
-            bv -= c * Sb
+                c = tl.load(S + BT - 1) * ((m + 1) * BT <= off + L).to(tl.float32)
+                W = _dot_acc(tl.trans(-c * k), E, W)
+                if m == 0:
+                    W -= c * tl.load(_mat_ptrs(GW0, seq, D, BD), mask=dd, other=0.0)
+                bv -= c * Sb
         tl.store(DLN_P + (row * 2) * D + d, dln_w, mask=dm)
         tl.store(DLN_P + (row * 2 + 1) * D + d, dln_b, mask=dm)
         tl.store(DS_P + row * BT + i, ds)
@@ -325,51 +329,53 @@ def _finish_kernel(
         dln_w = tl.zeros([BD], dtype=tl.float32)
         dln_b = tl.zeros([BD], dtype=tl.float32)
         ds_last = 0.0
-        for m in range(m0, m1):
-            tok, valid = _minibatch_tokens(m, start, off, L, BT)
-            vm = valid[:, None] & dm[None, :]
-            q, k, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
-            q = q.to(tl.float32)
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-            eta = eta.to(tl.float32)
-            rstd = tl.load(RSTD + tok * H + h, mask=valid, other=0.0)
-            mG = tl.load(MG + (tok * H + h) * 2, mask=valid, other=0.0)
-            mGx = tl.load(MG + (tok * H + h) * 2 + 1, mask=valid, other=0.0)
-            xh = tl.load(_tile_ptrs(XH, tok, h, H, D, BD), mask=vm, other=0.0)
-            dE = tl.load(_tile_ptrs(DE, tok, h, H, D, BD), mask=vm, other=0.0)
-            dZq = tl.load(_tile_ptrs(DZQ, tok, h, H, D, BD), mask=vm, other=0.0)
-            y = lnw[None, :] * xh + lnb[None, :]
-            G = lnw[None, :] * (y - v + k)
-            dZ = _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
-            E = eta[:, None] * dZ
-            dZt, dG = _ln_l2_grad_bwd(dE, xh, rstd, G, mG, mGx, eta, lnw, D, BD)
-            dy = lnw[None, :] * dG
-            tl.store(DETA + tok * H + h, tl.sum(dE * dZ, 1).to(DETA.dtype.element_ty), mask=valid)
-            tl.store(_tile_ptrs(DV, tok, h, H, D, BD), (-dy).to(DV.dtype.element_ty), mask=vm)
-            dln_w += tl.sum(dG * (y - v + k) + dy * xh, 0)
-            dln_b += tl.sum(dy, 0)
+        for j in tl.static_range(GROUP):  # unrolled: with GROUP 1 nothing is carried
+            m = m0 + j
+            if m < m1:
+                tok, valid = _minibatch_tokens(m, start, off, L, BT)
+                vm = valid[:, None] & dm[None, :]
+                q, k, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
+                q = q.to(tl.float32)
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+                eta = eta.to(tl.float32)
+                rstd = tl.load(RSTD + tok * H + h, mask=valid, other=0.0)
+                mG = tl.load(MG + (tok * H + h) * 2, mask=valid, other=0.0)
+                mGx = tl.load(MG + (tok * H + h) * 2 + 1, mask=valid, other=0.0)
+                xh = tl.load(_tile_ptrs(XH, tok, h, H, D, BD), mask=vm, other=0.0)
+                dE = tl.load(_tile_ptrs(DE, tok, h, H, D, BD), mask=vm, other=0.0)
+                dZq = tl.load(_tile_ptrs(DZQ, tok, h, H, D, BD), mask=vm, other=0.0)
+                y = lnw[None, :] * xh + lnb[None, :]
+                G = lnw[None, :] * (y - v + k)
+                dZ = _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
+                E = eta[:, None] * dZ
+                dZt, dG = _ln_l2_grad_bwd(dE, xh, rstd, G, mG, mGx, eta, lnw, D, BD)
+                dy = lnw[None, :] * dG
+                tl.store(DETA + tok * H + h, tl.sum(dE * dZ, 1).to(DETA.dtype.element_ty), mask=valid)
+                tl.store(_tile_ptrs(DV, tok, h, H, D, BD), (-dy).to(DV.dtype.element_ty), mask=vm)
+                dln_w += tl.sum(dG * (y - v + k) + dy * xh, 0)
+                dln_b += tl.sum(dy, 0)
 
-            # to the gradients w.r.t. the weights after the mini-batch
-            dWt = _dot_acc(tl.trans(-dZq), q, dWt)
-            dWt = _dot_acc(tl.trans(-dZt), k, dWt)
-            db -= tl.sum(dZq, 0) + tl.sum(dZt, 0)
-            full = ((m + 1) * BT <= off + L).to(tl.float32)
-            c = s_last * full
-            EdW = _dot(E, dWt)
-            dk = tl.load(_tile_ptrs(DKP, tok, h, H, D, BD), mask=vm, other=0.0) + dy - c * EdW
-            if HAS_DFINAL:
-                if (m == num_mb - 1) & (full == 0.0):
-                    dk = _dot_acc(E, tl.load(_mat_ptrs(DGWF, seq, D, BD, True), mask=dd, other=0.0), dk)
-            dk = _dot_acc(dZt, Wt, dk)
-            tl.store(_tile_ptrs(DK, tok, h, H, D, BD), dk.to(DK.dtype.element_ty), mask=vm)
-            ds_last -= full * (tl.sum(tl.sum(EdW * k, 1), 0) + tl.sum(db * tl.sum(E, 0), 0))
-            Wt = _dot_acc(tl.trans(-c * E), k, Wt)
-            if m == 0:
-                gWt = tl.load(_mat_ptrs(GW0, seq, D, BD, True), mask=dd, other=0.0)
-                gb = tl.load(GB0 + seq * D + d, mask=dm, other=0.0)
-                ds_last -= full * (tl.sum(tl.sum(dWt * gWt, 1), 0) + tl.sum(db * gb, 0))
-                Wt -= c * gWt
+                # to the gradients w.r.t. the weights after the mini-batch
+                dWt = _dot_acc(tl.trans(-dZq), q, dWt)
+                dWt = _dot_acc(tl.trans(-dZt), k, dWt)
+                db -= tl.sum(dZq, 0) + tl.sum(dZt, 0)
+                full = ((m + 1) * BT <= off + L).to(tl.float32)
+                c = s_last * full
+                EdW = _dot(E, dWt)
+                dk = tl.load(_tile_ptrs(DKP, tok, h, H, D, BD), mask=vm, other=0.0) + dy - c * EdW
+                if HAS_DFINAL:
+                    if (m == num_mb - 1) & (full == 0.0):
+                        dk = _dot_acc(E, tl.load(_mat_ptrs(DGWF, seq, D, BD, True), mask=dd, other=0.0), dk)
+                dk = _dot_acc(dZt, Wt, dk)
+                tl.store(_tile_ptrs(DK, tok, h, H, D, BD), dk.to(DK.dtype.element_ty), mask=vm)
+                ds_last -= full * (tl.sum(tl.sum(EdW * k, 1), 0) + tl.sum(db * tl.sum(E, 0), 0))
+                Wt = _dot_acc(tl.trans(-c * E), k, Wt)
+                if m == 0:
+                    gWt = tl.load(_mat_ptrs(GW0, seq, D, BD, True), mask=dd, other=0.0)
+                    gb = tl.load(GB0 + seq * D + d, mask=dm, other=0.0)
+                    ds_last -= full * (tl.sum(tl.sum(dWt * gWt, 1), 0) + tl.sum(db * gb, 0))
+                    Wt -= c * gWt
         dln = DLN_P + (row * 2) * D + d
         tl.store(dln, tl.load(dln, mask=dm) + dln_w, mask=dm)
         tl.store(dln + D, tl.load(dln + D, mask=dm) + dln_b, mask=dm)
