@@ -103,27 +103,32 @@ def _fwd_minibatch(
     P = tl.dot(q_in, tl.trans(k_in))  # exact products of the 16-bit inputs, float32 sums
     A = tl.where(i[:, None] >= i[None, :], P + 1.0, 0.0)
     C = _dot(A, E)
-    Sum = _dot(tl.trans(k), E)
     Sb = tl.sum(E, 0)
     if HAS_SUMS:
         base = (n * H + h).to(tl.int64)
         gW = tl.load(_mat_ptrs(GW0, base, D, BD), mask=dd, other=0.0)
         gb = tl.load(GB0 + base * D + d, mask=d < D, other=0.0)
         C = _dot_acc(q, gW, C) + gb[None, :]
-        Sum += gW
         Sb += gb
     Zq = _dot(q, W) + bv[None, :] - s[:, None] * C
     xq, _ = _layernorm(Zq, D, BD, eps)
     o = q + lnw[None, :] * xq + lnb[None, :]
     tl.store(_tile_ptrs(O, tok, h, H, D, BD), o.to(O.dtype.element_ty), mask=vm)
 
+    # the update accumulates into W, so no second D x D matrix (the sum K^T E) is live in every step
     full = ((m + 1) * BT <= off + L).to(tl.float32)  # only a row's last mini-batch can be unfinished
-    W_next = W - (s_last * full) * Sum
-    b_next = bv - (s_last * full) * Sb
+    c = s_last * full
+    W_next = _dot_acc(tl.trans(-c * k), E, W)
+    if HAS_SUMS:
+        W_next -= c * gW
+    b_next = bv - c * Sb
     if m == num_mb - 1:
         base = (n * H + h).to(tl.int64)
         tl.store(_mat_ptrs(WF, base, D, BD), W_next, mask=dd)
         tl.store(BF + base * D + d, b_next, mask=d < D)
+        Sum = _dot(tl.trans(k), E)
+        if HAS_SUMS:
+            Sum += gW
         tl.store(_mat_ptrs(GWF, base, D, BD), (1.0 - full) * Sum, mask=dd)
         tl.store(GBF + base * D + d, (1.0 - full) * Sb, mask=d < D)
     return W_next, b_next
