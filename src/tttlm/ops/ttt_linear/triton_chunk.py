@@ -10,7 +10,8 @@ where (gW, gb) are the state's partial sums (nonzero only in the first mini-batc
 One program per (sequence, head) walks its mini-batches in order with W and b held on chip in float32; the
 matrix products run on the tensor cores (tf32 for float32 operands). With gradients wanted it keeps W and b at
 the start of every GROUP mini-batches, the checkpoints from which the backward (`triton_chunk_bwd`) walks each
-group again.
+group again, and leaves the output to `_output_kernel`, one program per (group, head) after it: the sequential
+kernel then does per mini-batch only what the next one needs (Z, E and the update).
 
 Head dims up to 128: one that is not a power of two (the 760m presets' 96) is padded on chip to `block_d(D)`
 with zeros, and every LayerNorm statistic and LayerNorm gradient is taken over, and kept to, the D real
@@ -33,16 +34,20 @@ from tttlm.ops.state import TTTLinearState
 from tttlm.ops.ttt_common import default_token_scale
 from tttlm.ops.ttt_linear import triton_chunk_bwd
 from tttlm.ops.ttt_linear.triton_parts import (
+    _advance,
     _dot,
     _dot_acc,
+    _group,
     _layernorm,
     _ln_l2_grad,
     _load_inputs,
     _mat_ptrs,
+    _minibatch_forward,
     _minibatch_tokens,
     _sequence,
     _tile_ptrs,
     block_d,
+    checkpoint_layout,
     new,
 )
 
@@ -100,20 +105,22 @@ def _fwd_minibatch(
     _, _, _, _, _, dZ = _ln_l2_grad(Z, v, k, lnw, lnb, D, BD, eps)
     E = eta[:, None] * dZ
 
-    P = tl.dot(q_in, tl.trans(k_in))  # exact products of the 16-bit inputs, float32 sums
-    A = tl.where(i[:, None] >= i[None, :], P + 1.0, 0.0)
-    C = _dot(A, E)
     Sb = tl.sum(E, 0)
     if HAS_SUMS:
         base = (n * H + h).to(tl.int64)
         gW = tl.load(_mat_ptrs(GW0, base, D, BD), mask=dd, other=0.0)
         gb = tl.load(GB0 + base * D + d, mask=d < D, other=0.0)
-        C = _dot_acc(q, gW, C) + gb[None, :]
         Sb += gb
-    Zq = _dot(q, W) + bv[None, :] - s[:, None] * C
-    xq, _ = _layernorm(Zq, D, BD, eps)
-    o = q + lnw[None, :] * xq + lnb[None, :]
-    tl.store(_tile_ptrs(O, tok, h, H, D, BD), o.to(O.dtype.element_ty), mask=vm)
+    if not CHECKPOINT:  # with checkpoints `_output_kernel` writes o afterwards, in parallel
+        P = tl.dot(q_in, tl.trans(k_in))  # exact products of the 16-bit inputs, float32 sums
+        A = tl.where(i[:, None] >= i[None, :], P + 1.0, 0.0)
+        C = _dot(A, E)
+        if HAS_SUMS:
+            C = _dot_acc(q, gW, C) + gb[None, :]
+        Zq = _dot(q, W) + bv[None, :] - s[:, None] * C
+        xq, _ = _layernorm(Zq, D, BD, eps)
+        o = q + lnw[None, :] * xq + lnb[None, :]
+        tl.store(_tile_ptrs(O, tok, h, H, D, BD), o.to(O.dtype.element_ty), mask=vm)
 
     # the update accumulates into W, so no second D x D matrix (the sum K^T E) is live in every step
     full = ((m + 1) * BT <= off + L).to(tl.float32)  # only a row's last mini-batch can be unfinished
@@ -166,6 +173,43 @@ def _fwd_kernel(
         )
 
 
+@triton.jit
+def _output_kernel(
+    Q, K, V, ETA, LNW, LNB, S, CU, OFF, SEQ, GCUM, GW0, GB0, WC, BC, O,
+    eps, N, H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
+):
+    """o for one (group of mini-batches, head) from the checkpoint the forward kept: the output half of a
+    forward step, off the sequential kernel's path."""
+    g = tl.program_id(0)
+    h = tl.program_id(1)
+    n, start, L, off, num_mb, m0, m1 = _group(g, SEQ, GCUM, CU, OFF, N, BT, GROUP)
+    if n < N:
+        d = tl.arange(0, BD)
+        dm = d < D
+        row = (g * H + h).to(tl.int64)
+        seq = (n * H + h).to(tl.int64)
+        s = tl.load(S + tl.arange(0, BT))
+        lnw = tl.load(LNW + h * D + d, mask=dm, other=0.0).to(tl.float32)
+        lnb = tl.load(LNB + h * D + d, mask=dm, other=0.0).to(tl.float32)
+        W = tl.load(_mat_ptrs(WC, row, D, BD), mask=dm[:, None] & dm[None, :], other=0.0)
+        bv = tl.load(BC + row * D + d, mask=dm, other=0.0)
+        for j in tl.static_range(GROUP):  # unrolled: with GROUP 1 nothing is carried
+            m = m0 + j
+            if m < m1:
+                tok, valid = _minibatch_tokens(m, start, off, L, BT)
+                q, k, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
+                q = q.to(tl.float32)
+                k = k.to(tl.float32)
+                _, _, _, _, E, _, _, Sb, xq, _ = _minibatch_forward(
+                    m, W, bv, q, k, v.to(tl.float32), eta.to(tl.float32), s, lnw, lnb, GW0, GB0, seq, D, BD, BT, eps
+                )
+                o = q + lnw[None, :] * xq + lnb[None, :]
+                tl.store(_tile_ptrs(O, tok, h, H, D, BD), o.to(O.dtype.element_ty), mask=valid[:, None] & dm[None, :])
+                if GROUP > 1:
+                    c = tl.load(S + BT - 1) * ((m + 1) * BT <= off + L).to(tl.float32)
+                    W, bv = _advance(m, W, bv, k, E, Sb, c, GW0, seq, D, BD)
+
+
 # ------------------------------------------------------------------------------------------------ autograd
 class _TTTLinearFn(torch.autograd.Function):
     @staticmethod
@@ -181,16 +225,22 @@ class _TTTLinearFn(torch.autograd.Function):
         WF, GWF = new((N, H, D, D), f32, dev), new((N, H, D, D), f32, dev)
         BF, GBF = new((N, H, D), f32, dev), new((N, H, D), f32, dev)
         group = triton_chunk_bwd.GROUP
-        gcum, slots = triton_chunk_bwd.checkpoint_layout(cu, offset, total, BT, group)
+        gcum, seq, slots = checkpoint_layout(cu, offset, total, BT, group)
         if checkpoint:
             WC, BC = new((slots, H, D, D), f32, dev), new((slots, H, D), f32, dev)
         else:
             WC, BC = WF, BF  # unwritten placeholders
+        dims = dict(D=D, BD=block_d(D), BT=BT, GROUP=group)
         _fwd_kernel[(N * H,)](
             q, k, v, eta, ln_weight, ln_bias, s, cu, offset, gcum, W0, b0, gW0, gb0, o, WC, BC, WF, BF, GWF, GBF,
-            eps, H, D=D, BD=block_d(D), BT=BT, GROUP=group, CHECKPOINT=checkpoint, num_warps=_num_warps(D),
+            eps, H, **dims, CHECKPOINT=checkpoint, num_warps=_num_warps(D),
         )
-        ctx.save_for_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gcum, WC, BC)
+        if checkpoint:
+            _output_kernel[(slots, H)](
+                q, k, v, eta, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, gb0, WC, BC, o,
+                eps, N, H, **dims, num_warps=triton_chunk_bwd.LOCAL_NUM_WARPS[block_d(D)],
+            )
+        ctx.save_for_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gcum, seq, WC, BC)
         ctx.eps = eps
         ctx.checkpoint = checkpoint
         ctx.group = group
@@ -203,7 +253,7 @@ class _TTTLinearFn(torch.autograd.Function):
             raise RuntimeError(
                 "ttt_linear_triton ran without keeping what its backward needs (no input needed a gradient when it ran)"
             )
-        q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gcum, WC, BC = ctx.saved_tensors
+        q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gcum, seq, WC, BC = ctx.saved_tensors
         do = torch.zeros_like(q) if do is None else do.contiguous()
         dfinal = None
         if any(t is not None for t in (dWF, dBF, dGWF, dGBF)):
@@ -212,7 +262,7 @@ class _TTTLinearFn(torch.autograd.Function):
                 for t, like in zip((dWF, dBF, dGWF, dGBF), (gW0, gb0, gW0, gb0), strict=True)
             )
         grads = triton_chunk_bwd.chunk_backward(
-            q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gcum, WC, BC, ctx.group, do, dfinal, ctx.eps
+            q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gcum, seq, WC, BC, ctx.group, do, dfinal, ctx.eps
         )
         return *grads, None, None, None, None
 

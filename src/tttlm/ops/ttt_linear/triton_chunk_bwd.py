@@ -15,12 +15,12 @@ stores W_m, b_m at the start of every group of GROUP mini-batches (the checkpoin
    dk += E dSum^T + dZt W_m^T (dSum = -s_{b-1} dW_{m+1}, the gradient of what the mini-batch handed on), and
    the gradient of s_{b-1} through the weight updates.
 
-Walking from checkpoints, not storing W_m and dW_m for every mini-batch, is what makes the parallel kernels
-cheap: a D x D matrix per 16 tokens costs more to move than the products it saves. The chain holds one D x D
-matrix, loads each step's tiles one step ahead, and leaves to the other kernels all they can do (the local
-kernel hands it the row means its LayerNorm Jacobian needs). Memory: the checkpoints (4 D^2 bytes per head
-and GROUP x 16 tokens, kept from the forward), their gradients, and five float32 [tokens, H, D] buffers and
-two small ones (freed when the backward returns).
+Whether walking a group beats a checkpoint per mini-batch depends on registers: a walk carries D x D
+matrices across mini-batches, which spills at D=128 (see GROUP), while a checkpoint per mini-batch costs the
+forward a D x D store per step and memory. The chain holds one D x D matrix, loads each step's tiles one step
+ahead, and leaves to the other kernels all they can do (the local kernel hands it the row means its LayerNorm
+Jacobian needs). Memory: the checkpoints (4 D^2 bytes per head and GROUP x 16 tokens, kept from the forward),
+their gradients, and five float32 [tokens, H, D] buffers and two small ones (freed when the backward returns).
 
 Groups: sequence n owns group slots gcum[n] .. gcum[n+1]-1, the k-th covering its mini-batches
 k GROUP .. k GROUP + GROUP - 1 on the grid of `ttt_common.make_layout`; the parallel kernels get a slot ->
@@ -30,21 +30,20 @@ sequence table and skip slots past the last one.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch import Tensor
 
 from tttlm.ops.ttt_linear.triton_parts import (
+    _advance,
     _cols,
     _dot,
     _dot_acc,
-    _layernorm,
+    _group,
     _ln_bwd,
-    _ln_l2_grad,
     _ln_l2_grad_bwd,
     _load_inputs,
     _mat_ptrs,
+    _minibatch_forward,
     _minibatch_tokens,
     _sequence,
     _tile_ptrs,
@@ -62,27 +61,6 @@ GROUP = 1
 # with 4).
 CHAIN_NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 LOCAL_NUM_WARPS = {16: 4, 32: 4, 64: 8, 128: 8}
-
-
-def checkpoint_layout(cu: Tensor, offset: Tensor, total: int, BT: int, group: int) -> tuple[Tensor, int]:
-    """gcum [N+1] (sequence n's groups of `group` mini-batches are slots gcum[n] .. gcum[n+1]-1) and a number
-    of slots that needs no device sync: sum(ceil(mb_n / group)) <= sum(mb_n) // group + N, and
-    sum(mb_n) <= total // BT + 2N."""
-    N = offset.numel()
-    mini_batches = (offset + cu[1:] - cu[:-1] + BT - 1) // BT
-    gcum = F.pad(((mini_batches + group - 1) // group).cumsum(0), (1, 0))
-    return gcum, (total // BT + 2 * N) // group + N
-
-
-@triton.jit
-def _group(g, SEQ, GCUM, CU, OFF, N, BT: tl.constexpr, GROUP: tl.constexpr):
-    """Group slot g's sequence n (N for an unused slot, whose other values are then meaningless), that
-    sequence's start, length, offset, number of mini-batches, and the group's first and end mini-batch."""
-    n = tl.load(SEQ + g)
-    n_in = tl.minimum(n, N - 1)
-    start, L, off, num_mb = _sequence(CU, OFF, n_in, BT)
-    m0 = (g - tl.load(GCUM + n_in)) * GROUP
-    return n, start, L, off, num_mb, m0, tl.minimum(m0 + GROUP, num_mb)
 
 
 # ----------------------------------------------------------------------------------------- 1. per group, local
@@ -124,18 +102,9 @@ def _local_kernel(
                 do = tl.load(_tile_ptrs(DO, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
 
                 # the forward of this mini-batch
-                Z = _dot(k, W) + bv[None, :]
-                xh, rstd, _, mG, mGx, dZ = _ln_l2_grad(Z, v, k, lnw, lnb, D, BD, eps)
-                E = eta[:, None] * dZ
-                A = tl.where(causal, _dot(q, tl.trans(k)) + 1.0, 0.0)
-                C = _dot(A, E)
-                Sb = tl.sum(E, 0)
-                if m == 0:
-                    gb = tl.load(GB0 + seq * D + d, mask=dm, other=0.0)
-                    C = _dot_acc(q, tl.load(_mat_ptrs(GW0, seq, D, BD), mask=dd, other=0.0), C) + gb[None, :]
-                    Sb += gb
-                Zq = _dot(q, W) + bv[None, :] - s[:, None] * C
-                xq, rq = _layernorm(Zq, D, BD, eps)
+                xh, rstd, mG, mGx, E, A, C, Sb, xq, rq = _minibatch_forward(
+                    m, W, bv, q, k, v, eta, s, lnw, lnb, GW0, GB0, seq, D, BD, BT, eps
+                )
 
                 # its backward up to dE (all but what comes from later mini-batches)
                 dZq = _ln_bwd(lnw[None, :] * do, xq, rq, D, BD)
@@ -158,10 +127,7 @@ def _local_kernel(
                 ds -= tl.sum(dZq * C, 1)
 
                 c = tl.load(S + BT - 1) * ((m + 1) * BT <= off + L).to(tl.float32)
-                W = _dot_acc(tl.trans(-c * k), E, W)
-                if m == 0:
-                    W -= c * tl.load(_mat_ptrs(GW0, seq, D, BD), mask=dd, other=0.0)
-                bv -= c * Sb
+                W, bv = _advance(m, W, bv, k, E, Sb, c, GW0, seq, D, BD)
         tl.store(DLN_P + (row * 2) * D + d, dln_w, mask=dm)
         tl.store(DLN_P + (row * 2 + 1) * D + d, dln_b, mask=dm)
         tl.store(DS_P + row * BT + i, ds)
@@ -383,12 +349,12 @@ def _finish_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ host side
-def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gcum, WC, BC, group, do, dfinal,
-                   eps):
+def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gcum, seq, WC, BC, group, do,
+                   dfinal, eps):
     """Gradients of `triton_chunk._TTTLinearFn`: q, k, v, do [tokens,H,D], eta [tokens,H], s [BT] float32,
     gW0 [N,H,D,D], gb0 [N,H,D], cu [N+1], offset [N], the forward's checkpoints WC [slots,H,D,D], BC [slots,H,D]
-    every `group` mini-batches, on the slots of gcum [N+1] (`checkpoint_layout`); dfinal the final state's
-    (dW, db, dgW, dgb) in float32, or None.
+    every `group` mini-batches, on the slots of gcum [N+1] and seq [slots] (`checkpoint_layout`); dfinal the
+    final state's (dW, db, dgW, dgb) in float32, or None.
 
     Returns dq, dk, dv, deta, dln_w, dln_b, dtoken_scale, dW0, db0, dgW0, dgb0."""
     total, H, D = q.shape
@@ -397,7 +363,6 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gc
     dev = q.device
     BD = block_d(D)
     f32 = torch.float32
-    seq = torch.searchsorted(gcum[1:].contiguous(), torch.arange(slots, device=dev), right=True)
 
     DWC, DBC = new((slots, H, D, D), f32, dev), new((slots, H, D), f32, dev)
     DZQ, DEP, DKP, XH, DE = (new((total, H, D), f32, dev) for _ in range(5))
