@@ -109,6 +109,16 @@ def _weights_kernel(
 
 # ------------------------------------------------------------------------------------ 2. per mini-batch, local
 @triton.jit
+def _slot(g, n, MBCUM, CU, OFF, BT: tl.constexpr):
+    """Slot g of the parallel kernels' grid, in sequence n: its mini-batch m, the sequence's start, length,
+    offset and number of mini-batches (`_sequence`), and m's tokens and their validity."""
+    m = g - tl.load(MBCUM + n)
+    start, L, off, num_mb = _sequence(CU, OFF, n, BT)
+    tok, valid = _minibatch_tokens(m, start, off, L, BT)
+    return m, start, L, off, num_mb, tok, valid
+
+
+@triton.jit
 def _local_kernel(
     Q, K, V, ETA, DO, LNW, LNB, S, CU, OFF, SEQ, MBCUM, GW0, GB0, WM, BM,
     DQ, DZQ, DEP, DKP, XH, RSTD, DLN_P, DS_P,
@@ -118,9 +128,7 @@ def _local_kernel(
     h = tl.program_id(1)
     n = tl.load(SEQ + g)
     if n < N:
-        m = g - tl.load(MBCUM + n)
-        start, L, off, _ = _sequence(CU, OFF, n, BT)
-        tok, valid = _minibatch_tokens(m, start, off, L, BT)
+        m, start, L, off, _, tok, valid = _slot(g, n, MBCUM, CU, OFF, BT)
         i = tl.arange(0, BT)
         d = tl.arange(0, BD)
         dm = d < D
@@ -323,9 +331,7 @@ def _finish_kernel(
     h = tl.program_id(1)
     n = tl.load(SEQ + g)
     if n < N:
-        m = g - tl.load(MBCUM + n)
-        start, L, off, num_mb = _sequence(CU, OFF, n, BT)
-        tok, valid = _minibatch_tokens(m, start, off, L, BT)
+        m, start, L, off, num_mb, tok, valid = _slot(g, n, MBCUM, CU, OFF, BT)
         d = tl.arange(0, BD)
         dm = d < D
         dd = dm[:, None] & dm[None, :]
