@@ -131,9 +131,7 @@ def test_kernel_with_short_checkpoint_groups(monkeypatch, B, T, H, D, cu):
 
 
 def check_kernel(B, T, H, D, cu, with_state_grads):
-    N = B if cu is None else len(cu) - 1
-    ref_leaves, dev_leaves, offset, weights = make_case(B, T, H, D, N, seed=T + D)
-    o_ref, f_ref = run_reference(ref_leaves, offset, cu)
+    ref_leaves, dev_leaves, offset, weights, o_ref, f_ref = reference_case(B, T, H, D, cu)
     o, f = run_kernel(dev_leaves, offset, cu)
     errs = forward_errors(o, f, o_ref, f_ref)
     g_ref = torch.autograd.grad(loss_of(o_ref, f_ref, weights, with_state_grads), ref_leaves)
@@ -142,22 +140,25 @@ def check_kernel(B, T, H, D, cu, with_state_grads):
     for name, gd, gr in zip(names, g_dev, g_ref, strict=True):
         assert gd.shape == gr.shape
         errs[name] = rel_rmse(gd, gr)
-    bad = {name: e for name, e in errs.items() if not e <= TOL}
-    assert not bad, f"relative RMSE over {TOL}: {bad}"
+    assert_within_tol(errs)
 
 
 @pytest.mark.parametrize("B,T,H,D,cu", SHAPES)
 def test_kernel_forward_only_matches_reference(B, T, H, D, cu):
     """Without autograd (prefill, evaluation) the forward runs as compiled without what it keeps for the
     backward: a kernel variant of its own."""
-    N = B if cu is None else len(cu) - 1
-    ref_leaves, dev_leaves, offset, _ = make_case(B, T, H, D, N, seed=T + D)
-    o_ref, f_ref = run_reference(ref_leaves, offset, cu)
+    _, dev_leaves, offset, _, o_ref, f_ref = reference_case(B, T, H, D, cu)
     with torch.no_grad():
         o, f = run_kernel(dev_leaves, offset, cu)
     errs = forward_errors(o, f, o_ref, f_ref)
-    bad = {name: e for name, e in errs.items() if not e <= TOL}
-    assert not bad, f"relative RMSE over {TOL}: {bad}"
+    assert_within_tol(errs)
+
+
+def reference_case(B, T, H, D, cu):
+    """`make_case` for a test shape (its seed from the shape), with the reference's output and final state."""
+    N = B if cu is None else len(cu) - 1
+    ref_leaves, dev_leaves, offset, weights = make_case(B, T, H, D, N, seed=T + D)
+    return ref_leaves, dev_leaves, offset, weights, *run_reference(ref_leaves, offset, cu)
 
 
 def run_kernel(dev_leaves, offset, cu):
@@ -188,6 +189,11 @@ def forward_errors(o, f, o_ref, f_ref):
     for name in ("W", "b", "grad_W", "grad_b"):
         errs[name] = rel_rmse(getattr(f, name), getattr(f_ref, name))
     return errs
+
+
+def assert_within_tol(errs):
+    bad = {name: e for name, e in errs.items() if not e <= TOL}
+    assert not bad, f"relative RMSE over {TOL}: {bad}"
 
 
 @pytest.mark.parametrize("D", [32, 24] if not CUDA else [128, 96])
