@@ -130,6 +130,13 @@ def test_kernel_with_short_checkpoint_groups(monkeypatch, B, T, H, D, cu):
     check_kernel(B, T, H, D, cu, True)
 
 
+@pytest.mark.parametrize("B,T,H,D,cu", [SHAPES[0], SHAPES[1]] + ([SHAPES[-4]] if CUDA else []))
+def test_kernel_with_output_in_forward(monkeypatch, B, T, H, D, cu):
+    """With many sequences the training forward writes the output itself, without `_output_kernel`."""
+    monkeypatch.setattr(triton_chunk, "output_in_forward", lambda programs, device: True)
+    check_kernel(B, T, H, D, cu, True)
+
+
 def check_kernel(B, T, H, D, cu, with_state_grads):
     ref_leaves, dev_leaves, offset, weights, o_ref, f_ref = reference_case(B, T, H, D, cu)
     o, f = run_kernel(dev_leaves, offset, cu)

@@ -10,8 +10,9 @@ where (gW, gb) are the state's partial sums (nonzero only in the first mini-batc
 One program per (sequence, head) walks its mini-batches in order with W and b held on chip in float32; the
 matrix products run on the tensor cores (tf32 for float32 operands). With gradients wanted it keeps W and b at
 the start of every GROUP mini-batches, the checkpoints from which the backward (`triton_chunk_bwd`) walks each
-group again, and leaves the output to `_output_kernel`, one program per (group, head) after it: the sequential
-kernel then does per mini-batch only what the next one needs (Z, E and the update).
+group again. Unless its programs already fill the GPU (many sequences), it then leaves the output to
+`_output_kernel`, one program per (group, head) after it: the sequential kernel does per mini-batch only what
+the next one needs (Z, E and the update).
 
 Head dims up to 128: one that is not a power of two (the 760m presets' 96) is padded on chip to `block_d(D)`
 with zeros, and every LayerNorm statistic and LayerNorm gradient is taken over, and kept to, the D real
@@ -82,7 +83,7 @@ def _fwd_minibatch(
     m, W, bv, q_in, k_in, v, eta,
     S, O, WC, BC, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb, g0,
     D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
-    HAS_SUMS: tl.constexpr, CHECKPOINT: tl.constexpr,
+    HAS_SUMS: tl.constexpr, CHECKPOINT: tl.constexpr, OUTPUT: tl.constexpr,
 ):
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
     i = tl.arange(0, BT)
@@ -111,7 +112,7 @@ def _fwd_minibatch(
         gW = tl.load(_mat_ptrs(GW0, base, D, BD), mask=dd, other=0.0)
         gb = tl.load(GB0 + base * D + d, mask=d < D, other=0.0)
         Sb += gb
-    if not CHECKPOINT:  # with checkpoints `_output_kernel` writes o afterwards, in parallel
+    if OUTPUT:  # or `_output_kernel` writes o afterwards, in parallel, from the checkpoints
         P = tl.dot(q_in, tl.trans(k_in))  # exact products of the 16-bit inputs, float32 sums
         A = tl.where(i[:, None] >= i[None, :], P + 1.0, 0.0)
         C = _dot(A, E)
@@ -145,6 +146,7 @@ def _fwd_minibatch(
 def _fwd_kernel(
     Q, K, V, ETA, LNW, LNB, S, CU, OFF, GCUM, W0, B0, GW0, GB0, O, WC, BC, WF, BF, GWF, GBF,
     eps, H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr, CHECKPOINT: tl.constexpr,
+    OUTPUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // H
@@ -162,14 +164,14 @@ def _fwd_kernel(
     W, bv = _fwd_minibatch(
         0, W, bv, q, k, v, eta,
         S, O, WC, BC, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb, g0,
-        D, BD, BT, GROUP, True, CHECKPOINT,
+        D, BD, BT, GROUP, True, CHECKPOINT, OUTPUT,
     )
     for m in range(1, num_mb):
         q, k, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
         W, bv = _fwd_minibatch(
             m, W, bv, q, k, v, eta,
             S, O, WC, BC, GW0, GB0, WF, BF, GWF, GBF, lnw, lnb, eps, n, h, H, start, off, L, num_mb, g0,
-            D, BD, BT, GROUP, False, CHECKPOINT,
+            D, BD, BT, GROUP, False, CHECKPOINT, OUTPUT,
         )
 
 
@@ -211,6 +213,12 @@ def _output_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ autograd
+def output_in_forward(programs: int, device: torch.device) -> bool:
+    """With checkpoints, whether the sequential forward writes o itself (rather than `_output_kernel` after it):
+    when its programs, one per (sequence, head), already occupy every SM, the output costs less there."""
+    return device.type == "cuda" and programs >= torch.cuda.get_device_properties(device).multi_processor_count
+
+
 class _TTTLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, eta, ln_weight, ln_bias, s, W0, b0, gW0, gb0, cu, offset, eps, checkpoint):
@@ -231,11 +239,12 @@ class _TTTLinearFn(torch.autograd.Function):
         else:
             WC, BC = WF, BF  # unwritten placeholders
         dims = dict(D=D, BD=block_d(D), BT=BT, GROUP=group)
+        output = not checkpoint or output_in_forward(N * H, dev)
         _fwd_kernel[(N * H,)](
             q, k, v, eta, ln_weight, ln_bias, s, cu, offset, gcum, W0, b0, gW0, gb0, o, WC, BC, WF, BF, GWF, GBF,
-            eps, H, **dims, CHECKPOINT=checkpoint, num_warps=_num_warps(D),
+            eps, H, **dims, CHECKPOINT=checkpoint, OUTPUT=output, num_warps=_num_warps(D),
         )
-        if checkpoint:
+        if not output:
             _output_kernel[(slots, H)](
                 q, k, v, eta, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, gb0, WC, BC, o,
                 eps, N, H, **dims, num_warps=triton_chunk_bwd.LOCAL_NUM_WARPS[block_d(D)],

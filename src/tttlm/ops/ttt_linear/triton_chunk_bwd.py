@@ -9,9 +9,9 @@ stores W_m, b_m at the start of every group of GROUP mini-batches (the checkpoin
    mini-batches: the output LayerNorm, dq, and the parts of dE and dk that come through the causal products.
 2. `_chain_kernel`, one program per (sequence, head), carries only dW and db back: per mini-batch one product
    k dW_{m+1}, the LayerNorm-L2 gradient's Jacobian applied to dE, and dW += q^T dZq + k^T dZt. It stores dE,
-   and dW, db at the start of every group.
-3. `_finish_kernel`, one program per (group, head), walks the group forward again with W_m^T, dW_m^T and
-   db_m (dW_{m+1} = dW_m - q^T dZq - k^T dZt): dv, deta, the inner LayerNorm's gradient,
+   and for each group's first mini-batch m the dW_{m+1}, db_{m+1} it received.
+3. `_finish_kernel`, one program per (group, head), walks the group forward again with W_m^T, dW_{m+1}^T
+   and db_{m+1} (dW_{m+2} = dW_{m+1} - q^T dZq - k^T dZt of m+1): dv, deta, the inner LayerNorm's gradient,
    dk += E dSum^T + dZt W_m^T (dSum = -s_{b-1} dW_{m+1}, the gradient of what the mini-batch handed on), and
    the gradient of s_{b-1} through the weight updates.
 
@@ -57,10 +57,9 @@ from tttlm.ops.ttt_linear.triton_parts import (
 # 1: every mini-batch is its own checkpoint and nothing D x D is carried.
 GROUP = 1
 # Warps per program by on-chip head dim, for the sequential and the parallel kernels
-# (benchmarks/gpu_ttt_linear.py --sweep times the alternatives; at D=64 the parallel kernels' walks spill
-# with 4).
+# (benchmarks/gpu_ttt_linear.py --sweep times the alternatives).
 CHAIN_NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
-LOCAL_NUM_WARPS = {16: 4, 32: 4, 64: 8, 128: 8}
+LOCAL_NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 
 
 # ----------------------------------------------------------------------------------------- 1. per group, local
@@ -200,15 +199,15 @@ def _chain_step(
         tl.store(DGB0 + base * D + d, tl.sum(dC, 0) + dSb, mask=dm)
     dE += kdS + dSb[None, :]
     tl.store(_tile_ptrs(DE, tok, h, H, D, BD), dE, mask=vm)
+    if m % GROUP == 0:
+        row = ((g0 + m // GROUP) * H + h).to(tl.int64)
+        tl.store(_mat_ptrs(DWC, row, D, BD), dW, mask=dd)
+        tl.store(DBC + row * D + d, db, mask=dm)
     dZt, _ = _ln_l2_grad_bwd(dE, xh, rstd, G, mG, mGx, eta, lnw, D, BD)
 
     dW = _dot_acc(tl.trans(q), dZq, dW)
     dW = _dot_acc(tl.trans(k), dZt, dW)
     db += tl.sum(dZq, 0) + tl.sum(dZt, 0)
-    if m % GROUP == 0:
-        row = ((g0 + m // GROUP) * H + h).to(tl.int64)
-        tl.store(_mat_ptrs(DWC, row, D, BD), dW, mask=dd)
-        tl.store(DBC + row * D + d, db, mask=dm)
     return dW, db
 
 
@@ -269,7 +268,7 @@ def _chain_kernel(
 # -------------------------------------------------------------------------------------- 3. the rest, per group
 @triton.jit
 def _finish_kernel(
-    Q, K, V, ETA, LNW, LNB, S, CU, OFF, SEQ, GCUM, GW0, GB0, WC, DWC, DBC, DGWF, XH, RSTD, MG, DZQ, DE, DKP,
+    Q, K, V, ETA, LNW, LNB, S, CU, OFF, SEQ, GCUM, GW0, WC, DWC, DBC, DGWF, XH, RSTD, MG, DZQ, DE, DKP,
     DK, DV, DETA, DLN_P, DS_P,
     N, H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr, HAS_DFINAL: tl.constexpr,
 ):
@@ -288,10 +287,10 @@ def _finish_kernel(
         s_last = tl.load(S + BT - 1)
         lnw = tl.load(LNW + h * D + d, mask=dm, other=0.0).to(tl.float32)
         lnb = tl.load(LNB + h * D + d, mask=dm, other=0.0).to(tl.float32)
-        # transposed, as the products want them
-        Wt = tl.load(_mat_ptrs(WC, row, D, BD, True), mask=dd, other=0.0)
-        dWt = tl.load(_mat_ptrs(DWC, row, D, BD, True), mask=dd, other=0.0)
-        db = tl.load(DBC + row * D + d, mask=dm, other=0.0)
+        # W_m^T, dW_{m+1}^T are loaded where first used: held from here they would spill at D=128
+        Wt = tl.zeros([BD, BD], dtype=tl.float32)
+        dWt = tl.zeros([BD, BD], dtype=tl.float32)
+        db = tl.zeros([BD], dtype=tl.float32)
         dln_w = tl.zeros([BD], dtype=tl.float32)
         dln_b = tl.zeros([BD], dtype=tl.float32)
         ds_last = 0.0
@@ -301,7 +300,6 @@ def _finish_kernel(
                 tok, valid = _minibatch_tokens(m, start, off, L, BT)
                 vm = valid[:, None] & dm[None, :]
                 q, k, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
-                q = q.to(tl.float32)
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
                 eta = eta.to(tl.float32)
@@ -310,7 +308,6 @@ def _finish_kernel(
                 mGx = tl.load(MG + (tok * H + h) * 2 + 1, mask=valid, other=0.0)
                 xh = tl.load(_tile_ptrs(XH, tok, h, H, D, BD), mask=vm, other=0.0)
                 dE = tl.load(_tile_ptrs(DE, tok, h, H, D, BD), mask=vm, other=0.0)
-                dZq = tl.load(_tile_ptrs(DZQ, tok, h, H, D, BD), mask=vm, other=0.0)
                 y = lnw[None, :] * xh + lnb[None, :]
                 G = lnw[None, :] * (y - v + k)
                 dZ = _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
@@ -322,10 +319,15 @@ def _finish_kernel(
                 dln_w += tl.sum(dG * (y - v + k) + dy * xh, 0)
                 dln_b += tl.sum(dy, 0)
 
-                # to the gradients w.r.t. the weights after the mini-batch
-                dWt = _dot_acc(tl.trans(-dZq), q, dWt)
-                dWt = _dot_acc(tl.trans(-dZt), k, dWt)
-                db -= tl.sum(dZq, 0) + tl.sum(dZt, 0)
+                # the gradients w.r.t. the weights after the mini-batch: the chain's for the group's first
+                if j == 0:
+                    dWt = tl.load(_mat_ptrs(DWC, row, D, BD, True), mask=dd, other=0.0)
+                    db = tl.load(DBC + row * D + d, mask=dm, other=0.0)
+                else:
+                    dZq = tl.load(_tile_ptrs(DZQ, tok, h, H, D, BD), mask=vm, other=0.0)
+                    dWt = _dot_acc(tl.trans(-dZq), q.to(tl.float32), dWt)
+                    dWt = _dot_acc(tl.trans(-dZt), k, dWt)
+                    db -= tl.sum(dZq, 0) + tl.sum(dZt, 0)
                 full = ((m + 1) * BT <= off + L).to(tl.float32)
                 c = s_last * full
                 EdW = _dot(E, dWt)
@@ -333,15 +335,15 @@ def _finish_kernel(
                 if HAS_DFINAL:
                     if (m == num_mb - 1) & (full == 0.0):
                         dk = _dot_acc(E, tl.load(_mat_ptrs(DGWF, seq, D, BD, True), mask=dd, other=0.0), dk)
+                if j == 0:
+                    Wt = tl.load(_mat_ptrs(WC, row, D, BD, True), mask=dd, other=0.0)
                 dk = _dot_acc(dZt, Wt, dk)
                 tl.store(_tile_ptrs(DK, tok, h, H, D, BD), dk.to(DK.dtype.element_ty), mask=vm)
                 ds_last -= full * (tl.sum(tl.sum(EdW * k, 1), 0) + tl.sum(db * tl.sum(E, 0), 0))
-                Wt = _dot_acc(tl.trans(-c * E), k, Wt)
-                if m == 0:
-                    gWt = tl.load(_mat_ptrs(GW0, seq, D, BD, True), mask=dd, other=0.0)
-                    gb = tl.load(GB0 + seq * D + d, mask=dm, other=0.0)
-                    ds_last -= full * (tl.sum(tl.sum(dWt * gWt, 1), 0) + tl.sum(db * gb, 0))
-                    Wt -= c * gWt
+                if j + 1 < GROUP:
+                    Wt = _dot_acc(tl.trans(-c * E), k, Wt)
+                    if m == 0:
+                        Wt -= c * tl.load(_mat_ptrs(GW0, seq, D, BD, True), mask=dd, other=0.0)
         dln = DLN_P + (row * 2) * D + d
         tl.store(dln, tl.load(dln, mask=dm) + dln_w, mask=dm)
         tl.store(dln + D, tl.load(dln + D, mask=dm) + dln_b, mask=dm)
@@ -388,9 +390,16 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gc
         HAS_DFINAL=has_dfinal, num_warps=chain_warps,
     )
     _finish_kernel[(slots, H)](
-        q, k, v, eta, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, gb0, WC, DWC, DBC, dGWF, XH, RSTD, MG,
+        q, k, v, eta, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, WC, DWC, DBC, dGWF, XH, RSTD, MG,
         DZQ, DE, DKP, dk, dv, deta, dln_p, ds_p, N, H, **dims, HAS_DFINAL=has_dfinal, num_warps=local_warps,
     )
     dln = dln_p.sum(0)  # [H, 2, D]
+    ds = ds_p.sum((0, 1))
+    # s_{b-1} also scales the state's partial sums in the weights' first update, W_1 = W_0 - s_{b-1} (gW0 + ...)
+    # when that mini-batch is complete: one D x D product per sequence, left out of the finish kernel so that
+    # it need not hold dW_1 for it. The first group's slot holds dW_1, db_1.
+    first = gcum[:-1]
+    full0 = (offset + cu[1:] - cu[:-1] >= BT).to(f32)
+    ds[BT - 1] -= (full0[:, None] * ((DWC[first] * gW0).sum((-2, -1)) + (DBC[first] * gb0).sum(-1))).sum()
     return (dq, dk, dv, deta, dln[:, 0].to(ln_weight.dtype), dln[:, 1].to(ln_bias.dtype),
-            ds_p.sum((0, 1)), dW0, db0, dgW0, dgb0)
+            ds, dW0, db0, dgW0, dgb0)
