@@ -99,7 +99,7 @@ def _fwd_minibatch(
     if CHECKPOINT:
         if m % GROUP == 0:  # the backward's checkpoint of this group of mini-batches
             row = ((g0 + m // GROUP) * H + h).to(tl.int64)
-            tl.store(_mat_ptrs(WC, row, D, BD), W, mask=dd)
+            tl.store(_mat_ptrs(WC, row, D, BD), W.to(WC.dtype.element_ty), mask=dd)
             tl.store(BC + row * D + d, bv, mask=d < D)
 
     Z = _dot(k, W) + bv[None, :]
@@ -193,7 +193,7 @@ def _output_kernel(
         s = tl.load(S + tl.arange(0, BT))
         lnw = tl.load(LNW + h * D + d, mask=dm, other=0.0).to(tl.float32)
         lnb = tl.load(LNB + h * D + d, mask=dm, other=0.0).to(tl.float32)
-        W = tl.load(_mat_ptrs(WC, row, D, BD), mask=dm[:, None] & dm[None, :], other=0.0)
+        W = tl.load(_mat_ptrs(WC, row, D, BD), mask=dm[:, None] & dm[None, :], other=0.0).to(tl.float32)
         bv = tl.load(BC + row * D + d, mask=dm, other=0.0)
         for j in tl.static_range(GROUP):  # unrolled: with GROUP 1 nothing is carried
             m = m0 + j
@@ -213,6 +213,14 @@ def _output_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ autograd
+def checkpoint_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the W checkpoints for inputs of `dtype`. For 16-bit inputs float16: the backward reads
+    them only as operands of tf32 products, which keep 10 mantissa bits of float32 as float16 does (and its
+    range, full precision from 6e-5 to 65504, holds inner weights), so half the bytes are stored and loaded for
+    the same products. Float32 otherwise."""
+    return torch.float16 if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 def output_in_forward(programs: int, device: torch.device) -> bool:
     """With checkpoints, whether the sequential forward writes o itself (rather than `_output_kernel` after it):
     when its programs, one per (sequence, head), already occupy every SM, the output costs less there."""
@@ -235,7 +243,7 @@ class _TTTLinearFn(torch.autograd.Function):
         group = triton_chunk_bwd.GROUP
         gcum, seq, slots = checkpoint_layout(cu, offset, total, BT, group)
         if checkpoint:
-            WC, BC = new((slots, H, D, D), f32, dev), new((slots, H, D), f32, dev)
+            WC, BC = new((slots, H, D, D), checkpoint_dtype(q.dtype), dev), new((slots, H, D), f32, dev)
         else:
             WC, BC = WF, BF  # unwritten placeholders
         dims = dict(D=D, BD=block_d(D), BT=BT, GROUP=group)

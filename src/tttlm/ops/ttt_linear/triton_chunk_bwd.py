@@ -19,7 +19,8 @@ Whether walking a group beats a checkpoint per mini-batch depends on registers: 
 matrices across mini-batches, which spills at D=128 (see GROUP), while a checkpoint per mini-batch costs the
 forward a D x D store per step and memory. The chain holds one D x D matrix, loads each step's tiles one step
 ahead, and leaves to the other kernels all they can do (the local kernel hands it the row means its LayerNorm
-Jacobian needs). Memory: the checkpoints (4 D^2 bytes per head and GROUP x 16 tokens, kept from the forward),
+Jacobian needs). Memory: the checkpoints (2 D^2 bytes per head and GROUP x 16 tokens for 16-bit inputs, 4 for
+float32, kept from the forward),
 their gradients, and five float32 [tokens, H, D] buffers and two small ones (freed when the backward returns).
 
 Groups: sequence n owns group slots gcum[n] .. gcum[n+1]-1, the k-th covering its mini-batches
@@ -83,7 +84,7 @@ def _local_kernel(
         s = tl.load(S + i)
         lnw = tl.load(LNW + h * D + d, mask=dm, other=0.0).to(tl.float32)
         lnb = tl.load(LNB + h * D + d, mask=dm, other=0.0).to(tl.float32)
-        W = tl.load(_mat_ptrs(WC, row, D, BD), mask=dd, other=0.0)
+        W = tl.load(_mat_ptrs(WC, row, D, BD), mask=dd, other=0.0).to(tl.float32)
         bv = tl.load(BC + row * D + d, mask=dm, other=0.0)
         dln_w = tl.zeros([BD], dtype=tl.float32)
         dln_b = tl.zeros([BD], dtype=tl.float32)
@@ -336,7 +337,7 @@ def _finish_kernel(
                     if (m == num_mb - 1) & (full == 0.0):
                         dk = _dot_acc(E, tl.load(_mat_ptrs(DGWF, seq, D, BD, True), mask=dd, other=0.0), dk)
                 if j == 0:
-                    Wt = tl.load(_mat_ptrs(WC, row, D, BD, True), mask=dd, other=0.0)
+                    Wt = tl.load(_mat_ptrs(WC, row, D, BD, True), mask=dd, other=0.0).to(tl.float32)
                 dk = _dot_acc(dZt, Wt, dk)
                 tl.store(_tile_ptrs(DK, tok, h, H, D, BD), dk.to(DK.dtype.element_ty), mask=vm)
                 ds_last -= full * (tl.sum(tl.sum(EdW * k, 1), 0) + tl.sum(db * tl.sum(E, 0), 0))
@@ -354,7 +355,8 @@ def _finish_kernel(
 def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gcum, seq, WC, BC, group, do,
                    dfinal, eps):
     """Gradients of `triton_chunk._TTTLinearFn`: q, k, v, do [tokens,H,D], eta [tokens,H], s [BT] float32,
-    gW0 [N,H,D,D], gb0 [N,H,D], cu [N+1], offset [N], the forward's checkpoints WC [slots,H,D,D], BC [slots,H,D]
+    gW0 [N,H,D,D], gb0 [N,H,D], cu [N+1], offset [N], the forward's checkpoints WC [slots,H,D,D]
+    (`triton_chunk.checkpoint_dtype`), BC [slots,H,D] float32
     every `group` mini-batches, on the slots of gcum [N+1] and seq [slots] (`checkpoint_layout`); dfinal the
     final state's (dW, db, dgW, dgb) in float32, or None.
 
