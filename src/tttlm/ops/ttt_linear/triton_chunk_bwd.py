@@ -158,17 +158,17 @@ def _chain_load(m, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, start, off, L, D:
 
 @triton.jit
 def _chain_step(
-    m, dW, db, tiles,
-    S, DGWF, DGBF, DWC, DBC, DE, DGW0, DGB0,
-    lnw, lnb, base, h, H, start, off, L, num_mb, g0,
-    D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr, FIRST: tl.constexpr,
-    OPEN: tl.constexpr,
+    m, dW, db, ds, tiles,
+    S, DGWF, DGBF, DE, DKW, GW0, GB0, DGW0, DGB0,
+    lnw, lnb, base, h, H, start, off, L, num_mb,
+    D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr, OPEN: tl.constexpr,
 ):
-    """Mini-batch m in reverse. In: dW, db w.r.t. the weights after it. Out: w.r.t. the weights at its start.
-    tiles: its tiles from `_chain_load`. OPEN: the mini-batch may be the row's last and unfinished, which
-    hands its sums to the final state (whose gradient is DGWF, DGBF) instead of to the weights. At a group's
-    first mini-batch, stores the dW, db it hands on as the group's. Only what the next step needs is here;
-    the rest of the mini-batch's backward waits for `_finish_kernel`."""
+    """Mini-batch m in reverse. In: dW, db w.r.t. the weights after it, and ds, the gradient of s_{b-1} so far.
+    Out: the same w.r.t. the weights at its start. tiles: its tiles from `_chain_load`. OPEN: the mini-batch
+    may be the row's last and unfinished, which hands its sums to the final state (whose gradient is DGWF,
+    DGBF) instead of to the weights. Besides dE it stores E dSum^T, dk's term through what the mini-batch
+    handed on (dSum = -s_{b-1} dW_{m+1}), so that no D x D matrix is stored per mini-batch; the rest of the
+    mini-batch's backward waits for `_finish_kernel`."""
     q, k, v, eta, rstd, mG, mGx, xh, dZq, dE = tiles
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
     i = tl.arange(0, BT)
@@ -183,15 +183,24 @@ def _chain_step(
     full = ((m + 1) * BT <= off + L).to(tl.float32)
     c = tl.load(S + BT - 1) * full
     G = lnw[None, :] * (lnw[None, :] * xh + lnb[None, :] - v + k)  # zero in the padding columns, as lnw is
+    E = eta[:, None] * _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
 
-    kdS = -c * _dot(k, dW)
+    kdW = _dot(k, dW)
+    kdS = -c * kdW
     dSb = -c * db
+    EdS = -c * _dot(E, tl.trans(dW))
+    ds -= full * (tl.sum(tl.sum(kdW * E, 1), 0) + tl.sum(db * tl.sum(E, 0), 0))
     if OPEN:
         is_open = (m == num_mb - 1) & (full == 0.0)
         dGW = tl.load(_mat_ptrs(DGWF, base, D, BD), mask=dd & is_open, other=0.0)
         kdS = _dot_acc(k, dGW, kdS)
+        EdS = _dot_acc(E, tl.trans(dGW), EdS)
         dSb += tl.load(DGBF + base * D + d, mask=dm & is_open, other=0.0)
     if FIRST:
+        # the state's partial sums enter the first update: W_1 = W_0 - s_{b-1} (gW + K^T E) if it is complete
+        gW = tl.load(_mat_ptrs(GW0, base, D, BD), mask=dd, other=0.0)
+        gb = tl.load(GB0 + base * D + d, mask=dm, other=0.0)
+        ds -= full * (tl.sum(tl.sum(dW * gW, 1), 0) + tl.sum(db * gb, 0))
         dSum = -c * dW
         if OPEN:
             dSum += dGW
@@ -200,23 +209,20 @@ def _chain_step(
         tl.store(DGB0 + base * D + d, tl.sum(dC, 0) + dSb, mask=dm)
     dE += kdS + dSb[None, :]
     tl.store(_tile_ptrs(DE, tok, h, H, D, BD), dE, mask=vm)
-    if m % GROUP == 0:
-        row = ((g0 + m // GROUP) * H + h).to(tl.int64)
-        tl.store(_mat_ptrs(DWC, row, D, BD), dW, mask=dd)
-        tl.store(DBC + row * D + d, db, mask=dm)
+    tl.store(_tile_ptrs(DKW, tok, h, H, D, BD), EdS, mask=vm)
     dZt, _ = _ln_l2_grad_bwd(dE, xh, rstd, G, mG, mGx, eta, lnw, D, BD)
 
     dW = _dot_acc(tl.trans(q), dZq, dW)
     dW = _dot_acc(tl.trans(k), dZt, dW)
     db += tl.sum(dZq, 0) + tl.sum(dZt, 0)
-    return dW, db
+    return dW, db, ds
 
 
 @triton.jit
 def _chain_kernel(
-    Q, K, V, ETA, LNW, LNB, S, CU, OFF, GCUM, XH, RSTD, MG, DZQ, DEP, DWF, DBF, DGWF, DGBF,
-    DWC, DBC, DE, DW0, DB0, DGW0, DGB0,
-    H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    Q, K, V, ETA, LNW, LNB, S, CU, OFF, XH, RSTD, MG, DZQ, DEP, DWF, DBF, DGWF, DGBF, GW0, GB0,
+    DE, DKW, DS, DW0, DB0, DGW0, DGB0,
+    H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_DFINAL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // H
@@ -226,9 +232,9 @@ def _chain_kernel(
     dm = d < D
     dd = dm[:, None] & dm[None, :]
     base = pid.to(tl.int64)
-    g0 = tl.load(GCUM + n)
     lnw = tl.load(LNW + h * D + d, mask=dm, other=0.0).to(tl.float32)
     lnb = tl.load(LNB + h * D + d, mask=dm, other=0.0).to(tl.float32)
+    ds = 0.0
     # each step's tiles are loaded one step ahead, so their latency hides behind the step before
     top = num_mb - 1  # the loop takes mini-batches top..1, the first one is peeled
     tiles = _chain_load(top, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, start, off, L, D, BD, BT)
@@ -238,10 +244,10 @@ def _chain_kernel(
         # an unfinished last mini-batch is peeled too, so that the loop never holds the final sums' gradient
         if ((off + L) % BT != 0) & (num_mb > 1):
             tiles_next = _chain_load(top - 1, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, start, off, L, D, BD, BT)
-            dW, db = _chain_step(
-                top, dW, db, tiles,
-                S, DGWF, DGBF, DWC, DBC, DE, DGW0, DGB0,
-                lnw, lnb, base, h, H, start, off, L, num_mb, g0, D, BD, BT, GROUP, False, True,
+            dW, db, ds = _chain_step(
+                top, dW, db, ds, tiles,
+                S, DGWF, DGBF, DE, DKW, GW0, GB0, DGW0, DGB0,
+                lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, False, True,
             )
             tiles = tiles_next
             top = num_mb - 2
@@ -251,31 +257,31 @@ def _chain_kernel(
     for r in range(num_mb - top, num_mb):
         m = num_mb - r
         tiles_next = _chain_load(m - 1, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, start, off, L, D, BD, BT)
-        dW, db = _chain_step(
-            m, dW, db, tiles,
-            S, DGWF, DGBF, DWC, DBC, DE, DGW0, DGB0,
-            lnw, lnb, base, h, H, start, off, L, num_mb, g0, D, BD, BT, GROUP, False, False,
+        dW, db, ds = _chain_step(
+            m, dW, db, ds, tiles,
+            S, DGWF, DGBF, DE, DKW, GW0, GB0, DGW0, DGB0,
+            lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, False, False,
         )
         tiles = tiles_next
-    dW, db = _chain_step(
-        0, dW, db, tiles,
-        S, DGWF, DGBF, DWC, DBC, DE, DGW0, DGB0,
-        lnw, lnb, base, h, H, start, off, L, num_mb, g0, D, BD, BT, GROUP, True, HAS_DFINAL,
+    dW, db, ds = _chain_step(
+        0, dW, db, ds, tiles,
+        S, DGWF, DGBF, DE, DKW, GW0, GB0, DGW0, DGB0,
+        lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, True, HAS_DFINAL,
     )
     tl.store(_mat_ptrs(DW0, base, D, BD), dW, mask=dd)
     tl.store(DB0 + base * D + d, db, mask=dm)
+    tl.store(DS + base, ds)
 
 
 # -------------------------------------------------------------------------------------- 3. the rest, per group
 @triton.jit
 def _finish_kernel(
-    Q, K, V, ETA, LNW, LNB, S, CU, OFF, SEQ, GCUM, GW0, WC, DWC, DBC, DGWF, XH, RSTD, MG, DZQ, DE, DKP,
-    DK, DV, DETA, DLN_P, DS_P,
-    N, H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    K, V, ETA, LNW, LNB, S, CU, OFF, SEQ, GCUM, GW0, WC, XH, RSTD, MG, DE, DKP, DKW,
+    DK, DV, DETA, DLN_P,
+    N, H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dv, deta, dk and the inner LayerNorm's gradient from dE: through the LayerNorm-L2 gradient, and
-    dk += E dSum^T + dZt W_m^T, with dSum the gradient of what the mini-batch handed on; and the gradient of
-    s_{b-1} through the weight updates."""
+    dk += dZt W_m^T and the chain's E dSum^T."""
     g = tl.program_id(0)
     h = tl.program_id(1)
     n, start, L, off, num_mb, m0, m1 = _group(g, SEQ, GCUM, CU, OFF, N, BT, GROUP)
@@ -284,26 +290,19 @@ def _finish_kernel(
         dm = d < D
         dd = dm[:, None] & dm[None, :]
         row = (g * H + h).to(tl.int64)
-        seq = (n * H + h).to(tl.int64)
-        s_last = tl.load(S + BT - 1)
         lnw = tl.load(LNW + h * D + d, mask=dm, other=0.0).to(tl.float32)
         lnb = tl.load(LNB + h * D + d, mask=dm, other=0.0).to(tl.float32)
-        # W_m^T, dW_{m+1}^T are loaded where first used: held from here they would spill at D=128
-        Wt = tl.zeros([BD, BD], dtype=tl.float32)
-        dWt = tl.zeros([BD, BD], dtype=tl.float32)
-        db = tl.zeros([BD], dtype=tl.float32)
+        Wt = tl.zeros([BD, BD], dtype=tl.float32)  # W_m^T, loaded where first used
         dln_w = tl.zeros([BD], dtype=tl.float32)
         dln_b = tl.zeros([BD], dtype=tl.float32)
-        ds_last = 0.0
         for j in tl.static_range(GROUP):  # unrolled: with GROUP 1 nothing is carried
             m = m0 + j
             if m < m1:
                 tok, valid = _minibatch_tokens(m, start, off, L, BT)
                 vm = valid[:, None] & dm[None, :]
-                q, k, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-                eta = eta.to(tl.float32)
+                k = tl.load(_tile_ptrs(K, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
+                v = tl.load(_tile_ptrs(V, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
+                eta = tl.load(ETA + tok * H + h, mask=valid, other=0.0).to(tl.float32)
                 rstd = tl.load(RSTD + tok * H + h, mask=valid, other=0.0)
                 mG = tl.load(MG + (tok * H + h) * 2, mask=valid, other=0.0)
                 mGx = tl.load(MG + (tok * H + h) * 2 + 1, mask=valid, other=0.0)
@@ -312,7 +311,6 @@ def _finish_kernel(
                 y = lnw[None, :] * xh + lnb[None, :]
                 G = lnw[None, :] * (y - v + k)
                 dZ = _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
-                E = eta[:, None] * dZ
                 dZt, dG = _ln_l2_grad_bwd(dE, xh, rstd, G, mG, mGx, eta, lnw, D, BD)
                 dy = lnw[None, :] * dG
                 tl.store(DETA + tok * H + h, tl.sum(dE * dZ, 1).to(DETA.dtype.element_ty), mask=valid)
@@ -320,35 +318,21 @@ def _finish_kernel(
                 dln_w += tl.sum(dG * (y - v + k) + dy * xh, 0)
                 dln_b += tl.sum(dy, 0)
 
-                # the gradients w.r.t. the weights after the mini-batch: the chain's for the group's first
-                if j == 0:
-                    dWt = tl.load(_mat_ptrs(DWC, row, D, BD, True), mask=dd, other=0.0)
-                    db = tl.load(DBC + row * D + d, mask=dm, other=0.0)
-                else:
-                    dZq = tl.load(_tile_ptrs(DZQ, tok, h, H, D, BD), mask=vm, other=0.0)
-                    dWt = _dot_acc(tl.trans(-dZq), q.to(tl.float32), dWt)
-                    dWt = _dot_acc(tl.trans(-dZt), k, dWt)
-                    db -= tl.sum(dZq, 0) + tl.sum(dZt, 0)
-                full = ((m + 1) * BT <= off + L).to(tl.float32)
-                c = s_last * full
-                EdW = _dot(E, dWt)
-                dk = tl.load(_tile_ptrs(DKP, tok, h, H, D, BD), mask=vm, other=0.0) + dy - c * EdW
-                if HAS_DFINAL:
-                    if (m == num_mb - 1) & (full == 0.0):
-                        dk = _dot_acc(E, tl.load(_mat_ptrs(DGWF, seq, D, BD, True), mask=dd, other=0.0), dk)
+                dk = dy + tl.load(_tile_ptrs(DKP, tok, h, H, D, BD), mask=vm, other=0.0)
+                dk += tl.load(_tile_ptrs(DKW, tok, h, H, D, BD), mask=vm, other=0.0)
                 if j == 0:
                     Wt = tl.load(_mat_ptrs(WC, row, D, BD, True), mask=dd, other=0.0).to(tl.float32)
                 dk = _dot_acc(dZt, Wt, dk)
                 tl.store(_tile_ptrs(DK, tok, h, H, D, BD), dk.to(DK.dtype.element_ty), mask=vm)
-                ds_last -= full * (tl.sum(tl.sum(EdW * k, 1), 0) + tl.sum(db * tl.sum(E, 0), 0))
-                if j + 1 < GROUP:
-                    Wt = _dot_acc(tl.trans(-c * E), k, Wt)
+                if j + 1 < GROUP:  # W_{m+1}^T
+                    c = tl.load(S + BT - 1) * ((m + 1) * BT <= off + L).to(tl.float32)
+                    Wt = _dot_acc(tl.trans(-c * eta[:, None] * dZ), k, Wt)
                     if m == 0:
+                        seq = (n * H + h).to(tl.int64)
                         Wt -= c * tl.load(_mat_ptrs(GW0, seq, D, BD, True), mask=dd, other=0.0)
         dln = DLN_P + (row * 2) * D + d
         tl.store(dln, tl.load(dln, mask=dm) + dln_w, mask=dm)
         tl.store(dln + D, tl.load(dln + D, mask=dm) + dln_b, mask=dm)
-        tl.store(DS_P + row * BT + BT - 1, tl.load(DS_P + row * BT + BT - 1) + ds_last)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -368,40 +352,34 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gc
     BD = block_d(D)
     f32 = torch.float32
 
-    DWC, DBC = new((slots, H, D, D), f32, dev), new((slots, H, D), f32, dev)
-    DZQ, DEP, DKP, XH, DE = (new((total, H, D), f32, dev) for _ in range(5))
+    DZQ, DEP, DKP, XH, DE, DKW = (new((total, H, D), f32, dev) for _ in range(6))
     RSTD, MG = new((total, H), f32, dev), new((total, H, 2), f32, dev)  # MG: mean(G), mean(G xhat)
     dln_p = torch.zeros(slots, H, 2, D, dtype=f32, device=dev)  # partial sums: unused slots add zeros
     ds_p = torch.zeros(slots, H, BT, dtype=f32, device=dev)
+    ds_last = new((N, H), f32, dev)  # the chain's part of the gradient of s_{b-1}
     dq, dk, dv = (new((total, H, D), q.dtype, dev) for _ in range(3))
     deta = new((total, H), eta.dtype, dev)
     dW0, dgW0 = new((N, H, D, D), f32, dev), new((N, H, D, D), f32, dev)
     db0, dgb0 = new((N, H, D), f32, dev), new((N, H, D), f32, dev)
     chain_warps, local_warps = CHAIN_NUM_WARPS[BD], LOCAL_NUM_WARPS[BD]
-    dims = dict(D=D, BD=BD, BT=BT, GROUP=group)
+    dims = dict(D=D, BD=BD, BT=BT)
     has_dfinal = dfinal is not None
     dWF, dBF, dGWF, dGBF = dfinal if has_dfinal else (gW0, gb0, gW0, gb0)  # unread placeholders without
 
     _local_kernel[(slots, H)](
         q, k, v, eta, do, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, gb0, WC, BC,
-        dq, DZQ, DEP, DKP, XH, RSTD, MG, dln_p, ds_p, eps, N, H, **dims, num_warps=local_warps,
+        dq, DZQ, DEP, DKP, XH, RSTD, MG, dln_p, ds_p, eps, N, H, **dims, GROUP=group, num_warps=local_warps,
     )
     _chain_kernel[(N * H,)](
-        q, k, v, eta, ln_weight, ln_bias, s, cu, offset, gcum, XH, RSTD, MG, DZQ, DEP,
-        dWF, dBF, dGWF, dGBF, DWC, DBC, DE, dW0, db0, dgW0, dgb0, H, **dims,
-        HAS_DFINAL=has_dfinal, num_warps=chain_warps,
+        q, k, v, eta, ln_weight, ln_bias, s, cu, offset, XH, RSTD, MG, DZQ, DEP, dWF, dBF, dGWF, dGBF, gW0, gb0,
+        DE, DKW, ds_last, dW0, db0, dgW0, dgb0, H, **dims, HAS_DFINAL=has_dfinal, num_warps=chain_warps,
     )
     _finish_kernel[(slots, H)](
-        q, k, v, eta, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, WC, DWC, DBC, dGWF, XH, RSTD, MG,
-        DZQ, DE, DKP, dk, dv, deta, dln_p, ds_p, N, H, **dims, HAS_DFINAL=has_dfinal, num_warps=local_warps,
+        k, v, eta, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, WC, XH, RSTD, MG, DE, DKP, DKW,
+        dk, dv, deta, dln_p, N, H, **dims, GROUP=group, num_warps=local_warps,
     )
     dln = dln_p.sum(0)  # [H, 2, D]
     ds = ds_p.sum((0, 1))
-    # s_{b-1} also scales the state's partial sums in the weights' first update, W_1 = W_0 - s_{b-1} (gW0 + ...)
-    # when that mini-batch is complete: one D x D product per sequence, left out of the finish kernel so that
-    # it need not hold dW_1 for it. The first group's slot holds dW_1, db_1.
-    first = gcum[:-1]
-    full0 = (offset + cu[1:] - cu[:-1] >= BT).to(f32)
-    ds[BT - 1] -= (full0[:, None] * ((DWC[first] * gW0).sum((-2, -1)) + (DBC[first] * gb0).sum(-1))).sum()
+    ds[BT - 1] += ds_last.sum()
     return (dq, dk, dv, deta, dln[:, 0].to(ln_weight.dtype), dln[:, 1].to(ln_bias.dtype),
             ds, dW0, db0, dgW0, dgb0)
