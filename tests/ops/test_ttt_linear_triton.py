@@ -142,8 +142,17 @@ def test_kernel_with_output_in_forward(monkeypatch, B, T, H, D, cu):
 def test_kernel_with_float16_checkpoints(monkeypatch, B, T, H, D, cu):
     """W checkpoints in float16, as kept for 16-bit inputs, here with float32 inputs: the error stays that of
     rounding W to float16 (the tf32 products on the GPU round it so anyway)."""
-    monkeypatch.setattr(triton_chunk, "checkpoint_dtype", lambda dtype: torch.float16)
+    monkeypatch.setattr(triton_chunk, "checkpoint_dtype", lambda dtype, group: torch.float16)
     check_kernel(B, T, H, D, cu, True, tol=1e-3)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("B,T,H,D,cu", [SHAPES[0], SHAPES[1]] + ([SHAPES[-4]] if CUDA else []))
+def test_kernel_keeping_dw_or_not(monkeypatch, B, T, H, D, cu, keep):
+    """Both ways of the backward's dk term through the weight update: the dW chain keeps dW per mini-batch for
+    the finish kernel, or forms the term itself (`triton_chunk_bwd.keep_dw` picks by the number of sequences)."""
+    monkeypatch.setattr(triton_chunk_bwd, "keep_dw", lambda programs, device: keep)
+    check_kernel(B, T, H, D, cu, True)
 
 
 def check_kernel(B, T, H, D, cu, with_state_grads, tol=TOL):

@@ -213,12 +213,13 @@ def _output_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ autograd
-def checkpoint_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the W checkpoints for inputs of `dtype`. For 16-bit inputs float16: the backward reads
-    them only as operands of tf32 products, which keep 10 mantissa bits of float32 as float16 does (and its
-    range, full precision from 6e-5 to 65504, holds inner weights), so half the bytes are stored and loaded for
-    the same products. Float32 otherwise."""
-    return torch.float16 if dtype in (torch.float16, torch.bfloat16) else torch.float32
+def checkpoint_dtype(dtype: torch.dtype, group: int) -> torch.dtype:
+    """The dtype of the W checkpoints for inputs of `dtype`, one every `group` mini-batches. For 16-bit inputs
+    and a checkpoint per mini-batch float16: the backward then reads them only as operands of tf32 products,
+    which keep 10 mantissa bits of float32 as float16 does (and its range, full precision from 6e-5 to 65504,
+    holds inner weights), so half the bytes are stored and loaded for the same products. Float32 otherwise
+    (walks from one checkpoint to the next add to W)."""
+    return torch.float16 if group == 1 and dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 def output_in_forward(programs: int, device: torch.device) -> bool:
@@ -243,7 +244,7 @@ class _TTTLinearFn(torch.autograd.Function):
         group = triton_chunk_bwd.GROUP
         gcum, seq, slots = checkpoint_layout(cu, offset, total, BT, group)
         if checkpoint:
-            WC, BC = new((slots, H, D, D), checkpoint_dtype(q.dtype), dev), new((slots, H, D), f32, dev)
+            WC, BC = new((slots, H, D, D), checkpoint_dtype(q.dtype, group), dev), new((slots, H, D), f32, dev)
         else:
             WC, BC = WF, BF  # unwritten placeholders
         dims = dict(D=D, BD=block_d(D), BT=BT, GROUP=group)

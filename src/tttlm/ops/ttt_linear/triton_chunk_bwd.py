@@ -159,15 +159,17 @@ def _chain_load(m, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, start, off, L, D:
 @triton.jit
 def _chain_step(
     m, dW, db, ds, tiles,
-    S, DGWF, DGBF, DE, DKW, GW0, GB0, DGW0, DGB0,
-    lnw, lnb, base, h, H, start, off, L, num_mb,
+    S, DGWF, DGBF, DE, DKW, DWC, DBC, DW1, DB1, DGW0, DGB0,
+    lnw, lnb, base, h, H, start, off, L, num_mb, g0,
     D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr, OPEN: tl.constexpr,
+    KEEP_DW: tl.constexpr,
 ):
     """Mini-batch m in reverse. In: dW, db w.r.t. the weights after it, and ds, the gradient of s_{b-1} so far.
     Out: the same w.r.t. the weights at its start. tiles: its tiles from `_chain_load`. OPEN: the mini-batch
     may be the row's last and unfinished, which hands its sums to the final state (whose gradient is DGWF,
-    DGBF) instead of to the weights. Besides dE it stores E dSum^T, dk's term through what the mini-batch
-    handed on (dSum = -s_{b-1} dW_{m+1}), so that no D x D matrix is stored per mini-batch; the rest of the
+    DGBF) instead of to the weights. Besides dE it stores either E dSum^T, dk's term through what the
+    mini-batch handed on (dSum = -s_{b-1} dW_{m+1}), and adds that term's share of ds; or with KEEP_DW (one
+    mini-batch per group) dW_{m+1}, db_{m+1} themselves, for `_finish_kernel` to do both. The rest of the
     mini-batch's backward waits for `_finish_kernel`."""
     q, k, v, eta, rstd, mG, mGx, xh, dZq, dE = tiles
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
@@ -183,24 +185,30 @@ def _chain_step(
     full = ((m + 1) * BT <= off + L).to(tl.float32)
     c = tl.load(S + BT - 1) * full
     G = lnw[None, :] * (lnw[None, :] * xh + lnb[None, :] - v + k)  # zero in the padding columns, as lnw is
-    E = eta[:, None] * _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
 
     kdW = _dot(k, dW)
     kdS = -c * kdW
     dSb = -c * db
-    EdS = -c * _dot(E, tl.trans(dW))
-    ds -= full * (tl.sum(tl.sum(kdW * E, 1), 0) + tl.sum(db * tl.sum(E, 0), 0))
+    if KEEP_DW:
+        row = ((g0 + m) * H + h).to(tl.int64)
+        tl.store(_mat_ptrs(DWC, row, D, BD), dW, mask=dd)
+        tl.store(DBC + row * D + d, db, mask=dm)
+    else:
+        E = eta[:, None] * _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
+        EdS = -c * _dot(E, tl.trans(dW))
+        ds -= full * (tl.sum(tl.sum(kdW * E, 1), 0) + tl.sum(db * tl.sum(E, 0), 0))
     if OPEN:
         is_open = (m == num_mb - 1) & (full == 0.0)
         dGW = tl.load(_mat_ptrs(DGWF, base, D, BD), mask=dd & is_open, other=0.0)
         kdS = _dot_acc(k, dGW, kdS)
-        EdS = _dot_acc(E, tl.trans(dGW), EdS)
+        if not KEEP_DW:
+            EdS = _dot_acc(E, tl.trans(dGW), EdS)
         dSb += tl.load(DGBF + base * D + d, mask=dm & is_open, other=0.0)
     if FIRST:
-        # the state's partial sums enter the first update: W_1 = W_0 - s_{b-1} (gW + K^T E) if it is complete
-        gW = tl.load(_mat_ptrs(GW0, base, D, BD), mask=dd, other=0.0)
-        gb = tl.load(GB0 + base * D + d, mask=dm, other=0.0)
-        ds -= full * (tl.sum(tl.sum(dW * gW, 1), 0) + tl.sum(db * gb, 0))
+        # for the host's share of ds: the state's partial sums enter W_1 = W_0 - s_{b-1} (gW + K^T E) (if the
+        # mini-batch is complete), and a product with them here would cost the whole kernel registers
+        tl.store(_mat_ptrs(DW1, base, D, BD), dW, mask=dd)
+        tl.store(DB1 + base * D + d, db, mask=dm)
         dSum = -c * dW
         if OPEN:
             dSum += dGW
@@ -209,7 +217,8 @@ def _chain_step(
         tl.store(DGB0 + base * D + d, tl.sum(dC, 0) + dSb, mask=dm)
     dE += kdS + dSb[None, :]
     tl.store(_tile_ptrs(DE, tok, h, H, D, BD), dE, mask=vm)
-    tl.store(_tile_ptrs(DKW, tok, h, H, D, BD), EdS, mask=vm)
+    if not KEEP_DW:
+        tl.store(_tile_ptrs(DKW, tok, h, H, D, BD), EdS, mask=vm)
     dZt, _ = _ln_l2_grad_bwd(dE, xh, rstd, G, mG, mGx, eta, lnw, D, BD)
 
     dW = _dot_acc(tl.trans(q), dZq, dW)
@@ -220,9 +229,9 @@ def _chain_step(
 
 @triton.jit
 def _chain_kernel(
-    Q, K, V, ETA, LNW, LNB, S, CU, OFF, XH, RSTD, MG, DZQ, DEP, DWF, DBF, DGWF, DGBF, GW0, GB0,
-    DE, DKW, DS, DW0, DB0, DGW0, DGB0,
-    H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    Q, K, V, ETA, LNW, LNB, S, CU, OFF, GCUM, XH, RSTD, MG, DZQ, DEP, DWF, DBF, DGWF, DGBF,
+    DE, DKW, DWC, DBC, DS, DW1, DB1, DW0, DB0, DGW0, DGB0,
+    H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_DFINAL: tl.constexpr, KEEP_DW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // H
@@ -232,6 +241,7 @@ def _chain_kernel(
     dm = d < D
     dd = dm[:, None] & dm[None, :]
     base = pid.to(tl.int64)
+    g0 = tl.load(GCUM + n)
     lnw = tl.load(LNW + h * D + d, mask=dm, other=0.0).to(tl.float32)
     lnb = tl.load(LNB + h * D + d, mask=dm, other=0.0).to(tl.float32)
     ds = 0.0
@@ -246,8 +256,8 @@ def _chain_kernel(
             tiles_next = _chain_load(top - 1, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, start, off, L, D, BD, BT)
             dW, db, ds = _chain_step(
                 top, dW, db, ds, tiles,
-                S, DGWF, DGBF, DE, DKW, GW0, GB0, DGW0, DGB0,
-                lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, False, True,
+                S, DGWF, DGBF, DE, DKW, DWC, DBC, DW1, DB1, DGW0, DGB0,
+                lnw, lnb, base, h, H, start, off, L, num_mb, g0, D, BD, BT, False, True, KEEP_DW,
             )
             tiles = tiles_next
             top = num_mb - 2
@@ -259,14 +269,14 @@ def _chain_kernel(
         tiles_next = _chain_load(m - 1, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, start, off, L, D, BD, BT)
         dW, db, ds = _chain_step(
             m, dW, db, ds, tiles,
-            S, DGWF, DGBF, DE, DKW, GW0, GB0, DGW0, DGB0,
-            lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, False, False,
+            S, DGWF, DGBF, DE, DKW, DWC, DBC, DW1, DB1, DGW0, DGB0,
+            lnw, lnb, base, h, H, start, off, L, num_mb, g0, D, BD, BT, False, False, KEEP_DW,
         )
         tiles = tiles_next
     dW, db, ds = _chain_step(
         0, dW, db, ds, tiles,
-        S, DGWF, DGBF, DE, DKW, GW0, GB0, DGW0, DGB0,
-        lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, True, HAS_DFINAL,
+        S, DGWF, DGBF, DE, DKW, DWC, DBC, DW1, DB1, DGW0, DGB0,
+        lnw, lnb, base, h, H, start, off, L, num_mb, g0, D, BD, BT, True, HAS_DFINAL, KEEP_DW,
     )
     tl.store(_mat_ptrs(DW0, base, D, BD), dW, mask=dd)
     tl.store(DB0 + base * D + d, db, mask=dm)
@@ -276,12 +286,14 @@ def _chain_kernel(
 # -------------------------------------------------------------------------------------- 3. the rest, per group
 @triton.jit
 def _finish_kernel(
-    K, V, ETA, LNW, LNB, S, CU, OFF, SEQ, GCUM, GW0, WC, XH, RSTD, MG, DE, DKP, DKW,
-    DK, DV, DETA, DLN_P,
-    N, H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
+    K, V, ETA, LNW, LNB, S, CU, OFF, SEQ, GCUM, GW0, WC, XH, RSTD, MG, DE, DKP, DKW, DWC, DBC, DGWF,
+    DK, DV, DETA, DLN_P, DS_P,
+    N, H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr, KEEP_DW: tl.constexpr,
+    HAS_DFINAL: tl.constexpr,
 ):
     """dv, deta, dk and the inner LayerNorm's gradient from dE: through the LayerNorm-L2 gradient, and
-    dk += dZt W_m^T and the chain's E dSum^T."""
+    dk += dZt W_m^T + E dSum^T, the latter the chain's or, with KEEP_DW, formed here from its dW_{m+1} with
+    its share of the gradient of s_{b-1}."""
     g = tl.program_id(0)
     h = tl.program_id(1)
     n, start, L, off, num_mb, m0, m1 = _group(g, SEQ, GCUM, CU, OFF, N, BT, GROUP)
@@ -318,14 +330,28 @@ def _finish_kernel(
                 dln_w += tl.sum(dG * (y - v + k) + dy * xh, 0)
                 dln_b += tl.sum(dy, 0)
 
+                full = ((m + 1) * BT <= off + L).to(tl.float32)
+                c = tl.load(S + BT - 1) * full
                 dk = dy + tl.load(_tile_ptrs(DKP, tok, h, H, D, BD), mask=vm, other=0.0)
-                dk += tl.load(_tile_ptrs(DKW, tok, h, H, D, BD), mask=vm, other=0.0)
+                if KEEP_DW:  # GROUP is 1: row is this mini-batch's
+                    E = eta[:, None] * dZ
+                    EdW = _dot(E, tl.load(_mat_ptrs(DWC, row, D, BD, True), mask=dd, other=0.0))
+                    dk -= c * EdW
+                    if HAS_DFINAL:
+                        if (m == num_mb - 1) & (full == 0.0):
+                            seq = (n * H + h).to(tl.int64)
+                            dk = _dot_acc(E, tl.load(_mat_ptrs(DGWF, seq, D, BD, True), mask=dd, other=0.0), dk)
+                    db = tl.load(DBC + row * D + d, mask=dm, other=0.0)
+                    ds = tl.load(DS_P + row * BT + BT - 1)
+                    ds -= full * (tl.sum(tl.sum(EdW * k, 1), 0) + tl.sum(db * tl.sum(E, 0), 0))
+                    tl.store(DS_P + row * BT + BT - 1, ds)
+                else:
+                    dk += tl.load(_tile_ptrs(DKW, tok, h, H, D, BD), mask=vm, other=0.0)
                 if j == 0:
                     Wt = tl.load(_mat_ptrs(WC, row, D, BD, True), mask=dd, other=0.0).to(tl.float32)
                 dk = _dot_acc(dZt, Wt, dk)
                 tl.store(_tile_ptrs(DK, tok, h, H, D, BD), dk.to(DK.dtype.element_ty), mask=vm)
                 if j + 1 < GROUP:  # W_{m+1}^T
-                    c = tl.load(S + BT - 1) * ((m + 1) * BT <= off + L).to(tl.float32)
                     Wt = _dot_acc(tl.trans(-c * eta[:, None] * dZ), k, Wt)
                     if m == 0:
                         seq = (n * H + h).to(tl.int64)
@@ -336,6 +362,16 @@ def _finish_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ host side
+def keep_dw(programs: int, device: torch.device) -> bool:
+    """Whether the dW chain stores dW_{m+1}, db_{m+1} per mini-batch for the finish kernel instead of forming
+    E dSum^T itself. Forming it costs the chain registers (it spills more), storing costs a D x D float32
+    store and load per mini-batch: on the H100 storing was faster only with few sequences (programs, one per
+    sequence and head, at most a quarter of the SMs), where the chain alone sets the pace. Forward+backward at
+    T=32k, B=1: 40.1 against 43.2 ms at H16xD128, 22.0 against 25.1 at H32xD64; at T=8k, B=4: 18.2 against
+    16.9 and 11.0 against 10.8 (docs/benchmarks.md)."""
+    return device.type == "cuda" and 4 * programs <= torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gcum, seq, WC, BC, group, do,
                    dfinal, eps):
     """Gradients of `triton_chunk._TTTLinearFn`: q, k, v, do [tokens,H,D], eta [tokens,H], s [BT] float32,
@@ -352,34 +388,43 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gc
     BD = block_d(D)
     f32 = torch.float32
 
-    DZQ, DEP, DKP, XH, DE, DKW = (new((total, H, D), f32, dev) for _ in range(6))
+    DZQ, DEP, DKP, XH, DE = (new((total, H, D), f32, dev) for _ in range(5))
     RSTD, MG = new((total, H), f32, dev), new((total, H, 2), f32, dev)  # MG: mean(G), mean(G xhat)
     dln_p = torch.zeros(slots, H, 2, D, dtype=f32, device=dev)  # partial sums: unused slots add zeros
     ds_p = torch.zeros(slots, H, BT, dtype=f32, device=dev)
     ds_last = new((N, H), f32, dev)  # the chain's part of the gradient of s_{b-1}
     dq, dk, dv = (new((total, H, D), q.dtype, dev) for _ in range(3))
     deta = new((total, H), eta.dtype, dev)
-    dW0, dgW0 = new((N, H, D, D), f32, dev), new((N, H, D, D), f32, dev)
-    db0, dgb0 = new((N, H, D), f32, dev), new((N, H, D), f32, dev)
+    dW0, dgW0, dW1 = (new((N, H, D, D), f32, dev) for _ in range(3))
+    db0, dgb0, db1 = (new((N, H, D), f32, dev) for _ in range(3))
     chain_warps, local_warps = CHAIN_NUM_WARPS[BD], LOCAL_NUM_WARPS[BD]
     dims = dict(D=D, BD=BD, BT=BT)
     has_dfinal = dfinal is not None
     dWF, dBF, dGWF, dGBF = dfinal if has_dfinal else (gW0, gb0, gW0, gb0)  # unread placeholders without
+    keep = group == 1 and keep_dw(N * H, dev)
+    if keep:
+        DWC, DBC, DKW = new((slots, H, D, D), f32, dev), new((slots, H, D), f32, dev), DE  # DKW unused
+    else:
+        DWC, DBC, DKW = dW0, db0, new((total, H, D), f32, dev)  # DWC, DBC unused
 
     _local_kernel[(slots, H)](
         q, k, v, eta, do, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, gb0, WC, BC,
         dq, DZQ, DEP, DKP, XH, RSTD, MG, dln_p, ds_p, eps, N, H, **dims, GROUP=group, num_warps=local_warps,
     )
     _chain_kernel[(N * H,)](
-        q, k, v, eta, ln_weight, ln_bias, s, cu, offset, XH, RSTD, MG, DZQ, DEP, dWF, dBF, dGWF, dGBF, gW0, gb0,
-        DE, DKW, ds_last, dW0, db0, dgW0, dgb0, H, **dims, HAS_DFINAL=has_dfinal, num_warps=chain_warps,
+        q, k, v, eta, ln_weight, ln_bias, s, cu, offset, gcum, XH, RSTD, MG, DZQ, DEP, dWF, dBF, dGWF, dGBF,
+        DE, DKW, DWC, DBC, ds_last, dW1, db1, dW0, db0, dgW0, dgb0, H, **dims,
+        HAS_DFINAL=has_dfinal, KEEP_DW=keep, num_warps=chain_warps,
     )
     _finish_kernel[(slots, H)](
-        k, v, eta, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, WC, XH, RSTD, MG, DE, DKP, DKW,
-        dk, dv, deta, dln_p, N, H, **dims, GROUP=group, num_warps=local_warps,
+        k, v, eta, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, WC, XH, RSTD, MG, DE, DKP, DKW, DWC, DBC,
+        dGWF, dk, dv, deta, dln_p, ds_p, N, H, **dims, GROUP=group, KEEP_DW=keep, HAS_DFINAL=has_dfinal,
+        num_warps=local_warps,
     )
     dln = dln_p.sum(0)  # [H, 2, D]
     ds = ds_p.sum((0, 1))
-    ds[BT - 1] += ds_last.sum()
+    full0 = (offset + cu[1:] - cu[:-1] >= BT).to(f32)  # whether each sequence's first mini-batch is complete
+    ds_sums = (dW1 * gW0).sum((-2, -1)) + (db1 * gb0).sum(-1)  # [N, H]
+    ds[BT - 1] += ds_last.sum() - (full0[:, None] * ds_sums).sum()
     return (dq, dk, dv, deta, dln[:, 0].to(ln_weight.dtype), dln[:, 1].to(ln_bias.dtype),
             ds, dW0, db0, dgW0, dgb0)
