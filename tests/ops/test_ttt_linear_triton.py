@@ -146,15 +146,6 @@ def test_kernel_with_float16_checkpoints(monkeypatch, B, T, H, D, cu):
     check_kernel(B, T, H, D, cu, True, tol=1e-3)
 
 
-@pytest.mark.parametrize("keep", [True, False])
-@pytest.mark.parametrize("B,T,H,D,cu", [SHAPES[0], SHAPES[1]] + ([SHAPES[-4]] if CUDA else []))
-def test_kernel_keeping_dw_or_not(monkeypatch, B, T, H, D, cu, keep):
-    """Both ways of the backward's dk term through the weight update: the dW chain keeps dW per mini-batch for
-    the finish kernel, or forms the term itself (`triton_chunk_bwd.keep_dw` picks by the number of sequences)."""
-    monkeypatch.setattr(triton_chunk_bwd, "keep_dw", lambda programs, device: keep)
-    check_kernel(B, T, H, D, cu, True)
-
-
 def check_kernel(B, T, H, D, cu, with_state_grads, tol=TOL):
     ref_leaves, dev_leaves, offset, weights, o_ref, f_ref = reference_case(B, T, H, D, cu)
     o, f = run_kernel(dev_leaves, offset, cu)

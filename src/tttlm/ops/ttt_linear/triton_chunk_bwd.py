@@ -7,21 +7,23 @@ stores W_m, b_m at the start of every group of GROUP mini-batches (the checkpoin
 1. `_local_kernel`, one program per (group, head), walks its mini-batches from the checkpoint
    (W_{m+1} = W_m - s_{b-1} K^T E) and does the part of each one's backward that does not depend on later
    mini-batches: the output LayerNorm, dq, and the parts of dE and dk that come through the causal products.
-2. `_chain_kernel`, one program per (sequence, head), carries only dW and db back: per mini-batch one product
-   k dW_{m+1}, the LayerNorm-L2 gradient's Jacobian applied to dE, and dW += q^T dZq + k^T dZt. It stores dE,
-   and for each group's first mini-batch m the dW_{m+1}, db_{m+1} it received.
-3. `_finish_kernel`, one program per (group, head), walks the group forward again with W_m^T, dW_{m+1}^T
-   and db_{m+1} (dW_{m+2} = dW_{m+1} - q^T dZq - k^T dZt of m+1): dv, deta, the inner LayerNorm's gradient,
-   dk += E dSum^T + dZt W_m^T (dSum = -s_{b-1} dW_{m+1}, the gradient of what the mini-batch handed on), and
-   the gradient of s_{b-1} through the weight updates.
+2. `_chain_kernel`, one program per (sequence, head), carries only dW and db back: per mini-batch the
+   products k dW_{m+1} and E dW_{m+1}^T, the LayerNorm-L2 gradient's Jacobian applied to dE, and
+   dW += q^T dZq + k^T dZt. It stores dE and dk's term E dSum^T (dSum = -s_{b-1} dW_{m+1}, the gradient of
+   what the mini-batch handed on), both [BT, D] per mini-batch, and sums that term's share of the gradient of
+   s_{b-1}: no D x D matrix per mini-batch leaves it.
+3. `_finish_kernel`, one program per (group, head), walks the group forward again with W_m^T: dv, deta, the
+   inner LayerNorm's gradient and dk += dZt W_m^T.
 
-Whether walking a group beats a checkpoint per mini-batch depends on registers: a walk carries D x D
-matrices across mini-batches, which spills at D=128 (see GROUP), while a checkpoint per mini-batch costs the
-forward a D x D store per step and memory. The chain holds one D x D matrix, loads each step's tiles one step
-ahead, and leaves to the other kernels all they can do (the local kernel hands it the row means its LayerNorm
-Jacobian needs). Memory: the checkpoints (2 D^2 bytes per head and GROUP x 16 tokens for 16-bit inputs, 4 for
-float32, kept from the forward),
-their gradients, and five float32 [tokens, H, D] buffers and two small ones (freed when the backward returns).
+Whether walking a group beats a checkpoint per mini-batch depends on registers: a walk carries a D x D matrix
+across mini-batches, which spills at D=128 (see GROUP), while a checkpoint per mini-batch costs the forward a
+D x D store per step and memory. Storing dW_{m+1} per mini-batch for the finish kernel instead of forming
+E dSum^T in the chain was tried: on the H100 it was faster only with a few long sequences and less precise in
+the gradient of s_{b-1} (docs/benchmarks.md). The chain holds one D x D matrix, loads each step's tiles one
+step ahead, and leaves to the other kernels all they can do (the local kernel hands it the row means its
+LayerNorm Jacobian needs). Memory: the checkpoints (2 D^2 bytes per head and GROUP x 16 tokens for 16-bit
+inputs, 4 for float32), kept from the forward to the backward, and six float32 [tokens, H, D] buffers and a
+few small ones while the backward runs.
 
 Groups: sequence n owns group slots gcum[n] .. gcum[n+1]-1, the k-th covering its mini-batches
 k GROUP .. k GROUP + GROUP - 1 on the grid of `ttt_common.make_layout`; the parallel kernels get a slot ->
@@ -54,8 +56,9 @@ from tttlm.ops.ttt_linear.triton_parts import (
 
 # Mini-batches per checkpoint (each group of them is walked by one program of the parallel kernels, unrolled):
 # fewer means more memory and traffic for the checkpoints, more means longer walks. Compiled for sm_90 at
-# D=128 the walks spill (stack bytes local / finish: 208 / 56 with 1, 496 / 896 with 2, 528 / 952 with 8), so
-# 1: every mini-batch is its own checkpoint and nothing D x D is carried.
+# D=128 the walks spill (stack bytes of the local and the output kernel: 64 / 0 with 1, 496 / 208 with 2,
+# 528 / 224 with 8), so 1: every mini-batch is its own checkpoint and nothing D x D is carried. A larger GROUP
+# is the way to trade speed for the checkpoints' memory.
 GROUP = 1
 # Warps per program by on-chip head dim, for the sequential and the parallel kernels
 # (benchmarks/gpu_ttt_linear.py --sweep times the alternatives).
@@ -159,17 +162,15 @@ def _chain_load(m, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, start, off, L, D:
 @triton.jit
 def _chain_step(
     m, dW, db, ds, tiles,
-    S, DGWF, DGBF, DE, DKW, DWC, DBC, DW1, DB1, DGW0, DGB0,
-    lnw, lnb, base, h, H, start, off, L, num_mb, g0,
+    S, DGWF, DGBF, DE, DKW, DW1, DB1, DGW0, DGB0,
+    lnw, lnb, base, h, H, start, off, L, num_mb,
     D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr, OPEN: tl.constexpr,
-    KEEP_DW: tl.constexpr,
 ):
     """Mini-batch m in reverse. In: dW, db w.r.t. the weights after it, and ds, the gradient of s_{b-1} so far.
     Out: the same w.r.t. the weights at its start. tiles: its tiles from `_chain_load`. OPEN: the mini-batch
     may be the row's last and unfinished, which hands its sums to the final state (whose gradient is DGWF,
-    DGBF) instead of to the weights. Besides dE it stores either E dSum^T, dk's term through what the
-    mini-batch handed on (dSum = -s_{b-1} dW_{m+1}), and adds that term's share of ds; or with KEEP_DW (one
-    mini-batch per group) dW_{m+1}, db_{m+1} themselves, for `_finish_kernel` to do both. The rest of the
+    DGBF) instead of to the weights. Besides dE it stores E dSum^T, dk's term through what the mini-batch
+    handed on (dSum = -s_{b-1} dW_{m+1}), so that no D x D matrix is stored per mini-batch; the rest of the
     mini-batch's backward waits for `_finish_kernel`."""
     q, k, v, eta, rstd, mG, mGx, xh, dZq, dE = tiles
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
@@ -185,24 +186,18 @@ def _chain_step(
     full = ((m + 1) * BT <= off + L).to(tl.float32)
     c = tl.load(S + BT - 1) * full
     G = lnw[None, :] * (lnw[None, :] * xh + lnb[None, :] - v + k)  # zero in the padding columns, as lnw is
+    E = eta[:, None] * _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
 
     kdW = _dot(k, dW)
     kdS = -c * kdW
     dSb = -c * db
-    if KEEP_DW:
-        row = ((g0 + m) * H + h).to(tl.int64)
-        tl.store(_mat_ptrs(DWC, row, D, BD), dW, mask=dd)
-        tl.store(DBC + row * D + d, db, mask=dm)
-    else:
-        E = eta[:, None] * _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
-        EdS = -c * _dot(E, tl.trans(dW))
-        ds -= full * (tl.sum(tl.sum(kdW * E, 1), 0) + tl.sum(db * tl.sum(E, 0), 0))
+    EdS = -c * _dot(E, tl.trans(dW))
+    ds -= full * (tl.sum(tl.sum(kdW * E, 1), 0) + tl.sum(db * tl.sum(E, 0), 0))
     if OPEN:
         is_open = (m == num_mb - 1) & (full == 0.0)
         dGW = tl.load(_mat_ptrs(DGWF, base, D, BD), mask=dd & is_open, other=0.0)
         kdS = _dot_acc(k, dGW, kdS)
-        if not KEEP_DW:
-            EdS = _dot_acc(E, tl.trans(dGW), EdS)
+        EdS = _dot_acc(E, tl.trans(dGW), EdS)
         dSb += tl.load(DGBF + base * D + d, mask=dm & is_open, other=0.0)
     if FIRST:
         # for the host's share of ds: the state's partial sums enter W_1 = W_0 - s_{b-1} (gW + K^T E) (if the
@@ -217,8 +212,7 @@ def _chain_step(
         tl.store(DGB0 + base * D + d, tl.sum(dC, 0) + dSb, mask=dm)
     dE += kdS + dSb[None, :]
     tl.store(_tile_ptrs(DE, tok, h, H, D, BD), dE, mask=vm)
-    if not KEEP_DW:
-        tl.store(_tile_ptrs(DKW, tok, h, H, D, BD), EdS, mask=vm)
+    tl.store(_tile_ptrs(DKW, tok, h, H, D, BD), EdS, mask=vm)
     dZt, _ = _ln_l2_grad_bwd(dE, xh, rstd, G, mG, mGx, eta, lnw, D, BD)
 
     dW = _dot_acc(tl.trans(q), dZq, dW)
@@ -229,9 +223,9 @@ def _chain_step(
 
 @triton.jit
 def _chain_kernel(
-    Q, K, V, ETA, LNW, LNB, S, CU, OFF, GCUM, XH, RSTD, MG, DZQ, DEP, DWF, DBF, DGWF, DGBF,
-    DE, DKW, DWC, DBC, DS, DW1, DB1, DW0, DB0, DGW0, DGB0,
-    H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_DFINAL: tl.constexpr, KEEP_DW: tl.constexpr,
+    Q, K, V, ETA, LNW, LNB, S, CU, OFF, XH, RSTD, MG, DZQ, DEP, DWF, DBF, DGWF, DGBF,
+    DE, DKW, DS, DW1, DB1, DW0, DB0, DGW0, DGB0,
+    H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_DFINAL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // H
@@ -241,7 +235,6 @@ def _chain_kernel(
     dm = d < D
     dd = dm[:, None] & dm[None, :]
     base = pid.to(tl.int64)
-    g0 = tl.load(GCUM + n)
     lnw = tl.load(LNW + h * D + d, mask=dm, other=0.0).to(tl.float32)
     lnb = tl.load(LNB + h * D + d, mask=dm, other=0.0).to(tl.float32)
     ds = 0.0
@@ -256,8 +249,8 @@ def _chain_kernel(
             tiles_next = _chain_load(top - 1, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, start, off, L, D, BD, BT)
             dW, db, ds = _chain_step(
                 top, dW, db, ds, tiles,
-                S, DGWF, DGBF, DE, DKW, DWC, DBC, DW1, DB1, DGW0, DGB0,
-                lnw, lnb, base, h, H, start, off, L, num_mb, g0, D, BD, BT, False, True, KEEP_DW,
+                S, DGWF, DGBF, DE, DKW, DW1, DB1, DGW0, DGB0,
+                lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, False, True,
             )
             tiles = tiles_next
             top = num_mb - 2
@@ -269,14 +262,14 @@ def _chain_kernel(
         tiles_next = _chain_load(m - 1, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, start, off, L, D, BD, BT)
         dW, db, ds = _chain_step(
             m, dW, db, ds, tiles,
-            S, DGWF, DGBF, DE, DKW, DWC, DBC, DW1, DB1, DGW0, DGB0,
-            lnw, lnb, base, h, H, start, off, L, num_mb, g0, D, BD, BT, False, False, KEEP_DW,
+            S, DGWF, DGBF, DE, DKW, DW1, DB1, DGW0, DGB0,
+            lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, False, False,
         )
         tiles = tiles_next
     dW, db, ds = _chain_step(
         0, dW, db, ds, tiles,
-        S, DGWF, DGBF, DE, DKW, DWC, DBC, DW1, DB1, DGW0, DGB0,
-        lnw, lnb, base, h, H, start, off, L, num_mb, g0, D, BD, BT, True, HAS_DFINAL, KEEP_DW,
+        S, DGWF, DGBF, DE, DKW, DW1, DB1, DGW0, DGB0,
+        lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, True, HAS_DFINAL,
     )
     tl.store(_mat_ptrs(DW0, base, D, BD), dW, mask=dd)
     tl.store(DB0 + base * D + d, db, mask=dm)
@@ -286,14 +279,12 @@ def _chain_kernel(
 # -------------------------------------------------------------------------------------- 3. the rest, per group
 @triton.jit
 def _finish_kernel(
-    K, V, ETA, LNW, LNB, S, CU, OFF, SEQ, GCUM, GW0, WC, XH, RSTD, MG, DE, DKP, DKW, DWC, DBC, DGWF,
-    DK, DV, DETA, DLN_P, DS_P,
-    N, H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr, KEEP_DW: tl.constexpr,
-    HAS_DFINAL: tl.constexpr,
+    K, V, ETA, LNW, LNB, S, CU, OFF, SEQ, GCUM, GW0, WC, XH, RSTD, MG, DE, DKP, DKW,
+    DK, DV, DETA, DLN_P,
+    N, H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dv, deta, dk and the inner LayerNorm's gradient from dE: through the LayerNorm-L2 gradient, and
-    dk += dZt W_m^T + E dSum^T, the latter the chain's or, with KEEP_DW, formed here from its dW_{m+1} with
-    its share of the gradient of s_{b-1}."""
+    dk += dZt W_m^T and the chain's E dSum^T."""
     g = tl.program_id(0)
     h = tl.program_id(1)
     n, start, L, off, num_mb, m0, m1 = _group(g, SEQ, GCUM, CU, OFF, N, BT, GROUP)
@@ -330,28 +321,14 @@ def _finish_kernel(
                 dln_w += tl.sum(dG * (y - v + k) + dy * xh, 0)
                 dln_b += tl.sum(dy, 0)
 
-                full = ((m + 1) * BT <= off + L).to(tl.float32)
-                c = tl.load(S + BT - 1) * full
                 dk = dy + tl.load(_tile_ptrs(DKP, tok, h, H, D, BD), mask=vm, other=0.0)
-                if KEEP_DW:  # GROUP is 1: row is this mini-batch's
-                    E = eta[:, None] * dZ
-                    EdW = _dot(E, tl.load(_mat_ptrs(DWC, row, D, BD, True), mask=dd, other=0.0))
-                    dk -= c * EdW
-                    if HAS_DFINAL:
-                        if (m == num_mb - 1) & (full == 0.0):
-                            seq = (n * H + h).to(tl.int64)
-                            dk = _dot_acc(E, tl.load(_mat_ptrs(DGWF, seq, D, BD, True), mask=dd, other=0.0), dk)
-                    db = tl.load(DBC + row * D + d, mask=dm, other=0.0)
-                    ds = tl.load(DS_P + row * BT + BT - 1)
-                    ds -= full * (tl.sum(tl.sum(EdW * k, 1), 0) + tl.sum(db * tl.sum(E, 0), 0))
-                    tl.store(DS_P + row * BT + BT - 1, ds)
-                else:
-                    dk += tl.load(_tile_ptrs(DKW, tok, h, H, D, BD), mask=vm, other=0.0)
+                dk += tl.load(_tile_ptrs(DKW, tok, h, H, D, BD), mask=vm, other=0.0)
                 if j == 0:
                     Wt = tl.load(_mat_ptrs(WC, row, D, BD, True), mask=dd, other=0.0).to(tl.float32)
                 dk = _dot_acc(dZt, Wt, dk)
                 tl.store(_tile_ptrs(DK, tok, h, H, D, BD), dk.to(DK.dtype.element_ty), mask=vm)
                 if j + 1 < GROUP:  # W_{m+1}^T
+                    c = tl.load(S + BT - 1) * ((m + 1) * BT <= off + L).to(tl.float32)
                     Wt = _dot_acc(tl.trans(-c * eta[:, None] * dZ), k, Wt)
                     if m == 0:
                         seq = (n * H + h).to(tl.int64)
@@ -362,16 +339,6 @@ def _finish_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ host side
-def keep_dw(programs: int, device: torch.device) -> bool:
-    """Whether the dW chain stores dW_{m+1}, db_{m+1} per mini-batch for the finish kernel instead of forming
-    E dSum^T itself. Forming it costs the chain registers (it spills more), storing costs a D x D float32
-    store and load per mini-batch: on the H100 storing was faster only with few sequences (programs, one per
-    sequence and head, at most a quarter of the SMs), where the chain alone sets the pace. Forward+backward at
-    T=32k, B=1: 40.1 against 43.2 ms at H16xD128, 22.0 against 25.1 at H32xD64; at T=8k, B=4: 18.2 against
-    16.9 and 11.0 against 10.8 (docs/benchmarks.md)."""
-    return device.type == "cuda" and 4 * programs <= torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gcum, seq, WC, BC, group, do,
                    dfinal, eps):
     """Gradients of `triton_chunk._TTTLinearFn`: q, k, v, do [tokens,H,D], eta [tokens,H], s [BT] float32,
@@ -388,7 +355,7 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gc
     BD = block_d(D)
     f32 = torch.float32
 
-    DZQ, DEP, DKP, XH, DE = (new((total, H, D), f32, dev) for _ in range(5))
+    DZQ, DEP, DKP, XH, DE, DKW = (new((total, H, D), f32, dev) for _ in range(6))
     RSTD, MG = new((total, H), f32, dev), new((total, H, 2), f32, dev)  # MG: mean(G), mean(G xhat)
     dln_p = torch.zeros(slots, H, 2, D, dtype=f32, device=dev)  # partial sums: unused slots add zeros
     ds_p = torch.zeros(slots, H, BT, dtype=f32, device=dev)
@@ -401,25 +368,18 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gc
     dims = dict(D=D, BD=BD, BT=BT)
     has_dfinal = dfinal is not None
     dWF, dBF, dGWF, dGBF = dfinal if has_dfinal else (gW0, gb0, gW0, gb0)  # unread placeholders without
-    keep = group == 1 and keep_dw(N * H, dev)
-    if keep:
-        DWC, DBC, DKW = new((slots, H, D, D), f32, dev), new((slots, H, D), f32, dev), DE  # DKW unused
-    else:
-        DWC, DBC, DKW = dW0, db0, new((total, H, D), f32, dev)  # DWC, DBC unused
 
     _local_kernel[(slots, H)](
         q, k, v, eta, do, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, gb0, WC, BC,
         dq, DZQ, DEP, DKP, XH, RSTD, MG, dln_p, ds_p, eps, N, H, **dims, GROUP=group, num_warps=local_warps,
     )
     _chain_kernel[(N * H,)](
-        q, k, v, eta, ln_weight, ln_bias, s, cu, offset, gcum, XH, RSTD, MG, DZQ, DEP, dWF, dBF, dGWF, dGBF,
-        DE, DKW, DWC, DBC, ds_last, dW1, db1, dW0, db0, dgW0, dgb0, H, **dims,
-        HAS_DFINAL=has_dfinal, KEEP_DW=keep, num_warps=chain_warps,
+        q, k, v, eta, ln_weight, ln_bias, s, cu, offset, XH, RSTD, MG, DZQ, DEP, dWF, dBF, dGWF, dGBF,
+        DE, DKW, ds_last, dW1, db1, dW0, db0, dgW0, dgb0, H, **dims, HAS_DFINAL=has_dfinal, num_warps=chain_warps,
     )
     _finish_kernel[(slots, H)](
-        k, v, eta, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, WC, XH, RSTD, MG, DE, DKP, DKW, DWC, DBC,
-        dGWF, dk, dv, deta, dln_p, ds_p, N, H, **dims, GROUP=group, KEEP_DW=keep, HAS_DFINAL=has_dfinal,
-        num_warps=local_warps,
+        k, v, eta, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, WC, XH, RSTD, MG, DE, DKP, DKW,
+        dk, dv, deta, dln_p, N, H, **dims, GROUP=group, num_warps=local_warps,
     )
     dln = dln_p.sum(0)  # [H, 2, D]
     ds = ds_p.sum((0, 1))
