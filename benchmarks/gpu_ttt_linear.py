@@ -143,8 +143,8 @@ def kernel_report() -> list[str]:
     from tttlm.ops.ttt_linear import triton_chunk_bwd as bwd
 
     lines = []
-    kernels = (bwd._weights_kernel, bwd._local_kernel, bwd._chain_kernel, bwd._finish_kernel)
-    for fn in (triton_chunk._fwd_kernel, *kernels, triton_step._step_kernel):
+    kernels = (bwd._local_kernel, bwd._chain_kernel, bwd._finish_kernel)
+    for fn in (triton_chunk._fwd_kernel, triton_chunk._output_kernel, *kernels, triton_step._step_kernel):
         for cache in fn.device_caches.values():
             for kernel in cache[0].values():
                 consts = getattr(getattr(kernel, "src", None), "constexprs", {})

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -21,6 +22,19 @@ def new(shape, dtype, device) -> Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def checkpoint_layout(cu: Tensor, offset: Tensor, total: int, BT: int, group: int) -> tuple[Tensor, Tensor, int]:
+    """Where the forward keeps W, b at the start of every `group` mini-batches (one slot per group of a
+    sequence): gcum [N+1] (sequence n's slots are gcum[n] .. gcum[n+1]-1), seq [slots] (each slot's sequence,
+    N for a slot past the last), and a number of slots that needs no device sync:
+    sum(ceil(mb_n / group)) <= sum(mb_n) // group + N, and sum(mb_n) <= total // BT + 2N."""
+    N = offset.numel()
+    mini_batches = (offset + cu[1:] - cu[:-1] + BT - 1) // BT
+    gcum = F.pad(((mini_batches + group - 1) // group).cumsum(0), (1, 0))
+    slots = (total // BT + 2 * N) // group + N
+    seq = torch.searchsorted(gcum[1:].contiguous(), torch.arange(slots, device=cu.device), right=True)
+    return gcum, seq, slots
 
 
 # ---------------------------------------------------------------------------------------------- kernel pieces
@@ -106,21 +120,70 @@ def _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D: tl.constexpr, BD: tl.c
 
 @triton.jit
 def _ln_l2_grad(Z, V, K, lnw, lnb, D: tl.constexpr, BD: tl.constexpr, eps):
-    """xhat, rstd, G = lnw*(y - (V - K)) and dZ = d(1/2||LN(Z) - (V - K)||^2)/dZ for a [BT, BD] tile."""
+    """For a [BT, BD] tile: xhat, rstd, G = lnw*(y - (V - K)), G's row means mG = mean(G), mGx = mean(G xhat),
+    and dZ = d(1/2||LN(Z) - (V - K)||^2)/dZ."""
     xh, rstd = _layernorm(Z, D, BD, eps)
     G = lnw[None, :] * (lnw[None, :] * xh + lnb[None, :] - V + K)
-    return xh, rstd, G, _ln_bwd(G, xh, rstd, D, BD)
+    mG = tl.sum(G, 1) / D
+    mGx = tl.sum(G * xh, 1) / D
+    return xh, rstd, G, mG, mGx, _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
 
 
 @triton.jit
-def _ln_l2_grad_bwd(dE, xh, rstd, G, eta, lnw, D: tl.constexpr, BD: tl.constexpr):
-    """Back through E = eta * dZ, dZ the LayerNorm-L2 gradient of `_ln_l2_grad`: given dL/dE [BT,BD], returns
-    dL/dZ and dL/dG (G as `_ln_l2_grad` gives it; padding columns kept zero)."""
-    mG = tl.sum(G, 1) / D
-    mGx = tl.sum(G * xh, 1) / D
+def _ln_l2_grad_bwd(dE, xh, rstd, G, mG, mGx, eta, lnw, D: tl.constexpr, BD: tl.constexpr):
+    """Back through E = eta * dZ, dZ the LayerNorm-L2 gradient of `_ln_l2_grad` (G, mG, mGx as it gives them):
+    given dL/dE [BT,BD], returns dL/dZ and dL/dG (padding columns kept zero)."""
     g = eta[:, None] * dE
     mgx = tl.sum(g * xh, 1) / D
     dr = tl.sum(g * (G - mG[:, None] - xh * mGx[:, None]), 1)
     dG = _ln_bwd(g, xh, rstd, D, BD)
     dx = lnw[None, :] * lnw[None, :] * dG - rstd[:, None] * (g * mGx[:, None] + G * mgx[:, None])
     return _ln_bwd(dx, xh, rstd, D, BD) - (dr * rstd * rstd / D)[:, None] * xh, dG
+
+
+@triton.jit
+def _group(g, SEQ, GCUM, CU, OFF, N, BT: tl.constexpr, GROUP: tl.constexpr):
+    """Group slot g's sequence n (N for an unused slot, whose other values are then meaningless), that
+    sequence's start, length, offset, number of mini-batches, and the group's first and end mini-batch."""
+    n = tl.load(SEQ + g)
+    n_in = tl.minimum(n, N - 1)
+    start, L, off, num_mb = _sequence(CU, OFF, n_in, BT)
+    m0 = (g - tl.load(GCUM + n_in)) * GROUP
+    return n, start, L, off, num_mb, m0, tl.minimum(m0 + GROUP, num_mb)
+
+
+@triton.jit
+def _minibatch_forward(m, W, bv, q, k, v, eta, s, lnw, lnb, GW0, GB0, seq, D: tl.constexpr, BD: tl.constexpr,
+                       BT: tl.constexpr, eps):
+    """Mini-batch m's forward from the inner weights W [BD,BD], bv [BD] at its start; q, k, v [BT,BD], eta [BT]
+    float32 tiles, s [BT] the token scale, row `seq` of GW0 [N,H,D,D], GB0 [N,H,D] the state's partial sums
+    (added in mini-batch 0). Returns Z's xhat and rstd, G's row means (`_ln_l2_grad`), E [BT,BD], the causal
+    A = tril(q k^T + 1) [BT,BT], C = A E (+ q gW + gb) [BT,BD], sum(E) (+ gb) [BD], and Zq's xhat and rstd."""
+    i = tl.arange(0, BT)
+    d = tl.arange(0, BD)
+    dm = d < D
+    Z = _dot(k, W) + bv[None, :]
+    xh, rstd, _, mG, mGx, dZ = _ln_l2_grad(Z, v, k, lnw, lnb, D, BD, eps)
+    E = eta[:, None] * dZ
+    A = tl.where(i[:, None] >= i[None, :], _dot(q, tl.trans(k)) + 1.0, 0.0)
+    C = _dot(A, E)
+    Sb = tl.sum(E, 0)
+    if m == 0:
+        gb = tl.load(GB0 + seq * D + d, mask=dm, other=0.0)
+        C = _dot_acc(q, tl.load(_mat_ptrs(GW0, seq, D, BD), mask=dm[:, None] & dm[None, :], other=0.0), C)
+        C += gb[None, :]
+        Sb += gb
+    Zq = _dot(q, W) + bv[None, :] - s[:, None] * C
+    xq, rq = _layernorm(Zq, D, BD, eps)
+    return xh, rstd, mG, mGx, E, A, C, Sb, xq, rq
+
+
+@triton.jit
+def _advance(m, W, bv, k, E, Sb, c, GW0, seq, D: tl.constexpr, BD: tl.constexpr):
+    """The weights after mini-batch m: W - c (K^T E + gW in mini-batch 0), bv - c Sb, where c = s_{b-1} for a
+    finished mini-batch and 0 for an unfinished one."""
+    W = _dot_acc(tl.trans(-c * k), E, W)
+    if m == 0:
+        dm = tl.arange(0, BD) < D
+        W -= c * tl.load(_mat_ptrs(GW0, seq, D, BD), mask=dm[:, None] & dm[None, :], other=0.0)
+    return W, bv - c * Sb

@@ -69,7 +69,7 @@ def _step_kernel(
     gb = tl.load(GB0 + base * D + d, mask=dm, other=0.0)
 
     z = tl.sum(k[:, None] * W, 0) + bv
-    _, _, _, dz = _ln_l2_grad(z[None, :], v[None, :], k[None, :], lnw, lnb, D, BD, eps)
+    _, _, _, _, _, dz = _ln_l2_grad(z[None, :], v[None, :], k[None, :], lnw, lnb, D, BD, eps)
     e = eta * tl.sum(dz, 0)  # the [1, D] row as a vector
     gW = gW + k[:, None] * e[None, :]
     gb = gb + e
