@@ -8,6 +8,7 @@ Peers are skipped (with a note) when flash-linear-attention is not installed.
 
     python benchmarks/gpu_ttt_linear.py [--json OUT.json] [--tokens 32768] [--heads 16x128,32x64] [--no-peers]
     python benchmarks/gpu_ttt_linear.py --sweep     # ours only, each warps-per-program setting
+    python benchmarks/gpu_ttt_linear.py --profile   # ours only, GPU time per kernel of a forward+backward
 """
 
 from __future__ import annotations
@@ -179,6 +180,27 @@ def sweep(heads, fla) -> None:
             table[bd] = default
 
 
+def profile(heads) -> None:
+    """GPU ms per kernel of one forward+backward call of ours at T = 2k and 32k (torch.profiler, the mean of 3
+    calls after 2 warm-up calls), the 8 largest."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for H, D in heads:
+        for T in (2048, SEQ_LENS[-1]):
+            fn, _ = make_call(OPS[0], max(1, TOKENS // T), T, H, D, None)
+            for _ in range(2):
+                fn().float().sum().backward()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    fn().float().sum().backward()
+                torch.cuda.synchronize()
+            times = {e.key: e.device_time_total / 3e3 for e in prof.key_averages() if e.device_time_total > 0}
+            top = sorted(times.items(), key=lambda kv: -kv[1])[:8]
+            print(f"profile H{H}xD{D} T={T}: " + ", ".join(f"{k[:40]} {v:.2f}" for k, v in top), flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="also write every number to this file")
@@ -187,6 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--heads", default="16x128,32x64", help="comma-separated HxD")
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--sweep", action="store_true", help="time our kernels under each launch setting, then stop")
+    p.add_argument("--profile", action="store_true", help="GPU time per kernel of ours, then stop")
     args = p.parse_args(argv)
     heads = [tuple(int(x) for x in hd.split("x")) for hd in args.heads.split(",")]
     if not torch.cuda.is_available():
@@ -202,6 +225,9 @@ def main(argv=None) -> int:
     if args.sweep:
         sweep(heads, fla)
         print("\n".join(kernel_report()))
+        return 0
+    if args.profile:
+        profile(heads)
         return 0
     for H, D in heads:
         for T in SEQ_LENS:
