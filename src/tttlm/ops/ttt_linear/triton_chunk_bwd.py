@@ -21,9 +21,9 @@ D x D store per step and memory. Storing dW_{m+1} per mini-batch for the finish 
 E dSum^T in the chain was tried: on the H100 it was faster only with a few long sequences and less precise in
 the gradient of s_{b-1} (docs/benchmarks.md). The chain holds one D x D matrix, loads each step's tiles one
 step ahead, and leaves to the other kernels all they can do (the local kernel hands it the row means its
-LayerNorm Jacobian needs). Memory: the checkpoints (2 D^2 bytes per head and GROUP x 16 tokens for 16-bit
-inputs, 4 for float32), kept from the forward to the backward, and six float32 [tokens, H, D] buffers and a
-few small ones while the backward runs.
+LayerNorm Jacobian needs). Memory: the checkpoints (per head 2 D^2 bytes per 16 tokens for 16-bit inputs and
+GROUP 1, else 4 D^2 bytes per GROUP x 16 tokens), kept from the forward to the backward, and six float32
+[tokens, H, D] buffers and a few small ones while the backward runs.
 
 Groups: sequence n owns group slots gcum[n] .. gcum[n+1]-1, the k-th covering its mini-batches
 k GROUP .. k GROUP + GROUP - 1 on the grid of `ttt_common.make_layout`; the parallel kernels get a slot ->
