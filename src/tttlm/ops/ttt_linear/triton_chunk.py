@@ -152,7 +152,9 @@ def _fwd_kernel(
     n = pid // H
     h = pid % H
     start, L, off, num_mb = _sequence(CU, OFF, n, BT)
-    g0 = tl.load(GCUM + n)
+    g0 = 0  # the sequence's first checkpoint slot
+    if CHECKPOINT:
+        g0 = tl.load(GCUM + n)
     d = tl.arange(0, BD)
     dd = (d[:, None] < D) & (d[None, :] < D)
     base = (n * H + h).to(tl.int64)
@@ -242,11 +244,11 @@ class _TTTLinearFn(torch.autograd.Function):
         WF, GWF = new((N, H, D, D), f32, dev), new((N, H, D, D), f32, dev)
         BF, GBF = new((N, H, D), f32, dev), new((N, H, D), f32, dev)
         group = triton_chunk_bwd.GROUP
-        gcum, seq, slots = checkpoint_layout(cu, offset, total, BT, group)
         if checkpoint:
+            gcum, seq, slots = checkpoint_layout(cu, offset, total, BT, group)
             WC, BC = new((slots, H, D, D), checkpoint_dtype(q.dtype, group), dev), new((slots, H, D), f32, dev)
         else:
-            WC, BC = WF, BF  # unwritten placeholders
+            gcum, seq, WC, BC = cu, None, WF, BF  # unread placeholders
         dims = dict(D=D, BD=block_d(D), BT=BT, GROUP=group)
         output = not checkpoint or output_in_forward(N * H, dev)
         _fwd_kernel[(N * H,)](

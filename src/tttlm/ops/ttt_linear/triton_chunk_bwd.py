@@ -38,11 +38,11 @@ import triton.language as tl
 
 from tttlm.ops.ttt_linear.triton_parts import (
     _advance,
-    _cols,
     _dot,
     _dot_acc,
     _group,
     _ln_bwd,
+    _ln_l2_dz,
     _ln_l2_grad_bwd,
     _load_inputs,
     _mat_ptrs,
@@ -186,7 +186,7 @@ def _chain_step(
     full = ((m + 1) * BT <= off + L).to(tl.float32)
     c = tl.load(S + BT - 1) * full
     G = lnw[None, :] * (lnw[None, :] * xh + lnb[None, :] - v + k)  # zero in the padding columns, as lnw is
-    E = eta[:, None] * _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
+    E = eta[:, None] * _ln_l2_dz(G, xh, rstd, mG, mGx, D, BD)
 
     kdW = _dot(k, dW)
     kdS = -c * kdW
@@ -313,7 +313,7 @@ def _finish_kernel(
                 dE = tl.load(_tile_ptrs(DE, tok, h, H, D, BD), mask=vm, other=0.0)
                 y = lnw[None, :] * xh + lnb[None, :]
                 G = lnw[None, :] * (y - v + k)
-                dZ = _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
+                dZ = _ln_l2_dz(G, xh, rstd, mG, mGx, D, BD)
                 dZt, dG = _ln_l2_grad_bwd(dE, xh, rstd, G, mG, mGx, eta, lnw, D, BD)
                 dy = lnw[None, :] * dG
                 tl.store(DETA + tok * H + h, tl.sum(dE * dZ, 1).to(DETA.dtype.element_ty), mask=valid)

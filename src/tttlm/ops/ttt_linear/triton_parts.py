@@ -126,7 +126,13 @@ def _ln_l2_grad(Z, V, K, lnw, lnb, D: tl.constexpr, BD: tl.constexpr, eps):
     G = lnw[None, :] * (lnw[None, :] * xh + lnb[None, :] - V + K)
     mG = tl.sum(G, 1) / D
     mGx = tl.sum(G * xh, 1) / D
-    return xh, rstd, G, mG, mGx, _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
+    return xh, rstd, G, mG, mGx, _ln_l2_dz(G, xh, rstd, mG, mGx, D, BD)
+
+
+@triton.jit
+def _ln_l2_dz(G, xh, rstd, mG, mGx, D: tl.constexpr, BD: tl.constexpr):
+    """`_ln_l2_grad`'s dZ from its G, xhat, rstd and G's row means (the backward's kernels keep those)."""
+    return _cols(rstd[:, None] * (G - mG[:, None] - xh * mGx[:, None]), D, BD)
 
 
 @triton.jit
