@@ -26,6 +26,53 @@ def _fix_interpreter_scalars():
 if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_interpreter_scalars()
 
+@pytest.fixture
+def concurrent_programs(monkeypatch):
+    """Under the interpreter, run the programs of each kernel launch in threads of their own, all at once as
+    on a GPU: the interpreter runs them one after another, so programs that wait for one another (the split
+    TTT-Linear forward) would wait forever. Nothing changes on a GPU."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import inspect
+    import threading
+
+    import triton.runtime.interpreter as interp
+
+    local = threading.local()  # each thread's program id, which the interpreter otherwise holds once
+    monkeypatch.setattr(
+        interp.InterpreterBuilder, "grid_idx",
+        property(lambda self: local.idx, lambda self, idx: setattr(local, "idx", idx)), raising=False,
+    )
+    init = interp.GridExecutor.__init__
+
+    def concurrent_init(self, fn, *args, **kwargs):
+        init(self, fn, *args, **kwargs)
+        threads, errors = [], []
+
+        def program(idx, call_args):
+            local.idx = idx
+            try:
+                fn(**call_args)
+            except BaseException as e:  # re-raised in the launching thread
+                errors.append(e)
+
+        class Launch:  # stands for the kernel function: its name, globals and signature, called per program id
+            __name__, __globals__, __signature__ = fn.__name__, fn.__globals__, inspect.signature(fn)
+
+            def __call__(self, **call_args):  # the last program id waits for all
+                threads.append(threading.Thread(target=program, args=(local.idx, call_args)))
+                threads[-1].start()
+                if local.idx == tuple(n - 1 for n in interp.interpreter_builder.grid_dim):
+                    for t in threads:
+                        t.join()
+                    if errors:
+                        raise errors[0]
+
+        self.fn = Launch()
+
+    monkeypatch.setattr(interp.GridExecutor, "__init__", concurrent_init)
+
+
 _WORDS = ("def return self value index total count items result print while for if else import class "
           "data name list dict key lambda yield None True False").split()
 
