@@ -123,10 +123,9 @@ def ttt_linear_launches(H: int, D: int) -> None:
     fn = triton_chunk._TTTLinearFn
     fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, False)
     splits = triton_split.splits
-    for split in (2, 4, 8):  # W's columns over programs, as picked on the GPU for few sequences
-        if triton_parts.block_d(D) // split >= triton_split.MIN_COLUMNS:
-            triton_split.splits = lambda programs, D, device, split=split: split
-            fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, False)
+    for split in triton_split.SPLITS if triton_parts.block_d(D) == triton_split.SPLIT_BD else ():
+        triton_split.splits = lambda programs, D, device, split=split: split  # as picked for few sequences
+        fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, False)
     triton_split.splits = splits
     fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, True)
     fn.backward(ctx, torch.randn_like(q), None, None, None, None)

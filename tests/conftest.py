@@ -11,14 +11,23 @@ if not torch.cuda.is_available():
 
 def _fix_interpreter_scalars():
     """Triton 3.6's interpreter holds scalars as 1-element arrays, which numpy >= 2.4 refuses to turn into an
-    int, so a loop with a run-time bound fails there; index with the element instead."""
+    int, so a loop with a run-time bound fails there; index with the element instead. The interpreter sets
+    these attributes again at every jitted call, so the broken one is never set (a program running in another
+    thread, `concurrent_programs`, could use it meanwhile)."""
     import triton.runtime.interpreter as interp
 
     patch = interp._patch_lang_tensor
 
+    def index(self):
+        return int(self.handle.data.reshape(-1)[0])
+
     def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+        set_attr = scope.set_attr
+        scope.set_attr = lambda obj, name, value: set_attr(obj, name, index if name == "__index__" else value)
+        try:
+            patch(tensor, scope)
+        finally:
+            del scope.set_attr
 
     interp._patch_lang_tensor = patched
 
@@ -43,6 +52,13 @@ def concurrent_programs(monkeypatch):
         interp.InterpreterBuilder, "grid_idx",
         property(lambda self: local.idx, lambda self, idx: setattr(local, "idx", idx)), raising=False,
     )
+    rewrite, lock = interp.InterpretedFunction.rewrite, threading.Lock()
+
+    def locked_rewrite(self):  # a jitted function's first call parses its source: ast.parse is not thread-safe
+        with lock:
+            return rewrite(self)
+
+    monkeypatch.setattr(interp.InterpretedFunction, "rewrite", locked_rewrite)
     init = interp.GridExecutor.__init__
 
     def concurrent_init(self, fn, *args, **kwargs):
@@ -60,11 +76,12 @@ def concurrent_programs(monkeypatch):
             __name__, __globals__, __signature__ = fn.__name__, fn.__globals__, inspect.signature(fn)
 
             def __call__(self, **call_args):  # the last program id waits for all
-                threads.append(threading.Thread(target=program, args=(local.idx, call_args)))
+                # daemons: programs still waiting on one that failed must not keep the tests from ending
+                threads.append(threading.Thread(target=program, args=(local.idx, call_args), daemon=True))
                 threads[-1].start()
                 if local.idx == tuple(n - 1 for n in interp.interpreter_builder.grid_dim):
-                    for t in threads:
-                        t.join()
+                    while not errors and any(t.is_alive() for t in threads):
+                        threads[0].join(0.05)
                     if errors:
                         raise errors[0]
 

@@ -3,7 +3,7 @@
 With few sequences (B = 1 at long T) one program per (sequence, head) leaves most SMs idle, and each
 mini-batch step is a chain of dependent on-chip operations on a D x D W. Here SPLIT programs hold NC = BD/SPLIT
 columns of W each. Every column of Z = K W + b, and so of E = eta * dl/dZ and of the update K^T E, needs only
-its own column of W, except through the LayerNorm-L2 gradient's row statistics. Those are linear in six column
+its own column of W, except through the LayerNorm-L2 gradient's row statistics. Those follow from six column
 sums per token, which the programs exchange once per mini-batch through global memory:
 with a = lnw^2 and c = lnw (lnb - V + K) (so G = a xhat + c),
     sum Z, sum Z^2            -> mean, rstd,
@@ -12,8 +12,11 @@ with a = lnw^2 and c = lnw (lnb - V + K) (so G = a xhat + c),
 and mean(G) = (sum a xhat + sum c)/D, mean(G xhat) = (sum a xhat^2 + sum c xhat)/D.
 
 A program waits for the other SPLIT - 1 at every mini-batch, so all of a launch's programs must be resident at
-once: `splits` only splits while (sequences x heads x SPLIT) fits on the SMs. The kernel keeps W, b at the
-start of every GROUP mini-batches (`triton_chunk`'s checkpoints), from which `_output_kernel` writes o.
+once: `splits` only splits while (sequences x heads x SPLIT) fits on the SMs. Each mini-batch's inputs are
+loaded one step ahead. The kernel keeps W, b at the start of every GROUP mini-batches (`triton_chunk`'s
+checkpoints), from which `_output_kernel` writes o. On the H100 at B=1, T=32k, H16xD128 the forward takes
+8.7 ms against the one-program kernel's 14.4 (docs/benchmarks.md); at D=64, or with 2 programs per head, it
+was slower than that kernel, so `split_count` does not split there.
 """
 
 from __future__ import annotations
@@ -24,23 +27,26 @@ import triton.language as tl
 
 from tttlm.ops.ttt_linear.triton_parts import _dot, _dot_acc, _minibatch_tokens, _sequence, block_d
 
-MAX_SPLIT = 8
-MIN_COLUMNS = 16  # the tensor cores' smallest tile side
+SPLIT_BD = 128  # the on-chip width split: at 64 one program's step (~2.8 us on the H100) beats the exchange's
+SPLITS = (8, 4)  # 16 or 32 columns per program; with 64 (2 programs) the split lost at every width timed
 STATS = tl.constexpr(6)  # column sums exchanged per token and mini-batch
-# Warps per program by columns per program (not yet swept on the GPU).
-NUM_WARPS = {16: 4, 32: 4, 64: 8}
+# Warps per program by columns per program (timed on the H100: 2 beat 4 and 8 at 16 columns).
+NUM_WARPS = {16: 2, 32: 4}
+
+
+def split_count(programs: int, D: int, sms: int) -> int:
+    """Programs per (sequence, head) for `programs` = sequences x heads of head dim D on a GPU of `sms` SMs: the
+    most of SPLITS for which every program of the launch has an SM of its own, where splitting pays; else 1."""
+    if block_d(D) != SPLIT_BD:
+        return 1
+    return next((split for split in SPLITS if programs * split <= sms), 1)
 
 
 def splits(programs: int, D: int, device: torch.device) -> int:
-    """Programs per (sequence, head) for `programs` = sequences x heads: the most (a power of two, up to
-    MAX_SPLIT, each with at least MIN_COLUMNS columns) for which every program of the launch has an SM."""
+    """`split_count` on `device`'s SMs; 1 off CUDA (the interpreter runs a launch's programs one by one)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    split = 1
-    while split < MAX_SPLIT and block_d(D) // (2 * split) >= MIN_COLUMNS and programs * 2 * split <= sms:
-        split *= 2
-    return split
+    return split_count(programs, D, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 @triton.jit
@@ -62,25 +68,41 @@ def _gathered(X, m, j: tl.constexpr, SPLIT: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _split_inputs(m, K, V, ETA, h, H, s, start, off, L, D: tl.constexpr, BD: tl.constexpr, NC: tl.constexpr,
+                  BT: tl.constexpr):
+    """Mini-batch m's k [BT,BD], this program's columns of k and v [BT,NC], and eta [BT], in their input dtypes
+    (zeros outside the sequence)."""
+    tok, valid = _minibatch_tokens(m, start, off, L, BT)
+    rows = (tok * H + h) * D
+    d = tl.arange(0, BD)
+    c = s * NC + tl.arange(0, NC)
+    tm = valid[:, None] & (c < D)[None, :]
+    return (
+        tl.load(K + rows[:, None] + d[None, :], mask=valid[:, None] & (d < D)[None, :], other=0.0),
+        tl.load(K + rows[:, None] + c[None, :], mask=tm, other=0.0),
+        tl.load(V + rows[:, None] + c[None, :], mask=tm, other=0.0),
+        tl.load(ETA + tok * H + h, mask=valid, other=0.0),
+    )
+
+
+@triton.jit
 def _split_step(
-    m, W, bv, K, V, ETA, S, WC, BC, GW0, GB0, WF, BF, GWF, GBF, Xg, CNT, lnw, lnb, a, sum_a, eps,
-    g, h, H, s, base, start, off, L, num_mb, g0,
+    m, W, bv, k, k_c, v_c, eta, S, WC, BC, GW0, GB0, WF, BF, GWF, GBF, Xg, CNT, lnw, lnb, a, sum_a, eps,
+    g, s, h, H, base, off, L, num_mb, g0,
     D: tl.constexpr, BD: tl.constexpr, NC: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
     SPLIT: tl.constexpr, HAS_SUMS: tl.constexpr,
 ):
-    """Mini-batch m for columns s*NC .. s*NC+NC-1: returns them of W [BD,NC] and b [NC] after it."""
+    """Mini-batch m for columns s*NC .. s*NC+NC-1, from its `_split_inputs`: returns these columns of W [BD,NC]
+    and b [NC] after it."""
     d = tl.arange(0, BD)
     c = s * NC + tl.arange(0, NC)
     cm = c < D
     wm = (d < D)[:, None] & cm[None, :]
     w_off = d[:, None] * D + c[None, :]
-    tok, valid = _minibatch_tokens(m, start, off, L, BT)
-    rows = (tok * H + h) * D
-    tm = valid[:, None] & cm[None, :]
-    k = tl.load(K + rows[:, None] + d[None, :], mask=valid[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-    k_c = tl.load(K + rows[:, None] + c[None, :], mask=tm, other=0.0).to(tl.float32)
-    v_c = tl.load(V + rows[:, None] + c[None, :], mask=tm, other=0.0).to(tl.float32)
-    eta = tl.load(ETA + tok * H + h, mask=valid, other=0.0).to(tl.float32)
+    k = k.to(tl.float32)
+    k_c = k_c.to(tl.float32)
+    v_c = v_c.to(tl.float32)
+    eta = eta.to(tl.float32)
     if m % GROUP == 0:  # the backward's checkpoint of this group of mini-batches
         slot = ((g0 + m // GROUP) * H + h).to(tl.int64)
         tl.store(WC + slot * D * D + w_off, W.to(WC.dtype.element_ty), mask=wm)
@@ -164,16 +186,20 @@ def _split_fwd_kernel(
     lnw_all = tl.load(LNW + h * D + d, mask=d < D, other=0.0).to(tl.float32)
     sum_a = tl.sum(lnw_all * lnw_all, 0)
     a = lnw * lnw
+    # each mini-batch's inputs are loaded a step ahead, off the chain of dependent steps
+    inputs = _split_inputs(0, K, V, ETA, h, H, s, start, off, L, D, BD, NC, BT)
+    ahead = _split_inputs(1, K, V, ETA, h, H, s, start, off, L, D, BD, NC, BT)
     W, bv = _split_step(
-        0, W, bv, K, V, ETA, S, WC, BC, GW0, GB0, WF, BF, GWF, GBF, Xg, CNT, lnw, lnb, a, sum_a, eps,
-        g, h, H, s, base, start, off, L, num_mb, g0, D, BD, NC, BT, GROUP, SPLIT, True,
+        0, W, bv, *inputs, S, WC, BC, GW0, GB0, WF, BF, GWF, GBF, Xg, CNT, lnw, lnb, a, sum_a, eps,
+        g, s, h, H, base, off, L, num_mb, g0, D, BD, NC, BT, GROUP, SPLIT, True,
     )
     for m in range(1, num_mb):
+        inputs = ahead
+        ahead = _split_inputs(m + 1, K, V, ETA, h, H, s, start, off, L, D, BD, NC, BT)
         W, bv = _split_step(
-            m, W, bv, K, V, ETA, S, WC, BC, GW0, GB0, WF, BF, GWF, GBF, Xg, CNT, lnw, lnb, a, sum_a, eps,
-            g, h, H, s, base, start, off, L, num_mb, g0, D, BD, NC, BT, GROUP, SPLIT, False,
+            m, W, bv, *inputs, S, WC, BC, GW0, GB0, WF, BF, GWF, GBF, Xg, CNT, lnw, lnb, a, sum_a, eps,
+            g, s, h, H, base, off, L, num_mb, g0, D, BD, NC, BT, GROUP, SPLIT, False,
         )
-
 
 def split_forward(q, k, v, eta, ln_weight, ln_bias, s, cu, offset, gcum, W0, b0, gW0, gb0, WC, BC, WF, BF, GWF,
                   GBF, eps, group, split):
