@@ -35,6 +35,7 @@ def _fix_interpreter_scalars():
 if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_interpreter_scalars()
 
+
 @pytest.fixture
 def concurrent_programs(monkeypatch):
     """Under the interpreter, run the programs of each kernel launch in threads of their own, all at once as

@@ -12,7 +12,9 @@ matrix products run on the tensor cores (tf32 for float32 operands). With gradie
 the start of every GROUP mini-batches, the checkpoints from which the backward (`triton_chunk_bwd`) walks each
 group again. Unless its programs already fill the GPU (many sequences), it then leaves the output to
 `_output_kernel`, one program per (group, head) after it: the sequential kernel does per mini-batch only what
-the next one needs (Z, E and the update).
+the next one needs (Z, E and the update). With few sequences on the GPU (B = 1 at long T, head dim 128) the
+sequential forward runs instead with W's columns split over several programs (`triton_split`), which also
+leaves the output to `_output_kernel`.
 
 Head dims up to 128: one that is not a power of two (the 760m presets' 96) is padded on chip to `block_d(D)`
 with zeros, and every LayerNorm statistic and LayerNorm gradient is taken over, and kept to, the D real

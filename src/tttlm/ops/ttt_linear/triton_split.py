@@ -160,7 +160,7 @@ def _split_step(
 
 @triton.jit
 def _split_fwd_kernel(
-    Q, K, V, ETA, LNW, LNB, S, CU, OFF, GCUM, W0, B0, GW0, GB0, WC, BC, WF, BF, GWF, GBF, X, CNT,
+    K, V, ETA, LNW, LNB, S, CU, OFF, GCUM, W0, B0, GW0, GB0, WC, BC, WF, BF, GWF, GBF, X, CNT,
     eps, H, D: tl.constexpr, BD: tl.constexpr, NC: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
@@ -201,15 +201,17 @@ def _split_fwd_kernel(
             g, s, h, H, base, off, L, num_mb, g0, D, BD, NC, BT, GROUP, SPLIT, False,
         )
 
+
 def split_forward(q, k, v, eta, ln_weight, ln_bias, s, cu, offset, gcum, W0, b0, gW0, gb0, WC, BC, WF, BF, GWF,
                   GBF, eps, group, split):
-    """Launch `_split_fwd_kernel` over N*H*split programs; arguments as `triton_chunk._fwd_kernel`'s."""
-    total, H, D = q.shape
+    """Launch `_split_fwd_kernel` over N*H*split programs; arguments as `triton_chunk._fwd_kernel`'s (q for
+    its shape: o is left to `_output_kernel`)."""
+    _, H, D = q.shape
     N, BT = W0.shape[0], s.numel()
     X = torch.empty((N * H, 2, split, STATS.value, BT), dtype=torch.float32, device=q.device)
     cnt = torch.zeros(N * H, dtype=torch.int32, device=q.device)
     BD = block_d(D)
     _split_fwd_kernel[(N * H * split,)](
-        q, k, v, eta, ln_weight, ln_bias, s, cu, offset, gcum, W0, b0, gW0, gb0, WC, BC, WF, BF, GWF, GBF, X, cnt,
+        k, v, eta, ln_weight, ln_bias, s, cu, offset, gcum, W0, b0, gW0, gb0, WC, BC, WF, BF, GWF, GBF, X, cnt,
         eps, H, D=D, BD=BD, NC=BD // split, BT=BT, GROUP=group, SPLIT=split, num_warps=NUM_WARPS[BD // split],
     )
