@@ -30,7 +30,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-POINTER_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64"}
+POINTER_TYPES = {
+    torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32"
+}
 HIDDEN_CONSTEXPRS = ("D", "BT")  # the head dim is in its own column; the mini-batch is always 16
 
 
@@ -106,7 +108,7 @@ def ttt_linear_launches(H: int, D: int) -> None:
     """The forward (with and without what the backward needs), the backward (with and without the final
     state's gradient) and the decode step, on CPU tensors of 4 mini-batches."""
     from tttlm.ops.state import TTTLinearState
-    from tttlm.ops.ttt_linear import triton_chunk, triton_step
+    from tttlm.ops.ttt_linear import triton_chunk, triton_parts, triton_split, triton_step
 
     T, dt = 64, torch.bfloat16
     q, k, v = (torch.randn(T, H, D, dtype=dt) for _ in range(3))
@@ -120,6 +122,11 @@ def ttt_linear_launches(H: int, D: int) -> None:
     ctx.save_for_backward = lambda *t: setattr(ctx, "saved_tensors", t)
     fn = triton_chunk._TTTLinearFn
     fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, False)
+    splits = triton_split.splits
+    for split in triton_split.SPLITS if triton_parts.block_d(D) == triton_split.SPLIT_BD else ():
+        triton_split.splits = lambda programs, D, device, split=split: split  # as picked for few sequences
+        fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, False)
+    triton_split.splits = splits
     fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, True)
     fn.backward(ctx, torch.randn_like(q), None, None, None, None)
     fn.backward(ctx, torch.randn_like(q), W, b, gW, gb)

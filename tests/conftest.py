@@ -11,20 +11,85 @@ if not torch.cuda.is_available():
 
 def _fix_interpreter_scalars():
     """Triton 3.6's interpreter holds scalars as 1-element arrays, which numpy >= 2.4 refuses to turn into an
-    int, so a loop with a run-time bound fails there; index with the element instead."""
+    int, so a loop with a run-time bound fails there; index with the element instead. The interpreter sets
+    these attributes again at every jitted call, so the broken one is never set (a program running in another
+    thread, `concurrent_programs`, could use it meanwhile)."""
     import triton.runtime.interpreter as interp
 
     patch = interp._patch_lang_tensor
 
+    def index(self):
+        return int(self.handle.data.reshape(-1)[0])
+
     def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+        set_attr = scope.set_attr
+        scope.set_attr = lambda obj, name, value: set_attr(obj, name, index if name == "__index__" else value)
+        try:
+            patch(tensor, scope)
+        finally:
+            del scope.set_attr
 
     interp._patch_lang_tensor = patched
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_interpreter_scalars()
+
+
+@pytest.fixture
+def concurrent_programs(monkeypatch):
+    """Under the interpreter, run the programs of each kernel launch in threads of their own, all at once as
+    on a GPU: the interpreter runs them one after another, so programs that wait for one another (the split
+    TTT-Linear forward) would wait forever. Nothing changes on a GPU."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import inspect
+    import threading
+
+    import triton.runtime.interpreter as interp
+
+    local = threading.local()  # each thread's program id, which the interpreter otherwise holds once
+    monkeypatch.setattr(
+        interp.InterpreterBuilder, "grid_idx",
+        property(lambda self: local.idx, lambda self, idx: setattr(local, "idx", idx)), raising=False,
+    )
+    rewrite, lock = interp.InterpretedFunction.rewrite, threading.Lock()
+
+    def locked_rewrite(self):  # a jitted function's first call parses its source: ast.parse is not thread-safe
+        with lock:
+            return rewrite(self)
+
+    monkeypatch.setattr(interp.InterpretedFunction, "rewrite", locked_rewrite)
+    init = interp.GridExecutor.__init__
+
+    def concurrent_init(self, fn, *args, **kwargs):
+        init(self, fn, *args, **kwargs)
+        threads, errors = [], []
+
+        def program(idx, call_args):
+            local.idx = idx
+            try:
+                fn(**call_args)
+            except BaseException as e:  # re-raised in the launching thread
+                errors.append(e)
+
+        class Launch:  # stands for the kernel function: its name, globals and signature, called per program id
+            __name__, __globals__, __signature__ = fn.__name__, fn.__globals__, inspect.signature(fn)
+
+            def __call__(self, **call_args):  # the last program id waits for all
+                # daemons: programs still waiting on one that failed must not keep the tests from ending
+                threads.append(threading.Thread(target=program, args=(local.idx, call_args), daemon=True))
+                threads[-1].start()
+                if local.idx == tuple(n - 1 for n in interp.interpreter_builder.grid_dim):
+                    while not errors and any(t.is_alive() for t in threads):
+                        threads[0].join(0.05)
+                    if errors:
+                        raise errors[0]
+
+        self.fn = Launch()
+
+    monkeypatch.setattr(interp.GridExecutor, "__init__", concurrent_init)
+
 
 _WORDS = ("def return self value index total count items result print while for if else import class "
           "data name list dict key lambda yield None True False").split()

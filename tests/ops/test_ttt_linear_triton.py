@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from tttlm.ops.state import TTTLinearState
-from tttlm.ops.ttt_linear import triton_chunk, triton_chunk_bwd, triton_parts, ttt_linear, ttt_linear_step
+from tttlm.ops.ttt_linear import (
+    triton_chunk,
+    triton_chunk_bwd,
+    triton_parts,
+    triton_split,
+    ttt_linear,
+    ttt_linear_step,
+)
 from tttlm.ops.ttt_linear.reference import ttt_linear_ref
 
 F64 = torch.float64
@@ -144,6 +151,37 @@ def test_kernel_with_float16_checkpoints(monkeypatch, B, T, H, D, cu):
     rounding W to float16 (the tf32 products on the GPU round it so anyway)."""
     monkeypatch.setattr(triton_chunk, "checkpoint_dtype", lambda dtype, group: torch.float16)
     check_kernel(B, T, H, D, cu, True, tol=1e-3)
+
+
+SPLIT_CASES = [(2, SHAPES[1]), (4, (1, 40, 2, 64, [0, 19, 40]))]  # W's columns over 2 and 4 programs
+if CUDA:
+    SPLIT_CASES += [(8, SHAPES[-3]), (4, SHAPES[-4]), (8, SHAPES[-2]), (4, SHAPES[-1])]
+
+
+@pytest.fixture(autouse=True)
+def one_program_per_head(monkeypatch):
+    """The forward with one program per (sequence, head), which the GPU runs unless few sequences leave SMs
+    idle; `test_split_forward` checks the other."""
+    monkeypatch.setattr(triton_split, "splits", lambda programs, D, device: 1)
+
+
+def test_split_count():
+    assert [triton_split.split_count(p, 128, 132) for p in (1, 16, 17, 33, 34)] == [8, 8, 4, 4, 1]
+    assert triton_split.split_count(16, 96, 132) == 8  # padded to 128 on chip
+    assert triton_split.split_count(16, 64, 132) == 1
+
+
+@pytest.mark.usefixtures("concurrent_programs")
+@pytest.mark.parametrize("split,shape", SPLIT_CASES)
+def test_split_forward(monkeypatch, split, shape):
+    """W's columns split over programs that exchange the LayerNorm statistics (chosen on the GPU for few
+    sequences): outputs, final states and, from its checkpoints, every gradient; and without autograd."""
+    monkeypatch.setattr(triton_split, "splits", lambda programs, D, device: split)
+    check_kernel(*shape, True)
+    _, dev_leaves, offset, _, o_ref, f_ref = reference_case(*shape[:4], shape[4])
+    with torch.no_grad():
+        o, f = run_kernel(dev_leaves, offset, shape[4])
+    assert_within_tol(forward_errors(o, f, o_ref, f_ref))
 
 
 def check_kernel(B, T, H, D, cu, with_state_grads, tol=TOL):

@@ -12,7 +12,9 @@ matrix products run on the tensor cores (tf32 for float32 operands). With gradie
 the start of every GROUP mini-batches, the checkpoints from which the backward (`triton_chunk_bwd`) walks each
 group again. Unless its programs already fill the GPU (many sequences), it then leaves the output to
 `_output_kernel`, one program per (group, head) after it: the sequential kernel does per mini-batch only what
-the next one needs (Z, E and the update).
+the next one needs (Z, E and the update). With few sequences on the GPU (B = 1 at long T, head dim 128) the
+sequential forward runs instead with W's columns split over several programs (`triton_split`), which also
+leaves the output to `_output_kernel`.
 
 Head dims up to 128: one that is not a power of two (the 760m presets' 96) is padded on chip to `block_d(D)`
 with zeros, and every LayerNorm statistic and LayerNorm gradient is taken over, and kept to, the D real
@@ -33,7 +35,7 @@ from torch import Tensor
 
 from tttlm.ops.state import TTTLinearState
 from tttlm.ops.ttt_common import default_token_scale
-from tttlm.ops.ttt_linear import triton_chunk_bwd
+from tttlm.ops.ttt_linear import triton_chunk_bwd, triton_split
 from tttlm.ops.ttt_linear.triton_parts import (
     _advance,
     _dot,
@@ -244,17 +246,25 @@ class _TTTLinearFn(torch.autograd.Function):
         WF, GWF = new((N, H, D, D), f32, dev), new((N, H, D, D), f32, dev)
         BF, GBF = new((N, H, D), f32, dev), new((N, H, D), f32, dev)
         group = triton_chunk_bwd.GROUP
-        if checkpoint:
+        split = triton_split.splits(N * H, D, dev)
+        if checkpoint or split > 1:  # the split forward always leaves o to `_output_kernel`, from checkpoints
             gcum, seq, slots = checkpoint_layout(cu, offset, total, BT, group)
             WC, BC = new((slots, H, D, D), checkpoint_dtype(q.dtype, group), dev), new((slots, H, D), f32, dev)
         else:
             gcum, seq, WC, BC = cu, None, WF, BF  # unread placeholders
         dims = dict(D=D, BD=block_d(D), BT=BT, GROUP=group)
-        output = not checkpoint or output_in_forward(N * H, dev)
-        _fwd_kernel[(N * H,)](
-            q, k, v, eta, ln_weight, ln_bias, s, cu, offset, gcum, W0, b0, gW0, gb0, o, WC, BC, WF, BF, GWF, GBF,
-            eps, H, **dims, CHECKPOINT=checkpoint, OUTPUT=output, num_warps=_num_warps(D),
-        )
+        if split > 1:
+            output = False
+            triton_split.split_forward(
+                q, k, v, eta, ln_weight, ln_bias, s, cu, offset, gcum, W0, b0, gW0, gb0, WC, BC, WF, BF, GWF, GBF,
+                eps, group, split,
+            )
+        else:
+            output = not checkpoint or output_in_forward(N * H, dev)
+            _fwd_kernel[(N * H,)](
+                q, k, v, eta, ln_weight, ln_bias, s, cu, offset, gcum, W0, b0, gW0, gb0, o, WC, BC, WF, BF, GWF,
+                GBF, eps, H, **dims, CHECKPOINT=checkpoint, OUTPUT=output, num_warps=_num_warps(D),
+            )
         if not output:
             _output_kernel[(slots, H)](
                 q, k, v, eta, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, gb0, WC, BC, o,
