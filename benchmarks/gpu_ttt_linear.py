@@ -9,6 +9,7 @@ Peers are skipped (with a note) when flash-linear-attention is not installed.
     python benchmarks/gpu_ttt_linear.py [--json OUT.json] [--tokens 32768] [--heads 16x128,32x64] [--no-peers]
     python benchmarks/gpu_ttt_linear.py --sweep     # ours only, each warps-per-program setting
     python benchmarks/gpu_ttt_linear.py --profile   # ours only, GPU time per kernel of a forward+backward
+    python benchmarks/gpu_ttt_linear.py --split 1   # ours with one program per (sequence, head) throughout
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import sys
 
 import torch
 import torch.nn.functional as F
+
+from tttlm.ops.ttt_linear import triton_split
+from tttlm.ops.ttt_linear.triton_parts import block_d
 
 TOKENS = 32768
 SEQ_LENS = (2048, 8192, 32768)
@@ -210,8 +214,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--sweep", action="store_true", help="time our kernels under each launch setting, then stop")
     p.add_argument("--profile", action="store_true", help="GPU time per kernel of ours, then stop")
+    p.add_argument("--split", type=int, help="programs per (sequence, head) in our sequential kernels, forced "
+                   "(1: one program per head; default: as the op picks, `triton_split.split_count`)")
     args = p.parse_args(argv)
     heads = [tuple(int(x) for x in hd.split("x")) for hd in args.heads.split(",")]
+    if args.split is not None:
+        if args.split not in (1, *triton_split.SPLITS):
+            p.error(f"--split must be one of {(1, *triton_split.SPLITS)}, got {args.split}")
+        if args.split > 1 and any(block_d(D) != triton_split.SPLIT_BD for _, D in heads):
+            p.error(f"--split {args.split} needs head dims that `triton_split` splits (97..128), got {args.heads}")
+        triton_split.splits = lambda programs, D, device: args.split
     if not torch.cuda.is_available():
         print("gpu_ttt_linear: needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", default="16x128,32x64", help="comma-separated HxD (default 16x128,32x64)")
     parser.add_argument("--no-peers", action="store_true", help="time only tttlm's kernels")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode timings")
+    parser.add_argument("--split", type=int, help="programs per (sequence, head) in tttlm's sequential kernels, "
+                        "forced (1, 4 or 8; default: as the op picks)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,4 +40,5 @@ def run(args: argparse.Namespace) -> int:
     argv += ["--json", args.json] if args.json else []
     argv += ["--no-peers"] if args.no_peers else []
     argv += ["--no-decode"] if args.no_decode else []
+    argv += ["--split", str(args.split)] if args.split is not None else []
     return module.main(argv)
