@@ -41,6 +41,7 @@ from tttlm.ops.ttt_linear.triton_parts import (
     _dot,
     _dot_acc,
     _group,
+    _head_ln,
     _layernorm,
     _ln_l2_grad,
     _load_inputs,
@@ -132,7 +133,7 @@ def _fwd_minibatch(
     if HAS_SUMS:
         W_next -= c * gW
     b_next = bv - c * Sb
-    if m == num_mb - 1:
+    if m == num_mb - 1:  # W_next is stored before K^T E is formed: the two D x D matrices are never both live
         base = (n * H + h).to(tl.int64)
         tl.store(_mat_ptrs(WF, base, D, BD), W_next, mask=dd)
         tl.store(BF + base * D + d, b_next, mask=d < D)
@@ -162,8 +163,7 @@ def _fwd_kernel(
     base = (n * H + h).to(tl.int64)
     W = tl.load(_mat_ptrs(W0, base, D, BD), mask=dd, other=0.0)
     bv = tl.load(B0 + base * D + d, mask=d < D, other=0.0)
-    lnw = tl.load(LNW + h * D + d, mask=d < D, other=0.0).to(tl.float32)
-    lnb = tl.load(LNB + h * D + d, mask=d < D, other=0.0).to(tl.float32)
+    lnw, lnb = _head_ln(LNW, LNB, h, d, D)
     q, k, v, eta = _load_inputs(0, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
     W, bv = _fwd_minibatch(
         0, W, bv, q, k, v, eta,
@@ -195,8 +195,7 @@ def _output_kernel(
         row = (g * H + h).to(tl.int64)
         seq = (n * H + h).to(tl.int64)
         s = tl.load(S + tl.arange(0, BT))
-        lnw = tl.load(LNW + h * D + d, mask=dm, other=0.0).to(tl.float32)
-        lnb = tl.load(LNB + h * D + d, mask=dm, other=0.0).to(tl.float32)
+        lnw, lnb = _head_ln(LNW, LNB, h, d, D)
         W = tl.load(_mat_ptrs(WC, row, D, BD), mask=dm[:, None] & dm[None, :], other=0.0).to(tl.float32)
         bv = tl.load(BC + row * D + d, mask=dm, other=0.0)
         for j in tl.static_range(GROUP):  # unrolled: with GROUP 1 nothing is carried

@@ -43,6 +43,7 @@ from tttlm.ops.ttt_linear.triton_parts import (
     _dot,
     _dot_acc,
     _group,
+    _head_ln,
     _ln_bwd,
     _ln_l2_dz,
     _ln_l2_grad_bwd,
@@ -87,8 +88,7 @@ def _local_kernel(
         row = (g * H + h).to(tl.int64)
         seq = (n * H + h).to(tl.int64)
         s = tl.load(S + i)
-        lnw = tl.load(LNW + h * D + d, mask=dm, other=0.0).to(tl.float32)
-        lnb = tl.load(LNB + h * D + d, mask=dm, other=0.0).to(tl.float32)
+        lnw, lnb = _head_ln(LNW, LNB, h, d, D)
         W = tl.load(_mat_ptrs(WC, row, D, BD), mask=dd, other=0.0).to(tl.float32)
         bv = tl.load(BC + row * D + d, mask=dm, other=0.0)
         dln_w = tl.zeros([BD], dtype=tl.float32)
@@ -237,8 +237,7 @@ def _chain_kernel(
     dm = d < D
     dd = dm[:, None] & dm[None, :]
     base = pid.to(tl.int64)
-    lnw = tl.load(LNW + h * D + d, mask=dm, other=0.0).to(tl.float32)
-    lnb = tl.load(LNB + h * D + d, mask=dm, other=0.0).to(tl.float32)
+    lnw, lnb = _head_ln(LNW, LNB, h, d, D)
     ds = 0.0
     # each step's tiles are loaded one step ahead, so their latency hides behind the step before
     top = num_mb - 1  # the loop takes mini-batches top..1, the first one is peeled
@@ -295,8 +294,7 @@ def _finish_kernel(
         dm = d < D
         dd = dm[:, None] & dm[None, :]
         row = (g * H + h).to(tl.int64)
-        lnw = tl.load(LNW + h * D + d, mask=dm, other=0.0).to(tl.float32)
-        lnb = tl.load(LNB + h * D + d, mask=dm, other=0.0).to(tl.float32)
+        lnw, lnb = _head_ln(LNW, LNB, h, d, D)
         Wt = tl.zeros([BD, BD], dtype=tl.float32)  # W_m^T, loaded where first used
         dln_w = tl.zeros([BD], dtype=tl.float32)
         dln_b = tl.zeros([BD], dtype=tl.float32)

@@ -74,6 +74,16 @@ def _ln_bwd(g, xh, rstd, D: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
+def _head_ln(LNW, LNB, h, cols, D: tl.constexpr):
+    """Head h's inner LayerNorm weight and bias [H, D] at columns `cols`, float32 (zeros from column D on)."""
+    cm = cols < D
+    return (
+        tl.load(LNW + h * D + cols, mask=cm, other=0.0).to(tl.float32),
+        tl.load(LNB + h * D + cols, mask=cm, other=0.0).to(tl.float32),
+    )
+
+
+@triton.jit
 def _tile_ptrs(X, tok, h, H, D: tl.constexpr, BD: tl.constexpr):
     """Pointers of a [BT, BD] tile of tokens `tok` [BT] (int64) of head h in a [tokens, H, D] tensor."""
     return X + (tok * H + h)[:, None] * D + tl.arange(0, BD)[None, :]

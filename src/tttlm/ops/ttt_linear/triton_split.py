@@ -25,7 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from tttlm.ops.ttt_linear.triton_parts import _dot, _dot_acc, _minibatch_tokens, _sequence, block_d
+from tttlm.ops.ttt_linear.triton_parts import (
+    _dot,
+    _dot_acc,
+    _head_ln,
+    _minibatch_tokens,
+    _sequence,
+    block_d,
+)
 
 SPLIT_BD = 128  # the on-chip width split: at 64 one program's step (~2.8 us on the H100) beats the exchange's
 SPLITS = (8, 4)  # 16 or 32 columns per program; with 64 (2 programs) the split lost at every width timed
@@ -90,7 +97,7 @@ def _split_inputs(m, K, V, ETA, h, H, s, start, off, L, D: tl.constexpr, BD: tl.
     d = tl.arange(0, BD)
     c = s * NC + tl.arange(0, NC)
     tm = valid[:, None] & (c < D)[None, :]
-    return (
+    return (  # k's columns are loaded again: a tile's columns cannot be sliced on chip
         tl.load(K + rows[:, None] + d[None, :], mask=valid[:, None] & (d < D)[None, :], other=0.0),
         tl.load(K + rows[:, None] + c[None, :], mask=tm, other=0.0),
         tl.load(V + rows[:, None] + c[None, :], mask=tm, other=0.0),
@@ -154,7 +161,7 @@ def _split_step(
     if HAS_SUMS:
         W_next -= cf * gW
     b_next = bv - cf * Sb
-    if m == num_mb - 1:
+    if m == num_mb - 1:  # `_fwd_minibatch`'s final state, at this program's columns
         tl.store(WF + base * D * D + w_off, W_next, mask=wm)
         tl.store(BF + base * D + c, b_next, mask=cm)
         Sum = _dot(tl.trans(k), E)
@@ -188,8 +195,7 @@ def _split_fwd_kernel(
     base = (n * H + h).to(tl.int64)
     W = tl.load(W0 + base * D * D + d[:, None] * D + c[None, :], mask=(d < D)[:, None] & cm[None, :], other=0.0)
     bv = tl.load(B0 + base * D + c, mask=cm, other=0.0)
-    lnw = tl.load(LNW + h * D + c, mask=cm, other=0.0).to(tl.float32)
-    lnb = tl.load(LNB + h * D + c, mask=cm, other=0.0).to(tl.float32)
+    lnw, lnb = _head_ln(LNW, LNB, h, c, D)
     lnw_all = tl.load(LNW + h * D + d, mask=d < D, other=0.0).to(tl.float32)
     sum_a = tl.sum(lnw_all * lnw_all, 0)
     a = lnw * lnw

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from tttlm.ops.state import TTTLinearState
 from tttlm.ops.ttt_linear.triton_chunk import _num_warps
-from tttlm.ops.ttt_linear.triton_parts import _layernorm, _ln_l2_grad, block_d, new
+from tttlm.ops.ttt_linear.triton_parts import _head_ln, _layernorm, _ln_l2_grad, block_d, new
 
 
 @triton.jit
@@ -56,8 +56,7 @@ def _step_kernel(
     k = tl.load(K + base * D + d, mask=dm, other=0.0).to(tl.float32)
     v = tl.load(V + base * D + d, mask=dm, other=0.0).to(tl.float32)
     eta = tl.load(ETA + base).to(tl.float32)
-    lnw = tl.load(LNW + h * D + d, mask=dm, other=0.0).to(tl.float32)
-    lnb = tl.load(LNB + h * D + d, mask=dm, other=0.0).to(tl.float32)
+    lnw, lnb = _head_ln(LNW, LNB, h, d, D)
     pos = tl.load(OFF + n)
     if DEFAULT_S:
         s = 1.0 / (pos + 1).to(tl.float32)
