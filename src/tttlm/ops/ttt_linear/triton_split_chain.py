@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tttlm.ops.ttt_linear.triton_parts import _dot, _dot_acc, _minibatch_tokens, _sequence, block_d
+from tttlm.ops.ttt_linear.triton_parts import _dot, _dot_acc, _head_ln, _minibatch_tokens, _sequence, block_d
 from tttlm.ops.ttt_linear.triton_split import _arrive_and_wait, _gathered, _post
 
 SUMS = tl.constexpr(8)  # the seven column sums, rounded up to a power of two
@@ -174,8 +174,7 @@ def _split_chain_kernel(
     w_off = d[:, None] * D + c[None, :]
     base = g.to(tl.int64)
     Xg = X + base * (2 * SPLIT * (SUMS * BT + BT * BD))
-    lnw = tl.load(LNW + h * D + c, mask=cm, other=0.0).to(tl.float32)
-    lnb = tl.load(LNB + h * D + c, mask=cm, other=0.0).to(tl.float32)
+    lnw, lnb = _head_ln(LNW, LNB, h, c, D)
     lnw_all = tl.load(LNW + h * D + d, mask=d < D, other=0.0).to(tl.float32)
     sum_a = tl.sum(lnw_all * lnw_all, 0)
     a = lnw * lnw
