@@ -22,9 +22,10 @@ from tttlm.ops.ttt_linear.triton_parts import _dot, _dot_acc, _head_ln, _minibat
 from tttlm.ops.ttt_linear.triton_split import _arrive_and_wait, _gathered, _post
 
 SUMS = tl.constexpr(8)  # the seven column sums, rounded up to a power of two
-# Warps per program by columns per program: compiled for sm_90 at 16 columns, 2 and 4 spill (392, 184 stack
-# bytes), 8 barely (16); at 32 columns 8 spill 176. Not yet timed on a GPU.
-NUM_WARPS = {16: 8, 32: 8}
+# Warps per program by columns per program, timed on the H100 (fwd+bwd, T=32k): at 16 columns 4 warps beat
+# 8 and 16 (25.6 / 27.3 / 40.9 ms at H16xD128) although they spill 184 stack bytes; at 32 columns 8 beat 4
+# and 16 (35.7 / 38.5 / 51.9 ms at H32xD128).
+NUM_WARPS = {16: 4, 32: 8}
 
 
 @triton.jit
