@@ -122,14 +122,17 @@ def ttt_linear_launches(H: int, D: int) -> None:
     ctx.save_for_backward = lambda *t: setattr(ctx, "saved_tensors", t)
     fn = triton_chunk._TTTLinearFn
     fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, False)
+    fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, True)
+    fn.backward(ctx, torch.randn_like(q), None, None, None, None)
+    fn.backward(ctx, torch.randn_like(q), W, b, gW, gb)
     splits = triton_split.splits
     for split in triton_split.SPLITS if triton_parts.block_d(D) == triton_split.SPLIT_BD else ():
         triton_split.splits = lambda programs, D, device, split=split: split  # as picked for few sequences
         fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, False)
+        fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, True)
+        fn.backward(ctx, torch.randn_like(q), None, None, None, None)
+        fn.backward(ctx, torch.randn_like(q), W, b, gW, gb)
     triton_split.splits = splits
-    fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, True)
-    fn.backward(ctx, torch.randn_like(q), None, None, None, None)
-    fn.backward(ctx, torch.randn_like(q), W, b, gW, gb)
     state = TTTLinearState(W, b, gW, gb, torch.full((1,), 3))
     triton_step.ttt_linear_step_triton(q[:1], k[:1], v[:1], eta[:1], ln_w, ln_b, state)
 

@@ -45,6 +45,7 @@ def concurrent_programs(monkeypatch):
         return
     import inspect
     import threading
+    import time
 
     import triton.runtime.interpreter as interp
 
@@ -81,7 +82,10 @@ def concurrent_programs(monkeypatch):
                 threads.append(threading.Thread(target=program, args=(local.idx, call_args), daemon=True))
                 threads[-1].start()
                 if local.idx == tuple(n - 1 for n in interp.interpreter_builder.grid_dim):
+                    deadline = time.monotonic() + 600  # a kernel whose programs wait forever fails, not hangs
                     while not errors and any(t.is_alive() for t in threads):
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"{fn.__name__}: programs still waiting after 600 s")
                         threads[0].join(0.05)
                     if errors:
                         raise errors[0]

@@ -22,7 +22,7 @@ def test_reports_every_kernel():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     kernels = {"_fwd_kernel", "_output_kernel", "_local_kernel", "_chain_kernel", "_finish_kernel", "_step_kernel"}
-    for heads, expected in (("2×16", kernels), ("1×128", kernels | {"_split_fwd_kernel"})):
+    for heads, expected in (("2×16", kernels), ("1×128", kernels | {"_split_fwd_kernel", "_split_chain_kernel"})):
         rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith(f"| {heads} |")]
         assert expected <= {r[1].strip() for r in rows}, heads
         for r in rows:

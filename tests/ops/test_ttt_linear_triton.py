@@ -160,8 +160,8 @@ if CUDA:
 
 @pytest.fixture(autouse=True)
 def one_program_per_head(monkeypatch):
-    """The forward with one program per (sequence, head), which the GPU runs unless few sequences leave SMs
-    idle; `test_split_forward` checks the other."""
+    """The sequential kernels with one program per (sequence, head), which the GPU runs unless few sequences
+    leave SMs idle; `test_split_kernels` checks the others."""
     monkeypatch.setattr(triton_split, "splits", lambda programs, D, device: 1)
 
 
@@ -173,9 +173,10 @@ def test_split_count():
 
 @pytest.mark.usefixtures("concurrent_programs")
 @pytest.mark.parametrize("split,shape", SPLIT_CASES)
-def test_split_forward(monkeypatch, split, shape):
-    """W's columns split over programs that exchange the LayerNorm statistics (chosen on the GPU for few
-    sequences): outputs, final states and, from its checkpoints, every gradient; and without autograd."""
+def test_split_kernels(monkeypatch, split, shape):
+    """W's columns split over programs that exchange the LayerNorm statistics in the forward, and dW's in the
+    backward's chain (chosen on the GPU for few sequences): outputs, final states and every gradient; and the
+    forward without autograd."""
     monkeypatch.setattr(triton_split, "splits", lambda programs, D, device: split)
     check_kernel(*shape, True)
     _, dev_leaves, offset, _, o_ref, f_ref = reference_case(*shape[:4], shape[4])

@@ -11,7 +11,8 @@ stores W_m, b_m at the start of every group of GROUP mini-batches (the checkpoin
    products k dW_{m+1} and E dW_{m+1}^T, the LayerNorm-L2 gradient's Jacobian applied to dE, and
    dW += q^T dZq + k^T dZt. It stores dE and dk's term E dSum^T (dSum = -s_{b-1} dW_{m+1}, the gradient of
    what the mini-batch handed on), both [BT, D] per mini-batch, and sums that term's share of the gradient of
-   s_{b-1}: no D x D matrix per mini-batch leaves it.
+   s_{b-1}: no D x D matrix per mini-batch leaves it. With few sequences on the GPU `triton_split_chain`
+   splits dW's columns over several programs per (sequence, head) instead.
 3. `_finish_kernel`, one program per (group, head), walks the group forward again with W_m^T: dv, deta, the
    inner LayerNorm's gradient and dk += dZt W_m^T.
 
@@ -36,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tttlm.ops.ttt_linear import triton_split, triton_split_chain
 from tttlm.ops.ttt_linear.triton_parts import (
     _advance,
     _dot,
@@ -357,12 +359,11 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gc
     RSTD, MG = new((total, H), f32, dev), new((total, H, 2), f32, dev)  # MG: mean(G), mean(G xhat)
     dln_p = torch.zeros(slots, H, 2, D, dtype=f32, device=dev)  # partial sums: unused slots add zeros
     ds_p = torch.zeros(slots, H, BT, dtype=f32, device=dev)
-    ds_last = new((N, H), f32, dev)  # the chain's part of the gradient of s_{b-1}
     dq, dk, dv = (new((total, H, D), q.dtype, dev) for _ in range(3))
     deta = new((total, H), eta.dtype, dev)
     dW0, dgW0, dW1 = (new((N, H, D, D), f32, dev) for _ in range(3))
     db0, dgb0, db1 = (new((N, H, D), f32, dev) for _ in range(3))
-    chain_warps, local_warps = CHAIN_NUM_WARPS[BD], LOCAL_NUM_WARPS[BD]
+    local_warps = LOCAL_NUM_WARPS[BD]
     dims = dict(D=D, BD=BD, BT=BT)
     has_dfinal = dfinal is not None
     dWF, dBF, dGWF, dGBF = dfinal if has_dfinal else (gW0, gb0, gW0, gb0)  # unread placeholders without
@@ -371,10 +372,19 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gc
         q, k, v, eta, do, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, gb0, WC, BC,
         dq, DZQ, DEP, DKP, XH, RSTD, MG, dln_p, ds_p, eps, N, H, **dims, GROUP=group, num_warps=local_warps,
     )
-    _chain_kernel[(N * H,)](
-        q, k, v, eta, ln_weight, ln_bias, s, cu, offset, XH, RSTD, MG, DZQ, DEP, dWF, dBF, dGWF, dGBF,
-        DE, DKW, ds_last, dW1, db1, dW0, db0, dgW0, dgb0, H, **dims, HAS_DFINAL=has_dfinal, num_warps=chain_warps,
-    )
+    split = triton_split.splits(N * H, D, dev)
+    if split > 1:
+        ds_last = triton_split_chain.split_chain(
+            q, k, v, eta, ln_weight, ln_bias, s, cu, offset, XH, RSTD, MG, DZQ, DEP, dWF, dBF, dGWF, dGBF,
+            DE, DKW, dW1, db1, dW0, db0, dgW0, dgb0, has_dfinal, split,
+        )
+    else:
+        ds_last = new((N, H), f32, dev)
+        _chain_kernel[(N * H,)](
+            q, k, v, eta, ln_weight, ln_bias, s, cu, offset, XH, RSTD, MG, DZQ, DEP, dWF, dBF, dGWF, dGBF,
+            DE, DKW, ds_last, dW1, db1, dW0, db0, dgW0, dgb0, H, **dims, HAS_DFINAL=has_dfinal,
+            num_warps=CHAIN_NUM_WARPS[BD],
+        )
     _finish_kernel[(slots, H)](
         k, v, eta, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, WC, XH, RSTD, MG, DE, DKP, DKW,
         dk, dv, deta, dln_p, N, H, **dims, GROUP=group, num_warps=local_warps,
@@ -383,6 +393,6 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gc
     ds = ds_p.sum((0, 1))
     full0 = (offset + cu[1:] - cu[:-1] >= BT).to(f32)  # whether each sequence's first mini-batch is complete
     ds_sums = (dW1 * gW0).sum((-2, -1)) + (db1 * gb0).sum(-1)  # [N, H]
-    ds[BT - 1] += ds_last.sum() - (full0[:, None] * ds_sums).sum()
+    ds[BT - 1] += ds_last.sum() - (full0[:, None] * ds_sums).sum()  # ds_last: the chain's part
     return (dq, dk, dv, deta, dln[:, 0].to(ln_weight.dtype), dln[:, 1].to(ln_bias.dtype),
             ds, dW0, db0, dgW0, dgb0)

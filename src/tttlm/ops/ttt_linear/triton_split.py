@@ -57,20 +57,33 @@ def splits(programs: int, D: int, device: torch.device) -> int:
 
 
 @triton.jit
-def _exchange(X, part, m, s, j: tl.constexpr, SPLIT: tl.constexpr, BT: tl.constexpr):
-    """Store this program's column sum `part` [BT] as statistic j of mini-batch m (two slots alternate: a
-    program can be at most one mini-batch ahead of the slowest, which must read the older slot)."""
-    tl.store(X + (((m % 2) * SPLIT + s) * STATS + j) * BT + tl.arange(0, BT), part)
+def _post(X, part, m, s, j, SPLIT: tl.constexpr, REGION: tl.constexpr, BT: tl.constexpr):
+    """Store this program's column sum `part` [BT] as statistic j of mini-batch m in its REGION of the exchange X
+    (two slots alternate: a program can be at most one mini-batch ahead of the slowest, which reads the other)."""
+    tl.store(X + ((m % 2) * SPLIT + s) * REGION + j * BT + tl.arange(0, BT), part)
 
 
 @triton.jit
-def _gathered(X, m, j: tl.constexpr, SPLIT: tl.constexpr, BT: tl.constexpr):
+def _arrive_and_wait(CNT, m, SPLIT: tl.constexpr):
+    """Count this program in at mini-batch m, then wait for all SPLIT. Every thread's posts come before the
+    arrival (the barrier, then a release at GPU scope), and the loads of the others' after it (an acquire, then
+    the barrier)."""
+    tl.debug_barrier()
+    tl.atomic_add(CNT, 1, sem="release", scope="gpu")
+    arrived = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+    while arrived < SPLIT * (m + 1):
+        arrived = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _gathered(X, m, j, SPLIT: tl.constexpr, REGION: tl.constexpr, BT: tl.constexpr):
     """Statistic j of mini-batch m summed over the SPLIT programs, in a fixed order (the same on every
     program: all see one set of row statistics). Loaded from L2 (`.cg`): L1 may hold the slot's old values."""
     i = tl.arange(0, BT)
     total = tl.zeros((BT,), tl.float32)
     for r in tl.static_range(SPLIT):
-        total += tl.load(X + (((m % 2) * SPLIT + r) * STATS + j) * BT + i, cache_modifier=".cg")
+        total += tl.load(X + ((m % 2) * SPLIT + r) * REGION + j * BT + i, cache_modifier=".cg")
     return total
 
 
@@ -117,28 +130,22 @@ def _split_step(
 
     Z = _dot(k, W) + bv[None, :]
     cz = lnw[None, :] * (lnb[None, :] - v_c + k_c)
-    _exchange(Xg, tl.sum(Z, 1), m, s, 0, SPLIT, BT)
-    _exchange(Xg, tl.sum(Z * Z, 1), m, s, 1, SPLIT, BT)
-    _exchange(Xg, tl.sum(a[None, :] * Z, 1), m, s, 2, SPLIT, BT)
-    _exchange(Xg, tl.sum(a[None, :] * Z * Z, 1), m, s, 3, SPLIT, BT)
-    _exchange(Xg, tl.sum(cz, 1), m, s, 4, SPLIT, BT)
-    _exchange(Xg, tl.sum(cz * Z, 1), m, s, 5, SPLIT, BT)
-    # every thread's stores come before the arrival (the barrier, then a release at GPU scope), and the
-    # gathered loads after the last arrival (an acquire, then the barrier)
-    tl.debug_barrier()
-    tl.atomic_add(CNT + g, 1, sem="release", scope="gpu")
-    arrived = tl.atomic_add(CNT + g, 0, sem="acquire", scope="gpu")
-    while arrived < SPLIT * (m + 1):
-        arrived = tl.atomic_add(CNT + g, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
-    mu = _gathered(Xg, m, 0, SPLIT, BT) / D
-    rstd = 1.0 / tl.sqrt(_gathered(Xg, m, 1, SPLIT, BT) / D - mu * mu + eps)
-    saz = _gathered(Xg, m, 2, SPLIT, BT)
-    sc = _gathered(Xg, m, 4, SPLIT, BT)
+    R: tl.constexpr = STATS * BT
+    _post(Xg, tl.sum(Z, 1), m, s, 0, SPLIT, R, BT)
+    _post(Xg, tl.sum(Z * Z, 1), m, s, 1, SPLIT, R, BT)
+    _post(Xg, tl.sum(a[None, :] * Z, 1), m, s, 2, SPLIT, R, BT)
+    _post(Xg, tl.sum(a[None, :] * Z * Z, 1), m, s, 3, SPLIT, R, BT)
+    _post(Xg, tl.sum(cz, 1), m, s, 4, SPLIT, R, BT)
+    _post(Xg, tl.sum(cz * Z, 1), m, s, 5, SPLIT, R, BT)
+    _arrive_and_wait(CNT + g, m, SPLIT)
+    mu = _gathered(Xg, m, 0, SPLIT, R, BT) / D
+    rstd = 1.0 / tl.sqrt(_gathered(Xg, m, 1, SPLIT, R, BT) / D - mu * mu + eps)
+    saz = _gathered(Xg, m, 2, SPLIT, R, BT)
+    sc = _gathered(Xg, m, 4, SPLIT, R, BT)
     mG = (rstd * (saz - mu * sum_a) + sc) / D
     mGx = (
-        rstd * rstd * (_gathered(Xg, m, 3, SPLIT, BT) - 2.0 * mu * saz + mu * mu * sum_a)
-        + rstd * (_gathered(Xg, m, 5, SPLIT, BT) - mu * sc)
+        rstd * rstd * (_gathered(Xg, m, 3, SPLIT, R, BT) - 2.0 * mu * saz + mu * mu * sum_a)
+        + rstd * (_gathered(Xg, m, 5, SPLIT, R, BT) - mu * sc)
     ) / D
     xh = tl.where(cm[None, :], (Z - mu[:, None]) * rstd[:, None], 0.0)
     G = a[None, :] * xh + cz
