@@ -21,11 +21,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from tttlm.ops.ttt_linear import triton_split
+from tttlm.ops.ttt_linear import triton_split, triton_split_chain
 from tttlm.ops.ttt_linear.triton_parts import block_d
 
 TOKENS = 32768
 SEQ_LENS = (2048, 8192, 32768)
+SPLITS = (triton_split.SPLITS, triton_split_chain.SPLITS)  # the forward's, the backward chain's
 OPS = ("ttt_linear (ours)", "fla chunk_ttt_linear", "fla gated_deltanet", "sdpa flash")
 
 
@@ -214,16 +215,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--sweep", action="store_true", help="time our kernels under each launch setting, then stop")
     p.add_argument("--profile", action="store_true", help="GPU time per kernel of ours, then stop")
-    p.add_argument("--split", type=int, help="programs per (sequence, head) in our sequential kernels, forced "
-                   "(1: one program per head; default: as the op picks, `triton_split.split_count`)")
+    p.add_argument("--split", type=int, help="programs per (sequence, head), forced in each of our sequential "
+                   "kernels that offers it at the head dim (its SPLITS), one elsewhere (default: as the op picks, "
+                   "`triton_split.split_count`)")
     args = p.parse_args(argv)
     heads = [tuple(int(x) for x in hd.split("x")) for hd in args.heads.split(",")]
     if args.split is not None:
-        if args.split not in (1, *triton_split.SPLITS):
-            p.error(f"--split must be one of {(1, *triton_split.SPLITS)}, got {args.split}")
-        if args.split > 1 and any(block_d(D) != triton_split.SPLIT_BD for _, D in heads):
-            p.error(f"--split {args.split} needs head dims that `triton_split` splits (97..128), got {args.heads}")
-        triton_split.splits = lambda programs, D, device: args.split
+        offered = {split for options in SPLITS for D in {block_d(D) for _, D in heads} for split in options.get(D, ())}
+        if args.split not in {1} | offered:
+            p.error(f"--split must be 1 or one the kernels offer at these heads, {sorted(offered)}; got {args.split}")
+        triton_split.splits = triton_split.forced(args.split)
     if not torch.cuda.is_available():
         print("gpu_ttt_linear: needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -108,7 +108,7 @@ def ttt_linear_launches(H: int, D: int) -> None:
     """The forward (with and without what the backward needs), the backward (with and without the final
     state's gradient) and the decode step, on CPU tensors of 4 mini-batches."""
     from tttlm.ops.state import TTTLinearState
-    from tttlm.ops.ttt_linear import triton_chunk, triton_parts, triton_split, triton_step
+    from tttlm.ops.ttt_linear import triton_chunk, triton_parts, triton_split, triton_split_chain, triton_step
 
     T, dt = 64, torch.bfloat16
     q, k, v = (torch.randn(T, H, D, dtype=dt) for _ in range(3))
@@ -126,8 +126,10 @@ def ttt_linear_launches(H: int, D: int) -> None:
     fn.backward(ctx, torch.randn_like(q), None, None, None, None)
     fn.backward(ctx, torch.randn_like(q), W, b, gW, gb)
     splits = triton_split.splits
-    for split in triton_split.SPLITS if triton_parts.block_d(D) == triton_split.SPLIT_BD else ():
-        triton_split.splits = lambda programs, D, device, split=split: split  # as picked for few sequences
+    offered = {split for options in (triton_split.SPLITS, triton_split_chain.SPLITS)
+               for split in options.get(triton_parts.block_d(D), ())}
+    for split in sorted(offered):  # as picked for few sequences
+        triton_split.splits = triton_split.forced(split)
         fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, False)
         fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, W, b, gW, gb, cu, offset, 1e-6, True)
         fn.backward(ctx, torch.randn_like(q), None, None, None, None)

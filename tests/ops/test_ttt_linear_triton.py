@@ -13,6 +13,7 @@ from tttlm.ops.ttt_linear import (
     triton_chunk_bwd,
     triton_parts,
     triton_split,
+    triton_split_chain,
     ttt_linear,
     ttt_linear_step,
 )
@@ -156,19 +157,24 @@ def test_kernel_with_float16_checkpoints(monkeypatch, B, T, H, D, cu):
 SPLIT_CASES = [(2, SHAPES[1]), (4, (1, 40, 2, 64, [0, 19, 40]))]  # W's columns over 2 and 4 programs
 if CUDA:
     SPLIT_CASES += [(8, SHAPES[-3]), (4, SHAPES[-4]), (8, SHAPES[-2]), (4, SHAPES[-1])]
+    SPLIT_CASES += [(2, SHAPES[-5]), (2, SHAPES[-4])]  # 2 programs: as the backward's chain takes them
 
 
 @pytest.fixture(autouse=True)
 def one_program_per_head(monkeypatch):
     """The sequential kernels with one program per (sequence, head), which the GPU runs unless few sequences
     leave SMs idle; `test_split_kernels` checks the others."""
-    monkeypatch.setattr(triton_split, "splits", lambda programs, D, device: 1)
+    monkeypatch.setattr(triton_split, "splits", lambda programs, D, device, options: 1)
 
 
 def test_split_count():
-    assert [triton_split.split_count(p, 128, 132) for p in (1, 16, 17, 33, 34)] == [8, 8, 4, 4, 1]
-    assert triton_split.split_count(16, 96, 132) == 8  # padded to 128 on chip
-    assert triton_split.split_count(16, 64, 132) == 1
+    fwd, chain = triton_split.SPLITS, triton_split_chain.SPLITS
+    assert [triton_split.split_count(p, 128, 132, fwd) for p in (1, 16, 17, 33, 34)] == [8, 8, 4, 4, 1]
+    assert triton_split.split_count(16, 96, 132, fwd) == 8  # padded to 128 on chip
+    assert triton_split.split_count(16, 64, 132, fwd) == 1
+    assert [triton_split.split_count(p, 128, 132, chain) for p in (16, 33, 64, 66, 67)] == [8, 4, 2, 2, 1]
+    assert [triton_split.split_count(p, 64, 132, chain) for p in (33, 34, 66, 67)] == [4, 2, 2, 1]
+    assert triton_split.split_count(4, 32, 132, chain) == 1
 
 
 @pytest.mark.usefixtures("concurrent_programs")
@@ -177,7 +183,7 @@ def test_split_kernels(monkeypatch, split, shape):
     """W's columns split over programs that exchange the LayerNorm statistics in the forward, and dW's in the
     backward's chain (chosen on the GPU for few sequences): outputs, final states and every gradient; and the
     forward without autograd."""
-    monkeypatch.setattr(triton_split, "splits", lambda programs, D, device: split)
+    monkeypatch.setattr(triton_split, "splits", lambda programs, D, device, options: split)
     check_kernel(*shape, True)
     _, dev_leaves, offset, _, o_ref, f_ref = reference_case(*shape[:4], shape[4])
     with torch.no_grad():

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-peers", action="store_true", help="time only tttlm's kernels")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode timings")
     parser.add_argument("--split", type=int, help="programs per (sequence, head) in tttlm's sequential kernels, "
-                        "forced (1, 4 or 8; default: as the op picks)")
+                        "forced in each that offers it at the head dim (1, 2, 4 or 8; default: as the op picks)")
 
 
 def run(args: argparse.Namespace) -> int:

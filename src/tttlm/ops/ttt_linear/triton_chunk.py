@@ -245,7 +245,7 @@ class _TTTLinearFn(torch.autograd.Function):
         WF, GWF = new((N, H, D, D), f32, dev), new((N, H, D, D), f32, dev)
         BF, GBF = new((N, H, D), f32, dev), new((N, H, D), f32, dev)
         group = triton_chunk_bwd.GROUP
-        split = triton_split.splits(N * H, D, dev)
+        split = triton_split.splits(N * H, D, dev, triton_split.SPLITS)
         if checkpoint or split > 1:  # the split forward always leaves o to `_output_kernel`, from checkpoints
             gcum, seq, slots = checkpoint_layout(cu, offset, total, BT, group)
             WC, BC = new((slots, H, D, D), checkpoint_dtype(q.dtype, group), dev), new((slots, H, D), f32, dev)

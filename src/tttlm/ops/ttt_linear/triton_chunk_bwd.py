@@ -372,7 +372,7 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gc
         q, k, v, eta, do, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, gb0, WC, BC,
         dq, DZQ, DEP, DKP, XH, RSTD, MG, dln_p, ds_p, eps, N, H, **dims, GROUP=group, num_warps=local_warps,
     )
-    split = triton_split.splits(N * H, D, dev)
+    split = triton_split.splits(N * H, D, dev, triton_split_chain.SPLITS)
     if split > 1:
         ds_last = triton_split_chain.split_chain(
             q, k, v, eta, ln_weight, ln_bias, s, cu, offset, XH, RSTD, MG, DZQ, DEP, dWF, dBF, dGWF, dGBF,

@@ -16,7 +16,7 @@ once: `splits` only splits while (sequences x heads x SPLIT) fits on the SMs. Ea
 loaded one step ahead. The kernel keeps W, b at the start of every GROUP mini-batches (`triton_chunk`'s
 checkpoints), from which `_output_kernel` writes o. On the H100 at B=1, T=32k, H16xD128 the forward takes
 8.7 ms against the one-program kernel's 14.4 (docs/benchmarks.md); at D=64, or with 2 programs per head, it
-was slower than that kernel, so `split_count` does not split there.
+was slower than that kernel, so SPLITS leaves those out.
 """
 
 from __future__ import annotations
@@ -34,26 +34,34 @@ from tttlm.ops.ttt_linear.triton_parts import (
     block_d,
 )
 
-SPLIT_BD = 128  # the on-chip width split: at 64 one program's step (~2.8 us on the H100) beats the exchange's
-SPLITS = (8, 4)  # 16 or 32 columns per program; with 64 (2 programs) the split lost at every width timed
+# Programs per (sequence, head) the forward may take, by on-chip head dim, most first: 16 or 32 columns per
+# program at 128. At 64 one program's step (~2.8 us on the H100) beat the exchange's, and with 64 columns (2
+# programs) the split lost at every width timed.
+SPLITS = {128: (8, 4)}
 STATS = tl.constexpr(6)  # column sums exchanged per token and mini-batch
-# Warps per program by columns per program (timed on the H100: 2 beat 4 and 8 at 16 columns).
+# Warps per program by columns per program (timed on the H100: 2 beat 4 and 8 at 16 columns); 4 for widths
+# SPLITS does not offer, which run only when forced (tests).
 NUM_WARPS = {16: 2, 32: 4}
 
 
-def split_count(programs: int, D: int, sms: int) -> int:
+def split_count(programs: int, D: int, sms: int, options: dict[int, tuple[int, ...]]) -> int:
     """Programs per (sequence, head) for `programs` = sequences x heads of head dim D on a GPU of `sms` SMs: the
-    most of SPLITS for which every program of the launch has an SM of its own, where splitting pays; else 1."""
-    if block_d(D) != SPLIT_BD:
-        return 1
-    return next((split for split in SPLITS if programs * split <= sms), 1)
+    most of options[block_d(D)] (a kernel's SPLITS) for which every program of the launch has an SM of its own;
+    else 1."""
+    return next((split for split in options.get(block_d(D), ()) if programs * split <= sms), 1)
 
 
-def splits(programs: int, D: int, device: torch.device) -> int:
+def splits(programs: int, D: int, device: torch.device, options: dict[int, tuple[int, ...]]) -> int:
     """`split_count` on `device`'s SMs; 1 off CUDA (the interpreter runs a launch's programs one by one)."""
     if device.type != "cuda":
         return 1
-    return split_count(programs, D, torch.cuda.get_device_properties(device).multi_processor_count)
+    return split_count(programs, D, torch.cuda.get_device_properties(device).multi_processor_count, options)
+
+
+def forced(split: int):
+    """A stand-in for `splits` that takes `split` programs in each kernel offering it at the head dim, else one
+    (to time or compile a split whatever the GPU)."""
+    return lambda programs, D, device, options: split if split in options.get(block_d(D), ()) else 1
 
 
 @triton.jit
@@ -226,5 +234,5 @@ def split_forward(q, k, v, eta, ln_weight, ln_bias, s, cu, offset, gcum, W0, b0,
     BD = block_d(D)
     _split_fwd_kernel[(N * H * split,)](
         k, v, eta, ln_weight, ln_bias, s, cu, offset, gcum, W0, b0, gW0, gb0, WC, BC, WF, BF, GWF, GBF, X, cnt,
-        eps, H, D=D, BD=BD, NC=BD // split, BT=BT, GROUP=group, SPLIT=split, num_warps=NUM_WARPS[BD // split],
+        eps, H, D=D, BD=BD, NC=BD // split, BT=BT, GROUP=group, SPLIT=split, num_warps=NUM_WARPS.get(BD // split, 4),
     )

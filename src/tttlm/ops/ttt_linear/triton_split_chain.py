@@ -22,10 +22,18 @@ from tttlm.ops.ttt_linear.triton_parts import _dot, _dot_acc, _head_ln, _minibat
 from tttlm.ops.ttt_linear.triton_split import _arrive_and_wait, _gathered, _post
 
 SUMS = tl.constexpr(8)  # the seven column sums, rounded up to a power of two
-# Warps per program by columns per program, timed on the H100 (fwd+bwd, T=32k): at 16 columns 4 warps beat
-# 8 and 16 (25.6 / 27.3 / 40.9 ms at H16xD128) although they spill 184 stack bytes; at 32 columns 8 beat 4
-# and 16 (35.7 / 38.5 / 51.9 ms at H32xD128).
-NUM_WARPS = {16: 4, 32: 8}
+# Programs per (sequence, head) the chain may take, by on-chip head dim, most first (`triton_split.split_count`).
+# Unlike the forward's, the chain's step gains from the split at D=64 and with 2 programs per head; timed on the
+# H100, fwd+bwd in ms with one program per head against split: H16xD128 T=8k B=4 16.6 / 14.8 (2), H32xD64
+# T=32k B=1 25.1 / 22.5 (2) / 21.3 (4). With more programs than SMs it lost (H16xD128 T=2k B=16, split 2:
+# 13.1 against 12.3), and then the exchange could wait on programs that never start.
+SPLITS = {128: (8, 4, 2), 64: (4, 2)}
+# Warps per program by (on-chip head dim, columns per program), timed on the H100 (fwd+bwd): at 128 x 16
+# columns 4 beat 8 and 16 (25.6 / 27.3 / 40.9 ms at H16xD128 T=32k) although they spill 184 stack bytes; at
+# 128 x 32, 8 beat 4 and 16 (35.7 / 38.5 / 51.9 at H32xD128 T=32k); at 128 x 64, 8 beat 4 (14.8 / 15.9 at
+# T=8k); at 64 x 16, 8 beat 4 (21.3 / 26.7 at H32xD64 T=32k); at 64 x 32 only 8 was timed. 4 where SPLITS
+# offers no split (forced in tests).
+NUM_WARPS = {(128, 16): 4, (128, 32): 8, (128, 64): 8, (64, 16): 8, (64, 32): 8}
 
 
 @triton.jit
@@ -231,6 +239,7 @@ def split_chain(q, k, v, eta, ln_weight, ln_bias, s, cu, offset, XH, RSTD, MG, D
     _split_chain_kernel[(N * H * split,)](
         q, k, v, eta, ln_weight, ln_bias, s, cu, offset, XH, RSTD, MG, DZQ, DEP, dWF, dBF, dGWF, dGBF,
         DE, DKW, ds, dW1, db1, dW0, db0, dgW0, dgb0, X, cnt,
-        H, D=D, BD=BD, NC=BD // split, BT=BT, SPLIT=split, HAS_DFINAL=has_dfinal, num_warps=NUM_WARPS[BD // split],
+        H, D=D, BD=BD, NC=BD // split, BT=BT, SPLIT=split, HAS_DFINAL=has_dfinal,
+        num_warps=NUM_WARPS.get((BD, BD // split), 4),
     )
     return ds
