@@ -174,7 +174,7 @@ def sweep(heads, fla) -> None:
         for name, table in tables.items():
             default = table[bd]
             for warps in (4, 8, 16) if bd >= 128 else (2, 4, 8):
-                table[bd] = warps
+                table[bd] = (warps, warps) if isinstance(default, tuple) else warps
                 for T in (2048, SEQ_LENS[-1]):
                     try:
                         f_ms, fb_ms = time_op(OPS[0], max(1, TOKENS // T), T, H, D, fla)

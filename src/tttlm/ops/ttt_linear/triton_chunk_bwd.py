@@ -64,8 +64,11 @@ from tttlm.ops.ttt_linear.triton_parts import (
 # is the way to trade speed for the checkpoints' memory.
 GROUP = 1
 # Warps per program by on-chip head dim, for the sequential and the parallel kernels
-# (benchmarks/gpu_ttt_linear.py --sweep times the alternatives).
-CHAIN_NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
+# (benchmarks/gpu_ttt_linear.py --sweep times the alternatives). The chain's are (with more programs than SMs,
+# with an SM per program): at 64, 4 warps fit two programs on an SM, which hide each other's latency, and
+# 8 are faster where there is no second one (H100, H32xD64 fwd+bwd at 4 / 8 warps: T=2k B=16 7.9 / 10.0 ms,
+# T=8k B=4 10.8 / 9.4); at 128 even 4 warps leave room for one.
+CHAIN_NUM_WARPS = {16: (4, 4), 32: (4, 4), 64: (4, 8), 128: (8, 8)}
 LOCAL_NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 
 
@@ -339,6 +342,12 @@ def _finish_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ host side
+def chain_warps(programs: int, BD: int, device: torch.device) -> int:
+    """`_chain_kernel`'s warps per program for a launch of `programs` (CHAIN_NUM_WARPS)."""
+    alone = device.type == "cuda" and programs <= torch.cuda.get_device_properties(device).multi_processor_count
+    return CHAIN_NUM_WARPS[BD][alone]
+
+
 def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gcum, seq, WC, BC, group, do,
                    dfinal, eps):
     """Gradients of `triton_chunk._TTTLinearFn`: q, k, v, do [tokens,H,D], eta [tokens,H], s [BT] float32,
@@ -383,7 +392,7 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gc
         _chain_kernel[(N * H,)](
             q, k, v, eta, ln_weight, ln_bias, s, cu, offset, XH, RSTD, MG, DZQ, DEP, dWF, dBF, dGWF, dGBF,
             DE, DKW, ds_last, dW1, db1, dW0, db0, dgW0, dgb0, H, **dims, HAS_DFINAL=has_dfinal,
-            num_warps=CHAIN_NUM_WARPS[BD],
+            num_warps=chain_warps(N * H, BD, dev),
         )
     _finish_kernel[(slots, H)](
         k, v, eta, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, WC, XH, RSTD, MG, DE, DKP, DKW,
