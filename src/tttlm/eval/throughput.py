@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from tttlm.models.cache import TTTLMCache
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -90,16 +92,14 @@ def decode_seconds_per_token(model, context: int, new_tokens: int, dtype: torch.
     prefilling `context` random tokens; the first decoded token is a warm-up and not counted."""
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+    cache = TTTLMCache(model.config.num_hidden_layers)  # updated in place by every call
     with _autocast(device, dtype):
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-        tok = out.logits[:, -1:].argmax(-1)
+        tok = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         _sync(device)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
+            tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         _sync(device)
     return (time.perf_counter() - start) / new_tokens
 

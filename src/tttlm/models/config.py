@@ -26,7 +26,7 @@ class TTTLMConfig(PretrainedConfig):
     """
 
     model_type = "tttlm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     mixer: str = "ttt_linear"
     vocab_size: int = 32000

@@ -23,6 +23,10 @@ from tttlm.layers import AttentionMixer, Mamba2Mixer, MesaMixer, PreConv, RMSNor
 from tttlm.models.cache import TTTLMCache
 from tttlm.models.config import TTTLMConfig
 
+# transformers 5.24 renamed the decoding cache of forward() and of its outputs from past_key_values to cache
+# (generate() passes and reads `cache`); forward takes either, and outputs carry the installed version's field
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 # parameters that weight decay must leave alone besides every vector (norm weights, biases, A_log, D, ...):
 # the inner loop's initial weights and LayerNorm, its token-scale offset, and Mesa's regulariser
 _NO_DECAY_NAMES = {
@@ -201,6 +205,7 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         loss_reduction: str = "mean",
         return_dict: bool | None = None,
+        cache: TTTLMCache | None = None,
         **kwargs,
     ):
         """input_ids [B, T] (or inputs_embeds [B, T, C]).
@@ -210,9 +215,10 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
             With labels, logits are not computed (the loss is chunked so full float32 logits never exist).
         cu_seqlens / position_ids: packed documents (see the module docstring). attention_mask may only be all
             ones (padding would leak into recurrent states: pack instead).
-        use_cache / past_key_values: decoding; with use_cache=True and no cache a TTTLMCache is created and
-            returned. logits_to_keep: compute logits for the last n positions only (0: all).
-        Returns CausalLMOutputWithPast(loss, logits [B, T or n, V], past_key_values).
+        use_cache / past_key_values (or cache, its name from transformers 5.24 on): decoding; with
+            use_cache=True and no cache a TTTLMCache is created and returned. logits_to_keep: compute logits
+            for the last n positions only (0: all).
+        Returns CausalLMOutputWithPast(loss, logits [B, T or n, V], and the cache as `CACHE_FIELD`).
         Other keyword arguments (as generate() may pass) must be None or False.
         """
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and v is not False and k != "cache_position")
@@ -233,6 +239,10 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
             )
         if labels is not None and labels.shape != (B, T):
             raise ValueError(f"labels must have shape [B, T] = [{B}, {T}], got {list(labels.shape)}")
+        if cache is not None:
+            if past_key_values is not None:
+                raise ValueError("pass the decoding cache as past_key_values or as cache, not both")
+            past_key_values = cache
         if past_key_values is not None and not isinstance(past_key_values, TTTLMCache):
             raise ValueError(f"past_key_values must be a TTTLMCache, got {type(past_key_values).__name__}")
         use_cache = past_key_values is not None if use_cache is None else use_cache
@@ -265,7 +275,7 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
             loss = self._loss(h, labels, cu, loss_reduction)
         else:
             logits = self.lm_head(h if not logits_to_keep else h[:, -logits_to_keep:])
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
         return out if return_dict is not False else out.to_tuple()
 
     def _loss(self, h: Tensor, labels: Tensor, cu: Tensor | None, reduction: str) -> Tensor:
