@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tttlm.models import TTTLMCache
+from tttlm.models.modeling import CACHE_FIELD
 
 MIXERS = ["ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2"]
 RECURRENT = ["ttt_linear", "ttt_mlp", "mesa", "mamba2"]
@@ -74,6 +75,23 @@ def test_cache_reorders_rows(tiny, tokens):
         last = model(ids[[2, 0, 1], 19:], past_key_values=cache).logits
         full = model(ids[[2, 0, 1]]).logits[:, -1:]
     assert (last - full).abs().max().item() <= 1e-4
+
+
+def test_cache_under_either_name(tiny, tokens):
+    """forward takes the decoding cache as past_key_values or as cache (transformers 5.24's name), and returns it
+    in the installed transformers' output field."""
+    model = tiny("ttt_linear")
+    ids = tokens(2, 20)
+    with torch.no_grad():
+        caches = [TTTLMCache(model.config.num_hidden_layers) for _ in range(2)]
+        out = model(ids[:, :19], cache=caches[0], use_cache=True)
+        assert getattr(out, CACHE_FIELD) is caches[0]
+        model(ids[:, :19], past_key_values=caches[1], use_cache=True)
+        by_name = [model(ids[:, 19:], **{name: c}).logits for name, c in zip(("cache", "past_key_values"), caches)]
+    assert torch.equal(*by_name)
+    assert (by_name[0] - model(ids).logits[:, -1:]).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, cache=caches[0], past_key_values=caches[1])
 
 
 def test_bad_inputs_raise(tiny, tokens):
