@@ -239,12 +239,13 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
             )
         if labels is not None and labels.shape != (B, T):
             raise ValueError(f"labels must have shape [B, T] = [{B}, {T}], got {list(labels.shape)}")
-        if cache is not None:
-            if past_key_values is not None:
-                raise ValueError("pass the decoding cache as past_key_values or as cache, not both")
-            past_key_values = cache
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the decoding cache as past_key_values or as cache, not both")
+        past_key_values = past_key_values if cache is None else cache  # the local `cache` below is the one used
         if past_key_values is not None and not isinstance(past_key_values, TTTLMCache):
-            raise ValueError(f"past_key_values must be a TTTLMCache, got {type(past_key_values).__name__}")
+            raise ValueError(
+                f"past_key_values (or cache) must be a TTTLMCache, got {type(past_key_values).__name__}"
+            )
         use_cache = past_key_values is not None if use_cache is None else use_cache
         if self.training and self.checkpointing_activations:
             use_cache = False  # a checkpointed block runs twice, and would advance its cache twice
