@@ -265,12 +265,12 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
-    print_table(out, ops, heads)
+    print_table(out, ops, heads, args.tokens)
     return 0
 
 
-def print_table(out: dict, ops, heads) -> None:
-    print(f"\n{out['device']}, bf16, {TOKENS} tokens per call; ms (forward / forward+backward)")
+def print_table(out: dict, ops, heads, tokens: int) -> None:
+    print(f"\n{out['device']}, bf16, {tokens} tokens per call; ms (forward / forward+backward)")
     for H, D in heads:
         print(
             f"\nH{H}xD{D}\n| op | "
@@ -284,6 +284,8 @@ def print_table(out: dict, ops, heads) -> None:
                 row = next(r for r in out["rows"] if r["op"] == op and (r["H"], r["D"], r["T"]) == (H, D, T))
                 cells += [str(row.get("fwd_ms", "err")), str(row.get("fwdbwd_ms", "err"))]
             print(f"| {op} | " + " | ".join(cells) + " |")
+    if not out["decode"]:
+        return
     print("\ndecode, one TTT-Linear op, H16xD128, us per token")
     print("| batch | public op | kernel fn | kernel fn in a CUDA graph |\n|---|---|---|---|")
     for B, d in out["decode"].items():
