@@ -9,12 +9,13 @@ stores W_m, b_m at the start of every group of GROUP mini-batches (the checkpoin
    mini-batches: the output LayerNorm, dq, and the parts of dE and dk that come through the causal products.
 2. `_chain_kernel`, one program per (sequence, head), carries only dW and db back: per mini-batch the
    products k dW_{m+1} and E dW_{m+1}^T, the LayerNorm-L2 gradient's Jacobian applied to dE, and
-   dW += q^T dZq + k^T dZt. It stores dE and dk's term E dSum^T (dSum = -s_{b-1} dW_{m+1}, the gradient of
-   what the mini-batch handed on), both [BT, D] per mini-batch, and sums that term's share of the gradient of
-   s_{b-1}: no D x D matrix per mini-batch leaves it. With few sequences on the GPU `triton_split_chain`
-   splits dW's columns over several programs per (sequence, head) instead.
+   dW += q^T dZq + k^T dZt. It stores dE, dk's term E dSum^T (dSum = -s_{b-1} dW_{m+1}, the gradient of
+   what the mini-batch handed on) and k dW_{m+1} + db_{m+1} (over the local part of dE, which it has read),
+   all [BT, D] per mini-batch: no D x D matrix per mini-batch leaves it. With few sequences on the GPU
+   `triton_split_chain` splits dW's columns over several programs per (sequence, head) instead.
 3. `_finish_kernel`, one program per (group, head), walks the group forward again with W_m^T: dv, deta, the
-   inner LayerNorm's gradient and dk += dZt W_m^T.
+   inner LayerNorm's gradient, dk += dZt W_m^T, and the chain's share of the gradient of s_{b-1},
+   -sum((k dW_{m+1} + db_{m+1}) * E) over every complete mini-batch.
 
 Whether walking a group beats a checkpoint per mini-batch depends on registers: a walk carries a D x D matrix
 across mini-batches, which spills at D=128 (see GROUP), while a checkpoint per mini-batch costs the forward a
@@ -166,17 +167,17 @@ def _chain_load(m, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, start, off, L, D:
 
 @triton.jit
 def _chain_step(
-    m, dW, db, ds, tiles,
-    S, DGWF, DGBF, DE, DKW, DW1, DB1, DGW0, DGB0,
+    m, dW, db, tiles,
+    S, DGWF, DGBF, DE, DKW, DEP, DW1, DB1, DGW0, DGB0,
     lnw, lnb, base, h, H, start, off, L, num_mb,
     D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, FIRST: tl.constexpr, OPEN: tl.constexpr,
 ):
-    """Mini-batch m in reverse. In: dW, db w.r.t. the weights after it, and ds, the gradient of s_{b-1} so far.
-    Out: the same w.r.t. the weights at its start. tiles: its tiles from `_chain_load`. OPEN: the mini-batch
-    may be the row's last and unfinished, which hands its sums to the final state (whose gradient is DGWF,
-    DGBF) instead of to the weights. Besides dE it stores E dSum^T, dk's term through what the mini-batch
-    handed on (dSum = -s_{b-1} dW_{m+1}), so that no D x D matrix is stored per mini-batch; the rest of the
-    mini-batch's backward waits for `_finish_kernel`."""
+    """Mini-batch m in reverse. In: dW, db w.r.t. the weights after it. Out: the same w.r.t. the weights at
+    its start. tiles: its tiles from `_chain_load`. OPEN: the mini-batch may be the row's last and unfinished,
+    which hands its sums to the final state (whose gradient is DGWF, DGBF) instead of to the weights. Besides
+    dE it stores E dSum^T, dk's term through what the mini-batch handed on (dSum = -s_{b-1} dW_{m+1}), so that
+    no D x D matrix is stored per mini-batch, and over the local part of dE (in DEP, loaded a step before)
+    k dW_{m+1} + db_{m+1}; the rest of the mini-batch's backward waits for `_finish_kernel`."""
     q, k, v, eta, rstd, mG, mGx, xh, dZq, dE = tiles
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
     i = tl.arange(0, BT)
@@ -197,7 +198,9 @@ def _chain_step(
     kdS = -c * kdW
     dSb = -c * db
     EdS = -c * _dot(E, tl.trans(dW))
-    ds -= full * (tl.sum(tl.sum(kdW * E, 1), 0) + tl.sum(db * tl.sum(E, 0), 0))
+    # the chain's share of the gradient of s_{b-1}, -full sum((k dW + db) * E), is left to `_finish_kernel`:
+    # as a reduction to a scalar here it cost 30% of the chain's time (H200, H16xD128, T=2k; docs/benchmarks.md)
+    tl.store(_tile_ptrs(DEP, tok, h, H, D, BD), kdW + db[None, :], mask=vm)
     if OPEN:
         is_open = (m == num_mb - 1) & (full == 0.0)
         dGW = tl.load(_mat_ptrs(DGWF, base, D, BD), mask=dd & is_open, other=0.0)
@@ -223,13 +226,13 @@ def _chain_step(
     dW = _dot_acc(tl.trans(q), dZq, dW)
     dW = _dot_acc(tl.trans(k), dZt, dW)
     db += tl.sum(dZq, 0) + tl.sum(dZt, 0)
-    return dW, db, ds
+    return dW, db
 
 
 @triton.jit
 def _chain_kernel(
     Q, K, V, ETA, LNW, LNB, S, CU, OFF, XH, RSTD, MG, DZQ, DEP, DWF, DBF, DGWF, DGBF,
-    DE, DKW, DS, DW1, DB1, DW0, DB0, DGW0, DGB0,
+    DE, DKW, DW1, DB1, DW0, DB0, DGW0, DGB0,
     H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_DFINAL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -241,7 +244,6 @@ def _chain_kernel(
     dd = dm[:, None] & dm[None, :]
     base = pid.to(tl.int64)
     lnw, lnb = _head_ln(LNW, LNB, h, d, D)
-    ds = 0.0
     # each step's tiles are loaded one step ahead, so their latency hides behind the step before
     top = num_mb - 1  # the loop takes mini-batches top..1, the first one is peeled
     tiles = _chain_load(top, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, start, off, L, D, BD, BT)
@@ -251,9 +253,9 @@ def _chain_kernel(
         # an unfinished last mini-batch is peeled too, so that the loop never holds the final sums' gradient
         if ((off + L) % BT != 0) & (num_mb > 1):
             tiles_next = _chain_load(top - 1, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, start, off, L, D, BD, BT)
-            dW, db, ds = _chain_step(
-                top, dW, db, ds, tiles,
-                S, DGWF, DGBF, DE, DKW, DW1, DB1, DGW0, DGB0,
+            dW, db = _chain_step(
+                top, dW, db, tiles,
+                S, DGWF, DGBF, DE, DKW, DEP, DW1, DB1, DGW0, DGB0,
                 lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, False, True,
             )
             tiles = tiles_next
@@ -264,31 +266,31 @@ def _chain_kernel(
     for r in range(num_mb - top, num_mb):
         m = num_mb - r
         tiles_next = _chain_load(m - 1, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, start, off, L, D, BD, BT)
-        dW, db, ds = _chain_step(
-            m, dW, db, ds, tiles,
-            S, DGWF, DGBF, DE, DKW, DW1, DB1, DGW0, DGB0,
+        dW, db = _chain_step(
+            m, dW, db, tiles,
+            S, DGWF, DGBF, DE, DKW, DEP, DW1, DB1, DGW0, DGB0,
             lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, False, False,
         )
         tiles = tiles_next
-    dW, db, ds = _chain_step(
-        0, dW, db, ds, tiles,
-        S, DGWF, DGBF, DE, DKW, DW1, DB1, DGW0, DGB0,
+    dW, db = _chain_step(
+        0, dW, db, tiles,
+        S, DGWF, DGBF, DE, DKW, DEP, DW1, DB1, DGW0, DGB0,
         lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, True, HAS_DFINAL,
     )
     tl.store(_mat_ptrs(DW0, base, D, BD), dW, mask=dd)
     tl.store(DB0 + base * D + d, db, mask=dm)
-    tl.store(DS + base, ds)
 
 
 # -------------------------------------------------------------------------------------- 3. the rest, per group
 @triton.jit
 def _finish_kernel(
-    K, V, ETA, LNW, LNB, S, CU, OFF, SEQ, GCUM, GW0, WC, XH, RSTD, MG, DE, DKP, DKW,
-    DK, DV, DETA, DLN_P,
+    K, V, ETA, LNW, LNB, S, CU, OFF, SEQ, GCUM, GW0, WC, XH, RSTD, MG, DE, DKP, DKW, KDW,
+    DK, DV, DETA, DLN_P, DS_P,
     N, H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, GROUP: tl.constexpr,
 ):
     """dv, deta, dk and the inner LayerNorm's gradient from dE: through the LayerNorm-L2 gradient, and
-    dk += dZt W_m^T and the chain's E dSum^T."""
+    dk += dZt W_m^T and the chain's E dSum^T; and the chain's share of the gradient of s_{b-1} from its
+    k dW_{m+1} + db_{m+1} (KDW), added to DS_P's last column."""
     g = tl.program_id(0)
     h = tl.program_id(1)
     n, start, L, off, num_mb, m0, m1 = _group(g, SEQ, GCUM, CU, OFF, N, BT, GROUP)
@@ -301,11 +303,13 @@ def _finish_kernel(
         Wt = tl.zeros([BD, BD], dtype=tl.float32)  # W_m^T, loaded where first used
         dln_w = tl.zeros([BD], dtype=tl.float32)
         dln_b = tl.zeros([BD], dtype=tl.float32)
+        ds_last = 0.0
         for j in tl.static_range(GROUP):  # unrolled: with GROUP 1 nothing is carried
             m = m0 + j
             if m < m1:
                 tok, valid = _minibatch_tokens(m, start, off, L, BT)
                 vm = valid[:, None] & dm[None, :]
+                full = ((m + 1) * BT <= off + L).to(tl.float32)
                 k = tl.load(_tile_ptrs(K, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
                 v = tl.load(_tile_ptrs(V, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
                 eta = tl.load(ETA + tok * H + h, mask=valid, other=0.0).to(tl.float32)
@@ -320,6 +324,8 @@ def _finish_kernel(
                 dZt, dG = _ln_l2_grad_bwd(dE, xh, rstd, G, mG, mGx, eta, lnw, D, BD)
                 dy = lnw[None, :] * dG
                 tl.store(DETA + tok * H + h, tl.sum(dE * dZ, 1).to(DETA.dtype.element_ty), mask=valid)
+                kdW = tl.load(_tile_ptrs(KDW, tok, h, H, D, BD), mask=vm, other=0.0)
+                ds_last -= full * tl.sum(tl.sum(kdW * eta[:, None] * dZ, 1), 0)
                 tl.store(_tile_ptrs(DV, tok, h, H, D, BD), (-dy).to(DV.dtype.element_ty), mask=vm)
                 dln_w += tl.sum(dG * (y - v + k) + dy * xh, 0)
                 dln_b += tl.sum(dy, 0)
@@ -331,7 +337,7 @@ def _finish_kernel(
                 dk = _dot_acc(dZt, Wt, dk)
                 tl.store(_tile_ptrs(DK, tok, h, H, D, BD), dk.to(DK.dtype.element_ty), mask=vm)
                 if j + 1 < GROUP:  # W_{m+1}^T
-                    c = tl.load(S + BT - 1) * ((m + 1) * BT <= off + L).to(tl.float32)
+                    c = tl.load(S + BT - 1) * full
                     Wt = _dot_acc(tl.trans(-c * eta[:, None] * dZ), k, Wt)
                     if m == 0:
                         seq = (n * H + h).to(tl.int64)
@@ -339,6 +345,7 @@ def _finish_kernel(
         dln = DLN_P + (row * 2) * D + d
         tl.store(dln, tl.load(dln, mask=dm) + dln_w, mask=dm)
         tl.store(dln + D, tl.load(dln + D, mask=dm) + dln_b, mask=dm)
+        tl.store(DS_P + row * BT + BT - 1, tl.load(DS_P + row * BT + BT - 1) + ds_last)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -364,6 +371,7 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gc
     BD = block_d(D)
     f32 = torch.float32
 
+    # DEP: the local part of dE, which the chain replaces by k dW_{m+1} + db_{m+1} as it goes back
     DZQ, DEP, DKP, XH, DE, DKW = (new((total, H, D), f32, dev) for _ in range(6))
     RSTD, MG = new((total, H), f32, dev), new((total, H, 2), f32, dev)  # MG: mean(G), mean(G xhat)
     dln_p = torch.zeros(slots, H, 2, D, dtype=f32, device=dev)  # partial sums: unused slots add zeros
@@ -383,25 +391,24 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, gW0, gb0, cu, offset, gc
     )
     split = triton_split.splits(N * H, D, dev, triton_split_chain.SPLITS)
     if split > 1:
-        ds_last = triton_split_chain.split_chain(
+        triton_split_chain.split_chain(
             q, k, v, eta, ln_weight, ln_bias, s, cu, offset, XH, RSTD, MG, DZQ, DEP, dWF, dBF, dGWF, dGBF,
             DE, DKW, dW1, db1, dW0, db0, dgW0, dgb0, has_dfinal, split,
         )
     else:
-        ds_last = new((N, H), f32, dev)
         _chain_kernel[(N * H,)](
             q, k, v, eta, ln_weight, ln_bias, s, cu, offset, XH, RSTD, MG, DZQ, DEP, dWF, dBF, dGWF, dGBF,
-            DE, DKW, ds_last, dW1, db1, dW0, db0, dgW0, dgb0, H, **dims, HAS_DFINAL=has_dfinal,
+            DE, DKW, dW1, db1, dW0, db0, dgW0, dgb0, H, **dims, HAS_DFINAL=has_dfinal,
             num_warps=chain_warps(N * H, BD, dev),
         )
     _finish_kernel[(slots, H)](
-        k, v, eta, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, WC, XH, RSTD, MG, DE, DKP, DKW,
-        dk, dv, deta, dln_p, N, H, **dims, GROUP=group, num_warps=local_warps,
+        k, v, eta, ln_weight, ln_bias, s, cu, offset, seq, gcum, gW0, WC, XH, RSTD, MG, DE, DKP, DKW, DEP,
+        dk, dv, deta, dln_p, ds_p, N, H, **dims, GROUP=group, num_warps=local_warps,
     )
     dln = dln_p.sum(0)  # [H, 2, D]
     ds = ds_p.sum((0, 1))
     full0 = (offset + cu[1:] - cu[:-1] >= BT).to(f32)  # whether each sequence's first mini-batch is complete
     ds_sums = (dW1 * gW0).sum((-2, -1)) + (db1 * gb0).sum(-1)  # [N, H]
-    ds[BT - 1] += ds_last.sum() - (full0[:, None] * ds_sums).sum()  # ds_last: the chain's part
+    ds[BT - 1] -= (full0[:, None] * ds_sums).sum()
     return (dq, dk, dv, deta, dln[:, 0].to(ln_weight.dtype), dln[:, 1].to(ln_bias.dtype),
             ds, dW0, db0, dgW0, dgb0)

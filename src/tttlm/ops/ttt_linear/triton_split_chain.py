@@ -82,14 +82,13 @@ def _split_chain_load(m, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, s, start, o
 
 @triton.jit
 def _split_chain_step(
-    m, dW, db, ds, tiles,
-    S, DGWF, DGBF, DE, DKW, DW1, DB1, DGW0, DGB0, Xg, CNT,
+    m, dW, db, tiles,
+    S, DGWF, DGBF, DE, DKW, DEP, DW1, DB1, DGW0, DGB0, Xg, CNT,
     lnw, lnb, a, sum_a, g, s, base, h, H, start, off, L, num_mb,
     D: tl.constexpr, BD: tl.constexpr, NC: tl.constexpr, BT: tl.constexpr, SPLIT: tl.constexpr,
     FIRST: tl.constexpr, OPEN: tl.constexpr,
 ):
-    """`triton_chunk_bwd._chain_step` for columns s*NC .. s*NC+NC-1: dW [BD,NC], db [NC] and this program's
-    part of ds in and out."""
+    """`triton_chunk_bwd._chain_step` for columns s*NC .. s*NC+NC-1: dW [BD,NC], db [NC] in and out."""
     q, k, k_c, v_c, xh, dZq, dE, eta, rstd, mG, mGx = tiles
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
     i = tl.arange(0, BT)
@@ -112,7 +111,7 @@ def _split_chain_step(
     kdS = -cf * kdW
     dSb = -cf * db
     EdS = _dot(E, tl.trans(-cf * dW))  # this program's part of E dSum^T [BT, BD]
-    ds -= full * (tl.sum(tl.sum(kdW * E, 1), 0) + tl.sum(db * tl.sum(E, 0), 0))
+    tl.store(DEP + at, kdW + db[None, :], mask=tm)  # for the gradient of s_{b-1}, as in `_chain_step`
     if OPEN:
         is_open = (m == num_mb - 1) & (full == 0.0)
         dGW = tl.load(DGWF + base * D * D + w_off, mask=wm & is_open, other=0.0)
@@ -157,19 +156,18 @@ def _split_chain_step(
     dW = _dot_acc(tl.trans(q), dZq, dW)
     dW = _dot_acc(tl.trans(k), dZt, dW)
     db += tl.sum(dZq, 0) + tl.sum(dZt, 0)
-    return dW, db, ds
+    return dW, db
 
 
 @triton.jit
 def _split_chain_kernel(
     Q, K, V, ETA, LNW, LNB, S, CU, OFF, XH, RSTD, MG, DZQ, DEP, DWF, DBF, DGWF, DGBF,
-    DE, DKW, DS, DW1, DB1, DW0, DB0, DGW0, DGB0, X, CNT,
+    DE, DKW, DW1, DB1, DW0, DB0, DGW0, DGB0, X, CNT,
     H, D: tl.constexpr, BD: tl.constexpr, NC: tl.constexpr, BT: tl.constexpr, SPLIT: tl.constexpr,
     HAS_DFINAL: tl.constexpr,
 ):
     """`triton_chunk_bwd._chain_kernel`, program (sequence n, head h, part s) with columns s*NC .. s*NC+NC-1.
-    DS [N*H, SPLIT] takes each part's share of the gradient of s_{b-1}; X [N*H, 2, SPLIT, SUMS*BT + BT*BD]
-    float32 is the exchange and CNT [N*H] int32 (zeros) counts arrivals."""
+    X [N*H, 2, SPLIT, SUMS*BT + BT*BD] float32 is the exchange and CNT [N*H] int32 (zeros) counts arrivals."""
     pid = tl.program_id(0)
     g = pid // SPLIT
     s = pid % SPLIT
@@ -187,7 +185,6 @@ def _split_chain_kernel(
     lnw_all = tl.load(LNW + h * D + d, mask=d < D, other=0.0).to(tl.float32)
     sum_a = tl.sum(lnw_all * lnw_all, 0)
     a = lnw * lnw
-    ds = 0.0
     top = num_mb - 1  # as in `_chain_kernel`: the loop takes mini-batches top..1, the first one is peeled
     tiles = _split_chain_load(top, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, s, start, off, L, D, BD, NC, BT)
     if HAS_DFINAL:
@@ -196,9 +193,9 @@ def _split_chain_kernel(
         if ((off + L) % BT != 0) & (num_mb > 1):
             ahead = _split_chain_load(top - 1, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, s, start, off, L,
                                       D, BD, NC, BT)
-            dW, db, ds = _split_chain_step(
-                top, dW, db, ds, tiles,
-                S, DGWF, DGBF, DE, DKW, DW1, DB1, DGW0, DGB0, Xg, CNT,
+            dW, db = _split_chain_step(
+                top, dW, db, tiles,
+                S, DGWF, DGBF, DE, DKW, DEP, DW1, DB1, DGW0, DGB0, Xg, CNT,
                 lnw, lnb, a, sum_a, g, s, base, h, H, start, off, L, num_mb, D, BD, NC, BT, SPLIT, False, True,
             )
             tiles = ahead
@@ -210,36 +207,32 @@ def _split_chain_kernel(
         m = num_mb - r
         ahead = _split_chain_load(m - 1, Q, K, V, ETA, XH, RSTD, MG, DZQ, DEP, h, H, s, start, off, L,
                                   D, BD, NC, BT)
-        dW, db, ds = _split_chain_step(
-            m, dW, db, ds, tiles,
-            S, DGWF, DGBF, DE, DKW, DW1, DB1, DGW0, DGB0, Xg, CNT,
+        dW, db = _split_chain_step(
+            m, dW, db, tiles,
+            S, DGWF, DGBF, DE, DKW, DEP, DW1, DB1, DGW0, DGB0, Xg, CNT,
             lnw, lnb, a, sum_a, g, s, base, h, H, start, off, L, num_mb, D, BD, NC, BT, SPLIT, False, False,
         )
         tiles = ahead
-    dW, db, ds = _split_chain_step(
-        0, dW, db, ds, tiles,
-        S, DGWF, DGBF, DE, DKW, DW1, DB1, DGW0, DGB0, Xg, CNT,
+    dW, db = _split_chain_step(
+        0, dW, db, tiles,
+        S, DGWF, DGBF, DE, DKW, DEP, DW1, DB1, DGW0, DGB0, Xg, CNT,
         lnw, lnb, a, sum_a, g, s, base, h, H, start, off, L, num_mb, D, BD, NC, BT, SPLIT, True, HAS_DFINAL,
     )
     tl.store(DW0 + base * D * D + w_off, dW, mask=wm)
     tl.store(DB0 + base * D + c, db, mask=cm)
-    tl.store(DS + base * SPLIT + s, ds)
 
 
 def split_chain(q, k, v, eta, ln_weight, ln_bias, s, cu, offset, XH, RSTD, MG, DZQ, DEP, dWF, dBF, dGWF, dGBF,
                 DE, DKW, dW1, db1, dW0, db0, dgW0, dgb0, has_dfinal, split):
-    """Launch `_split_chain_kernel` over N*H*split programs, arguments as `_chain_kernel`'s; returns the
-    chain's share of the gradient of s_{b-1}, [N, H, split]."""
+    """Launch `_split_chain_kernel` over N*H*split programs, arguments as `_chain_kernel`'s."""
     _, H, D = q.shape
     N, BT = dW0.shape[0], s.numel()
     BD = block_d(D)
-    ds = torch.empty((N, H, split), dtype=torch.float32, device=q.device)
     X = torch.empty((N * H, 2, split, SUMS.value * BT + BT * BD), dtype=torch.float32, device=q.device)
     cnt = torch.zeros(N * H, dtype=torch.int32, device=q.device)
     _split_chain_kernel[(N * H * split,)](
         q, k, v, eta, ln_weight, ln_bias, s, cu, offset, XH, RSTD, MG, DZQ, DEP, dWF, dBF, dGWF, dGBF,
-        DE, DKW, ds, dW1, db1, dW0, db0, dgW0, dgb0, X, cnt,
+        DE, DKW, dW1, db1, dW0, db0, dgW0, dgb0, X, cnt,
         H, D=D, BD=BD, NC=BD // split, BT=BT, SPLIT=split, HAS_DFINAL=has_dfinal,
         num_warps=NUM_WARPS.get((BD, BD // split), 4),
     )
-    return ds
