@@ -5,7 +5,8 @@ The forward's recurrence, per 16-token mini-batch: Z = K W + b, E = eta * (Layer
 W -= c K^T E. The backward's dW chain, in reverse: dE = dE_local - c K dW, E dW^T (stored, dk's term),
 dZ = J(eta dE), dW += Q^T dZq + K^T dZ, with J a LayerNorm backward standing in for the LayerNorm-L2 gradient's
 Jacobian. No output path, varlen, state sums, checkpoints or look-ahead: what is left must run once per
-mini-batch in order, so T/16 times this step bounds the op's sequential kernels from below.
+mini-batch in order, so T/16 times this step is a floor under the op's sequential kernels as Triton compiles
+them. Head dims are powers of two (no padding), T a multiple of 16.
 
 rows: tiles [16, D], the D x D matrix the B operand of a 16-row product (mma.sync), as in the op's kernels.
 cols: tiles [D, 16], the matrix held transposed as the M dimension of its products (wgmma-eligible).
