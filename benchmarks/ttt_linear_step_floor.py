@@ -22,11 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
-from tttlm.ops.ttt_linear.triton_parts import _ln_bwd, _ln_l2_grad
+from tttlm.ops.ttt_linear.triton_parts import _dot, _dot_acc, _head_ln, _ln_bwd, _ln_l2_grad
 
 BT = 16
 C = 0.0625  # s_{b-1}, the step size of the update
 EPS = 1e-6
+
+
+@triton.jit
+def _ln_bwd_cols(g, xh, rstd, D: tl.constexpr):
+    """`_ln_bwd` for transposed tiles [D, BT]."""
+    return rstd[None, :] * (g - (tl.sum(g, 0) / D)[None, :] - xh * (tl.sum(g * xh, 0) / D)[None, :])
 
 
 @triton.jit
@@ -37,13 +43,7 @@ def _ln_l2_grad_cols(Zt, vt, kt, lnw, lnb, D: tl.constexpr, eps):
     rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, 0) / D + eps)
     xh = zc * rstd[None, :]
     G = lnw[:, None] * (lnw[:, None] * xh + lnb[:, None] - vt + kt)
-    return rstd[None, :] * (G - (tl.sum(G, 0) / D)[None, :] - xh * (tl.sum(G * xh, 0) / D)[None, :])
-
-
-@triton.jit
-def _ln_bwd_cols(g, xh, rstd, D: tl.constexpr):
-    """`_ln_bwd` for transposed tiles [D, BT]."""
-    return rstd[None, :] * (g - (tl.sum(g, 0) / D)[None, :] - xh * (tl.sum(g * xh, 0) / D)[None, :])
+    return _ln_bwd_cols(G, xh, rstd, D)
 
 
 @triton.jit
@@ -54,18 +54,17 @@ def _fwd_rows(K, V, ETA, LNW, LNB, W0, WF, T, H, c, eps, D: tl.constexpr, BT: tl
     d = tl.arange(0, D)
     W = tl.load(W0 + h * D * D + d[:, None] * D + d[None, :])
     bv = tl.zeros([D], dtype=tl.float32)
-    lnw = tl.load(LNW + h * D + d)
-    lnb = tl.load(LNB + h * D + d)
+    lnw, lnb = _head_ln(LNW, LNB, h, d, D)
     for m in range(T // BT):
         tok = (pid // H) * T + m * BT + i
         p = (tok * H + h)[:, None] * D + d[None, :]
         k = tl.load(K + p).to(tl.float32)
         v = tl.load(V + p).to(tl.float32)
         eta = tl.load(ETA + tok * H + h).to(tl.float32)
-        Z = tl.dot(k, W, input_precision="tf32") + bv[None, :]
+        Z = _dot(k, W) + bv[None, :]
         _, _, _, _, _, dZ = _ln_l2_grad(Z, v, k, lnw, lnb, D, D, eps)
         E = eta[:, None] * dZ
-        W = tl.dot(tl.trans(-c * k), E, W, input_precision="tf32")
+        W = _dot_acc(tl.trans(-c * k), E, W)
         bv -= c * tl.sum(E, 0)
     tl.store(WF + pid * D * D + d[:, None] * D + d[None, :], W)
 
@@ -78,17 +77,16 @@ def _fwd_cols(K, V, ETA, LNW, LNB, W0, WF, T, H, c, eps, D: tl.constexpr, BT: tl
     d = tl.arange(0, D)
     Wt = tl.load(W0 + h * D * D + d[None, :] * D + d[:, None])
     bv = tl.zeros([D], dtype=tl.float32)
-    lnw = tl.load(LNW + h * D + d)
-    lnb = tl.load(LNB + h * D + d)
+    lnw, lnb = _head_ln(LNW, LNB, h, d, D)
     for m in range(T // BT):
         tok = (pid // H) * T + m * BT + i
         pt = (tok * H + h)[None, :] * D + d[:, None]
         kt = tl.load(K + pt).to(tl.float32)
         vt = tl.load(V + pt).to(tl.float32)
         eta = tl.load(ETA + tok * H + h).to(tl.float32)
-        Zt = tl.dot(Wt, kt, input_precision="tf32") + bv[:, None]
+        Zt = _dot(Wt, kt) + bv[:, None]
         Et = eta[None, :] * _ln_l2_grad_cols(Zt, vt, kt, lnw, lnb, D, eps)
-        Wt = tl.dot(Et, tl.trans(-c * kt), Wt, input_precision="tf32")
+        Wt = _dot_acc(Et, tl.trans(-c * kt), Wt)
         bv -= c * tl.sum(Et, 1)
     tl.store(WF + pid * D * D + d[None, :] * D + d[:, None], Wt)
 
@@ -107,12 +105,12 @@ def _chain_rows(Q, K, XH, DZQ, DEP, ETA, RSTD, DE, DKW, DW0, DWF, T, H, c, D: tl
         k = tl.load(K + p).to(tl.float32)
         xh = tl.load(XH + p)
         eta = tl.load(ETA + tok * H + h).to(tl.float32)
-        dE = tl.load(DEP + p) - c * tl.dot(k, dW, input_precision="tf32")
-        tl.store(DKW + p, -c * tl.dot(eta[:, None] * xh, tl.trans(dW), input_precision="tf32"))
+        dE = tl.load(DEP + p) - c * _dot(k, dW)
+        tl.store(DKW + p, -c * _dot(eta[:, None] * xh, tl.trans(dW)))
         tl.store(DE + p, dE)
         dZ = _ln_bwd(eta[:, None] * dE, xh, tl.load(RSTD + tok * H + h), D, D)
-        dW = tl.dot(tl.trans(q), tl.load(DZQ + p), dW, input_precision="tf32")
-        dW = tl.dot(tl.trans(k), dZ, dW, input_precision="tf32")
+        dW = _dot_acc(tl.trans(q), tl.load(DZQ + p), dW)
+        dW = _dot_acc(tl.trans(k), dZ, dW)
     tl.store(DWF + pid * D * D + d[:, None] * D + d[None, :], dW)
 
 
@@ -130,12 +128,12 @@ def _chain_cols(Q, K, XH, DZQ, DEP, ETA, RSTD, DE, DKW, DW0, DWF, T, H, c, D: tl
         kt = tl.load(K + pt).to(tl.float32)
         xht = tl.load(XH + pt)
         eta = tl.load(ETA + tok * H + h).to(tl.float32)
-        dEt = tl.load(DEP + pt) - c * tl.dot(dWt, kt, input_precision="tf32")
-        tl.store(DKW + pt, -c * tl.dot(tl.trans(dWt), eta[None, :] * xht, input_precision="tf32"))
+        dEt = tl.load(DEP + pt) - c * _dot(dWt, kt)
+        tl.store(DKW + pt, -c * _dot(tl.trans(dWt), eta[None, :] * xht))
         tl.store(DE + pt, dEt)
         dZt = _ln_bwd_cols(eta[None, :] * dEt, xht, tl.load(RSTD + tok * H + h), D)
-        dWt = tl.dot(tl.load(DZQ + pt), tl.trans(qt), dWt, input_precision="tf32")
-        dWt = tl.dot(dZt, tl.trans(kt), dWt, input_precision="tf32")
+        dWt = _dot_acc(tl.load(DZQ + pt), tl.trans(qt), dWt)
+        dWt = _dot_acc(dZt, tl.trans(kt), dWt)
     tl.store(DWF + pid * D * D + d[None, :] * D + d[:, None], dWt)
 
 
