@@ -6,10 +6,15 @@ Per batch element and head:
     o_t = G_t^T (H_t + diag(lamb))^{-1} q_t
 The solve is conjugate gradient from the Jacobi guess q / (diag(H_t) + lamb); gradients come from implicit
 differentiation (one more CG solve with the same matrix), never from backpropagating through the CG steps.
-`reference.mesa_ref` is the token-by-token spec; `chunked` is the path used here.
+`reference.mesa_ref` is the token-by-token spec. Backends: Triton kernels on CUDA (`triton_chunk`,
+`triton_step`) where they support the shapes, else the chunkwise PyTorch path (`chunked`, `step`); both are
+tested against the spec.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import torch
 from torch import Tensor
@@ -20,6 +25,35 @@ from tttlm.ops.mesa.step import mesa_step_dense
 from tttlm.ops.state import MesaState
 
 __all__ = ["mesa", "mesa_step"]
+
+BACKENDS = (None, "triton", "torch")
+
+
+@functools.cache
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(q: Tensor, k: Tensor, v: Tensor, chunk_size: int | None, backend: str | None) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend is None and not q.is_cuda):
+        return False
+    if not _have_triton():
+        if backend == "triton":
+            raise ValueError("backend='triton' needs the triton package")
+        return False
+    from tttlm.ops.mesa import triton_chunk
+
+    ok = triton_chunk.supports(q, k, v, chunk_size)
+    if backend == "triton" and not ok:
+        where = "" if chunk_size is None else f" with chunk_size={chunk_size}"
+        raise ValueError(
+            f"the Triton kernels do not support q {list(q.shape)} ({q.dtype}), k ({k.dtype}), v {list(v.shape)} "
+            f"({v.dtype}) on {q.device}{where}: they take head dims up to {triton_chunk.MAX_D}, chunk_size in "
+            f"{triton_chunk.SUPPORTED_CHUNKS}, float16, bfloat16 or float32 inputs, on CUDA"
+        )
+    return ok
 
 
 def mesa(
@@ -37,6 +71,7 @@ def mesa(
     output_final_state: bool = False,
     cg_stats: dict | None = None,
     chunk_size: int = 64,
+    backend: str | None = None,
 ) -> tuple[Tensor, MesaState | None]:
     """Mesa over full sequences, chunkwise.
 
@@ -50,16 +85,23 @@ def mesa(
         state: initial MesaState (h_kk [N,H,D,D], h_kv [N,H,D,Dv]) or None for zeros. N = B, or the number of
             sequences of a packed batch. h_kk enters through its symmetric part (h_kk + h_kk^T) / 2.
         cg_max_iter: CG steps at most (>= 1), for the forward solve and again for the backward one.
-        cg_tol: stop CG early once ||r|| <= cg_tol * ||r_0|| (CG's recurrence residual) for every query of the
-            call, in the forward and the backward solve; None: never early.
+        cg_tol: each query's CG stops at the first step where ||r|| <= cg_tol * ||r_0|| (r as CG's recurrence
+            updates it), in the forward and again in the backward solve; None: every query takes cg_max_iter
+            steps. The loop ends once every query has stopped (on the GPU, each chunk of queries decides on
+            chip, with no host synchronisation).
         cu_seqlens: int64 [N+1] boundaries of the sequences packed along T (then B == 1), starting at 0 and
             ending at T; every sequence runs as if alone, with its own initial and final state.
         output_final_state: return the state after the last token (of each sequence).
-        cg_stats: a dict that receives "iterations" (int, CG steps the forward solve took) and "residual"
-            ([B,H], or [1,H] when packed: the max over tokens of ||q_t - A_t x_t|| / ||q_t - A_t x0_t|| at the
-            stop, A_t = H_t + diag(lamb), x0_t the Jacobi guess; 0 where the guess was exact).
+        cg_stats: a dict that receives the forward solve's "iterations" (int, the most CG steps a query took),
+            "mean_iterations" (float, the steps a query took on average) and "residual" ([B,H], or [1,H] when
+            packed: the max over tokens of ||q_t - A_t x_t|| / ||q_t - A_t x0_t|| at the stop, A_t = H_t +
+            diag(lamb), x0_t the Jacobi guess; 0 where the guess was exact). Filling it synchronises with the
+            device.
         chunk_size: tokens per chunk. Only the states at chunk starts are kept (for the backward too): about
             T / chunk_size * H * D * (D + Dv) floats per batch row, besides O(T * H * (chunk_size + D)).
+            The Triton kernels take 16, 32 or 64.
+        backend: None picks the Triton kernels on CUDA where they support the inputs (head dims up to 128,
+            16-bit or float32 inputs), else the PyTorch path; "triton" or "torch" forces one.
 
     Returns:
         o [B,T,H,Dv] in the promoted dtype of q, k, v, and the final MesaState (h_kk [N,H,D,D], h_kv
@@ -79,6 +121,24 @@ def mesa(
     check_state(state, N, H, D, v.shape[-1], q.device)
     # Autocast would run the inner products in bf16 and spoil the float32 states and solves.
     with torch.autocast(q.device.type, enabled=False):
+        if _use_triton(q, k, v, chunk_size, backend):
+            from tttlm.ops.mesa.triton_chunk import mesa_triton
+
+            return mesa_triton(
+                q,
+                k,
+                v,
+                g,
+                beta,
+                lamb,
+                state,
+                chunk_size=chunk_size,
+                cg_max_iter=cg_max_iter,
+                cg_tol=cg_tol,
+                cu_seqlens=cu_seqlens,
+                output_final_state=output_final_state,
+                cg_stats=cg_stats,
+            )
         return mesa_chunked(
             q,
             k,
@@ -108,13 +168,15 @@ def mesa_step(
     cg_max_iter: int = 30,
     cg_tol: float | None = None,
     cg_stats: dict | None = None,
+    backend: str | None = None,
 ) -> tuple[Tensor, MesaState]:
     """Mesa for one token (decoding): equal to `mesa` on the whole sequence, token after token.
 
     Args:
         q_t, k_t: [B,H,D]; v_t: [B,H,Dv]; g_t, beta_t: [B,H]; lamb: [H,D] > 0; g_t <= 0.
         state: MesaState (h_kk [B,H,D,D], h_kv [B,H,D,Dv]) before this token, or None for zeros.
-        cg_max_iter, cg_tol, cg_stats: as in `mesa` ("residual" is [B,H]).
+        cg_max_iter, cg_tol, cg_stats, backend: as in `mesa` ("residual" is [B,H]). The Triton step runs
+            without autograd only (decoding); with gradients wanted the PyTorch step runs.
 
     Returns:
         o_t [B,H,Dv] in the promoted dtype of q_t, k_t, v_t, and the state after this token (float32, or
@@ -125,6 +187,12 @@ def mesa_step(
     B, H, D = q_t.shape
     check_state(state, B, H, D, v_t.shape[-1], q_t.device)
     with torch.autocast(q_t.device.type, enabled=False):
+        if _use_triton(q_t, k_t, v_t, None, backend):
+            from tttlm.ops.mesa.triton_step import mesa_step_triton
+
+            return mesa_step_triton(
+                q_t, k_t, v_t, g_t, beta_t, lamb, state, cg_max_iter=cg_max_iter, cg_tol=cg_tol, cg_stats=cg_stats
+            )
         return mesa_step_dense(
             q_t, k_t, v_t, g_t, beta_t, lamb, state, cg_max_iter=cg_max_iter, cg_tol=cg_tol, cg_stats=cg_stats
         )

@@ -179,6 +179,7 @@ def mesa_chunked(
     o = decay.unsqueeze(-1) * (x @ g0) + ((x @ kc.mT) * mix) @ vc
     if cg_stats is not None:
         cg_stats["residual"] = cg_stats["residual"].amax(dim=(-2, -1))
+        cg_stats["mean_iterations"] = cg_stats.pop("steps").sum().item() / (B * T * H)  # padding takes none
     o = _from_chunks(o, lay, T).to(out_dtype)
 
     final = MesaState(end[..., :D].contiguous(), end[..., D:].contiguous()) if output_final_state else None

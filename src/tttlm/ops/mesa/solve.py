@@ -23,30 +23,35 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
 
 def conjugate_gradient(
     matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor, max_iter: int, tol: float | None
-) -> tuple[Tensor, int, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Solve A x = b for a symmetric positive definite A, every system of the batch at once.
 
-    b, x0 [..., D]. Runs `max_iter` steps, or fewer once ||r|| <= tol * ||r_0|| holds for every system (r as
-    CG's recurrence updates it). Returns x [..., D], the number of steps taken, and ||r_0||^2 [...].
+    b, x0 [..., D]. Each system stops at the first step where ||r|| <= tol * ||r_0|| (r as CG's recurrence
+    updates it) and stays as it is from there; a system whose start is exact (r_0 = 0) takes no step. The loop
+    runs `max_iter` steps, or fewer once every system has stopped. Returns x [..., D], the steps each system
+    took [...] (int64) and ||r_0||^2 [...].
     """
     x = x0
     r = b - matvec(x)
     p = r
     rr = torch.linalg.vecdot(r, r)
     rr0 = rr
-    steps = 0
-    while steps < max_iter:
+    tol2 = -1.0 if tol is None else tol * tol
+    active = rr > tol2 * rr0
+    steps = torch.zeros(rr.shape, dtype=torch.long, device=rr.device)
+    for _ in range(max_iter):
         # One host sync per step, only when an early stop was asked for.
-        if tol is not None and bool((rr <= (tol * tol) * rr0).all()):
+        if tol is not None and not bool(active.any()):
             break
         ap = matvec(p)
-        alpha = _safe_div(rr, torch.linalg.vecdot(p, ap)).unsqueeze(-1)
+        alpha = torch.where(active, _safe_div(rr, torch.linalg.vecdot(p, ap)), 0.0).unsqueeze(-1)
         x = torch.addcmul(x, alpha, p)
         r = torch.addcmul(r, alpha, ap, value=-1)
         rr_next = torch.linalg.vecdot(r, r)
-        p = torch.addcmul(r, _safe_div(rr_next, rr).unsqueeze(-1), p)
+        p = torch.where(active.unsqueeze(-1), torch.addcmul(r, _safe_div(rr_next, rr).unsqueeze(-1), p), 0.0)
         rr = rr_next
-        steps += 1
+        steps += active
+        active = active & (rr > tol2 * rr0)
     return x, steps, rr0
 
 
@@ -67,7 +72,8 @@ class _ImplicitSolve(torch.autograd.Function):
         if stats is not None:
             # The true residual: in low precision CG's recurrence for r drifts far below it.
             r = b - matvec(x)
-            stats["iterations"] = steps
+            stats["iterations"] = int(steps.max()) if steps.numel() else 0
+            stats["steps"] = steps
             stats["residual"] = _safe_div(torch.linalg.vecdot(r, r), rr0).sqrt()
         ctx.apply_h, ctx.max_iter, ctx.tol = apply, max_iter, tol
         ctx.save_for_backward(x, diag, lamb, *params)
@@ -111,7 +117,8 @@ def implicit_solve(
 
     apply(x, *params) = H x, linear in x, H symmetric. b [..., D]; diag [..., D] = diag(H) + lamb (only the
     starting guess uses it; no gradient flows through it); lamb broadcastable to b. Differentiable in b, lamb
-    and params. `stats`, if given, receives the forward solve's "iterations" (int) and "residual" ([...],
-    ||b - A x|| / ||b - A x0||, 0 where the start was exact).
+    and params. `stats`, if given, receives the forward solve's "iterations" (int, the most steps a system
+    took), "steps" ([...], each system's steps) and "residual" ([...], ||b - A x|| / ||b - A x0||, 0 where the
+    start was exact).
     """
     return _ImplicitSolve.apply(apply, max_iter, tol, stats, b, diag.detach(), lamb, *params)

@@ -44,5 +44,7 @@ def mesa_step_dense(
     h_kv = decay * h_kv + scaled_k * v.unsqueeze(-2)
     diag = h_kk.diagonal(dim1=-2, dim2=-1) + lamb
     x = implicit_solve(_apply_dense, q, diag, lamb, (h_kk,), cg_max_iter, cg_tol, cg_stats)
+    if cg_stats is not None:
+        cg_stats["mean_iterations"] = cg_stats.pop("steps").float().mean().item()
     o = (x.unsqueeze(-2) @ h_kv).squeeze(-2)
     return o.to(out_dtype), MesaState(h_kk, h_kv)

@@ -37,16 +37,15 @@ CHUNK_NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 SCAN_NUM_WARPS = 4
 
 
-def supports(q: Tensor, v: Tensor, chunk_size: int) -> bool:
-    """Whether these kernels handle q [..., D] and v [..., Dv] with this chunk size."""
+def supports(q: Tensor, k: Tensor, v: Tensor, chunk_size: int | None) -> bool:
+    """Whether these kernels handle q, k [..., D] and v [..., Dv] with this chunk size (None: the decode step)."""
     on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     return (
         on_device
         and q.shape[-1] <= MAX_D
         and v.shape[-1] <= MAX_D
-        and chunk_size in SUPPORTED_CHUNKS
-        and q.dtype in SUPPORTED_DTYPES
-        and v.dtype in SUPPORTED_DTYPES
+        and (chunk_size is None or chunk_size in SUPPORTED_CHUNKS)
+        and all(t.dtype in SUPPORTED_DTYPES for t in (q, k, v))
     )
 
 
@@ -182,7 +181,7 @@ def mesa_triton(
     output_final_state: bool,
     cg_stats: dict | None,
 ) -> tuple[Tensor, MesaState | None]:
-    """See `tttlm.ops.mesa.mesa`; inputs are assumed checked and `supports(q, v, chunk_size)`.
+    """See `tttlm.ops.mesa.mesa`; inputs are assumed checked and `supports(q, k, v, chunk_size)`.
 
     Differentiable in every tensor input, the state's included. Returns o [B,T,H,Dv] in the promoted dtype of
     q, k, v and the final MesaState (float32) or None.
