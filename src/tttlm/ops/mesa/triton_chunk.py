@@ -98,7 +98,7 @@ class _MesaFn(torch.autograd.Function):
         )
         o = new((total, H, Dv), out_dtype, dev)
         x = new((total, H, D), f32, dev) if keep else o  # o: an unwritten placeholder
-        steps = new((grid.chunks, H, 2), torch.int32, dev) if stats is not None else grid.first
+        steps = torch.full((grid.chunks, H, 2), -1, dtype=torch.int32, device=dev) if stats is not None else grid.first
         resid = new((grid.chunks, H), f32, dev) if stats is not None else states
         _fwd_kernel[(grid.chunks, H)](
             q, k, v, g, beta, lamb, states, grid.cu, grid.seq, grid.first, o, x, steps, resid,

@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tttlm.ops.ttt_linear.triton_parts import _dot, _dot_acc
+# Operand precision of the tensor-core products: float32 operands as tf32 (10 stored mantissa bits), float32 sums.
+PRECISION: tl.constexpr = tl.constexpr("tf32")
 
 
 def chunk_grid(B: int, T: int, lengths: list[int] | None, chunk: int, device) -> tuple[Tensor, Tensor, int]:
@@ -103,9 +104,10 @@ def _gates(G, BETA, tok, valid, h, H, C: tl.constexpr):
 def _apply(p, H0, k, M, decay, lamb):
     """(H_t + diag(lamb)) p_t for the rows p [C, BD] of a chunk: e^Gamma * (P H0) + ((P K^T) * M) K + lamb * P.
     The intra-chunk product takes lamb * P as its accumulator (not P H0), so that each product is the last of
-    its chain and its warps split its columns (Triton gives a dot feeding another one all warps along rows)."""
-    a = _dot_acc(_dot(p, tl.trans(k)) * M, k, lamb[None, :] * p)
-    return a + decay[:, None] * _dot(p, H0)
+    its chain and its warps split its columns (Triton gives a dot feeding another one all warps along rows).
+    `_cg` has the same lines inline (a nested call costs the interpreter more than the product)."""
+    a = tl.dot(tl.dot(p, tl.trans(k), input_precision=PRECISION) * M, k, lamb[None, :] * p, input_precision=PRECISION)
+    return a + decay[:, None] * tl.dot(p, H0, input_precision=PRECISION)
 
 
 @triton.jit
@@ -116,7 +118,9 @@ def _cg(b, x, H0, k, M, decay, lamb, tol2, max_iter):
     never stops early) and stays as it is from there; the loop ends after max_iter steps or when every row has
     stopped, decided on chip. Returns x, ||r_0||^2 [C] and the steps each row took [C] (int32).
     """
-    r = b - _apply(x, H0, k, M, decay, lamb)
+    kt = tl.trans(k)
+    lx = tl.dot(tl.dot(x, kt, input_precision=PRECISION) * M, k, lamb[None, :] * x, input_precision=PRECISION)
+    r = b - lx - decay[:, None] * tl.dot(x, H0, input_precision=PRECISION)
     p = r
     rr = tl.sum(r * r, 1)
     rr0 = rr
@@ -124,7 +128,8 @@ def _cg(b, x, H0, k, M, decay, lamb, tol2, max_iter):
     steps = active.to(tl.int32) * 0
     it = 0
     while (it < max_iter) & (tl.max(active.to(tl.int32), 0) > 0):
-        ap = _apply(p, H0, k, M, decay, lamb)
+        ap = tl.dot(tl.dot(p, kt, input_precision=PRECISION) * M, k, lamb[None, :] * p, input_precision=PRECISION)
+        ap += decay[:, None] * tl.dot(p, H0, input_precision=PRECISION)
         pap = tl.sum(p * ap, 1)
         alpha = tl.where(active & (pap != 0), rr / tl.where(pap != 0, pap, 1.0), 0.0)
         x += alpha[:, None] * p

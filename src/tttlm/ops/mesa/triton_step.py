@@ -111,7 +111,7 @@ def mesa_step_triton(
     h_kk = new((B, H, D, D), torch.float32, dev)
     h_kv = new((B, H, D, Dv), torch.float32, dev)
     stats = cg_stats is not None
-    steps = new((B * H,), torch.int32, dev) if stats else o
+    steps = torch.full((B * H,), -1, dtype=torch.int32, device=dev) if stats else o
     resid = new((B * H,), torch.float32, dev) if stats else o
     _step_kernel[(B * H,)](
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), lamb.contiguous(),
