@@ -1,4 +1,5 @@
-"""Registers, spills and shared memory of TTT-Linear's Triton kernels as compiled for an NVIDIA GPU, on any machine.
+"""Registers, spills and shared memory of the Triton kernels (TTT-Linear's, Mesa's) as compiled for an NVIDIA GPU,
+on any machine.
 
 No GPU needed: the op's host code runs on CPU tensors with every kernel launch replaced by Triton's
 ahead-of-time compile for the target architecture (default sm_90, the H100), and the ptxas that ships with
@@ -7,7 +8,7 @@ marked so, as Triton's launcher specialises them on the GPU; on the H100 this ga
 driver reported there (190 for the old rebuild kernel, 135 for the old finish kernel at D=128). Kernels that spill
 (a stack frame, spill stores) hold more than the registers allow, which costs time on the GPU.
 
-    python benchmarks/kernel_registers.py [--heads 16x128,32x64] [--arch 90]
+    python benchmarks/kernel_registers.py [--heads 16x128,32x64] [--arch 90] [--ops ttt_linear,mesa]
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 POINTER_TYPES = {
     torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32"
 }
-HIDDEN_CONSTEXPRS = ("D", "BT")  # the head dim is in its own column; the mini-batch is always 16
+HIDDEN_CONSTEXPRS = ("D", "BT", "DV", "BDV")  # the head dims are in their own column; the mini-batch is always 16
 
 
 def _resources(kernel: JITFunction, args, kwargs, arch: int) -> dict:
@@ -139,18 +140,49 @@ def ttt_linear_launches(H: int, D: int) -> None:
     triton_step.ttt_linear_step_triton(q[:1], k[:1], v[:1], eta[:1], ln_w, ln_b, state)
 
 
+def mesa_launches(H: int, D: int) -> None:
+    """Mesa's forward (with and without what the backward keeps, with the solver's telemetry), its backward
+    (with and without the final state's gradient) and the decode step, on CPU tensors of 4 chunks of 64."""
+    from tttlm.ops.mesa import triton_chunk, triton_step
+    from tttlm.ops.state import MesaState
+
+    T, dt = 256, torch.bfloat16
+    q, k, v = (torch.randn(1, T, H, D, dtype=dt) for _ in range(3))
+    g, beta = torch.full((1, T, H), -0.1), torch.rand(1, T, H)
+    lamb = torch.ones(H, D)
+    state = MesaState(torch.zeros(1, H, D, D), torch.zeros(1, H, D, D))
+    fn = triton_chunk._MesaFn
+    ctx = types.SimpleNamespace(set_materialize_grads=lambda flag: None)
+    ctx.save_for_backward = lambda *t: setattr(ctx, "saved_tensors", t)
+    grid = triton_chunk._Grid(1, T, None, 64, q.device)
+    flat = [t.reshape(T, H, D) for t in (q, k, v)] + [t.reshape(T, H) for t in (g, beta)] + [lamb]
+    init = torch.zeros(1, H, D, 2 * D)
+    fn.forward(ctx, *flat, None, grid, 30, -1.0, dt, False, None)
+    fn.forward(ctx, *flat, init, grid, 30, -1.0, dt, True, {"stats": True})
+    fn.backward(ctx, torch.randn(T, H, D, dtype=dt), None)
+    fn.backward(ctx, torch.randn(T, H, D, dtype=dt), init)
+    triton_step.mesa_step_triton(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], lamb, state, cg_max_iter=30,
+                                 cg_tol=None)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--heads", default="16x128,32x64", help="comma-separated HxD")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for the H100")
+    p.add_argument("--ops", default="ttt_linear,mesa", help="comma-separated: ttt_linear, mesa")
     args = p.parse_args(argv)
+    launches = {"ttt_linear": ttt_linear_launches, "mesa": mesa_launches}
+    ops = args.ops.split(",")
+    if not set(ops) <= set(launches):
+        p.error(f"--ops takes {', '.join(launches)}; got {args.ops}")
     print(f"sm_{args.arch}, triton {triton.__version__}")
     print("| H×D | kernel | constexprs | warps | registers | stack B | spill stores B | spill loads B | shared B |")
     print("|---|---|---|---|---|---|---|---|---|")
     for hd in args.heads.split(","):
         H, D = (int(x) for x in hd.split("x"))
         with compile_only(args.arch) as rows:
-            ttt_linear_launches(H, D)
+            for op in ops:
+                launches[op](H, D)
         for r in rows:
             print(
                 f"| {H}×{D} | {r['kernel']} | {r['constexprs']} | {r['warps']} | {r['registers']} | "

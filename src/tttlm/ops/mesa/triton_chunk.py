@@ -35,6 +35,16 @@ SCAN_BLOCK = 32  # columns of [H | G] per program of the state passes
 # Warps per program by on-chip head dim, for the per-chunk kernels (solves, gradients) and the state passes.
 CHUNK_NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 SCAN_NUM_WARPS = 4
+# Operands of the CG steps' products (`triton_parts._cg`): None takes float16 (scaled) for 16-bit inputs and
+# tf32 for float32 ones; True or False forces float16 or tf32 (tests, benchmarks/gpu_mesa.py --operands).
+CG_FP16: bool | None = None
+
+
+def cg_fp16(*tensors: Tensor) -> bool:
+    """Whether the CG steps take float16 operands for these inputs (see CG_FP16)."""
+    if CG_FP16 is not None:
+        return CG_FP16
+    return all(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, chunk_size: int | None) -> bool:
@@ -88,6 +98,7 @@ class _MesaFn(torch.autograd.Function):
         dev = q.device
         f32 = torch.float32
         dims = _dims(D, Dv, grid.chunk)
+        fp16 = cg_fp16(q, k, v)
         states = new((grid.chunks, H, D, SW), f32, dev)
         final = new((grid.N, H, D, SW), f32, dev)
         nbh, nb = _scan_blocks(D, Dv)
@@ -102,7 +113,7 @@ class _MesaFn(torch.autograd.Function):
         resid = new((grid.chunks, H), f32, dev) if stats is not None else states
         _fwd_kernel[(grid.chunks, H)](
             q, k, v, g, beta, lamb, states, grid.cu, grid.seq, grid.first, o, x, steps, resid,
-            tol2, max_iter, H, SW, **dims, STORE_X=keep, STATS=stats is not None,
+            tol2, max_iter, H, SW, **dims, STORE_X=keep, STATS=stats is not None, FP16=fp16,
             num_warps=CHUNK_NUM_WARPS[dims["BD"]],
         )
         if stats is not None:
@@ -111,7 +122,7 @@ class _MesaFn(torch.autograd.Function):
             stats["residual"] = _per_row(resid, grid)
         if keep:
             ctx.save_for_backward(k, v, g, beta, lamb, states, x)
-            ctx.grid, ctx.max_iter, ctx.tol2 = grid, max_iter, tol2
+            ctx.grid, ctx.max_iter, ctx.tol2, ctx.fp16 = grid, max_iter, tol2, fp16
             ctx.q_dtype, ctx.has_init = q.dtype, init is not None
         ctx.set_materialize_grads(False)
         return o, final
@@ -134,7 +145,7 @@ class _MesaFn(torch.autograd.Function):
         dgam = new((total, H), f32, dev)
         _bwd_kernel[(grid.chunks, H)](
             k, v, g, beta, lamb, states, x, do, grid.cu, grid.seq, grid.first, dq, y, dlamb, dgam,
-            ctx.tol2, ctx.max_iter, H, SW, **dims, num_warps=warps,
+            ctx.tol2, ctx.max_iter, H, SW, **dims, FP16=ctx.fp16, num_warps=warps,
         )
         nbh, nb = _scan_blocks(D, Dv)
         dstates = new((grid.chunks, H, D, SW), f32, dev)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tttlm.ops.mesa.triton_parts import _chunk, _gates, _rows, _state_ptrs, _store_rows
+from tttlm.ops.mesa.triton_parts import _chunk, _gates, _matrix, _rows, _store_rows
 from tttlm.ops.ttt_linear.triton_parts import _dot
 
 
@@ -48,20 +48,10 @@ def _grads_kernel(
     dbeta = tl.sum(E * dM, 0)
     dgam = tl.sum(Z, 1) - tl.sum(Z, 0) + tl.load(DGAM + tok * H + h, mask=valid, other=0.0)
     # through the state after the chunk: U^H (symmetric, so EH enters as EH + EH^T) and U^G
-    ptrs, mask = _state_ptrs(DSTATES, gc, h, H, SW, 0, D, D, BD, BD)
-    EH = tl.load(ptrs, mask=mask, other=0.0)
-    rows = tl.arange(0, BD)
-    base = (gc * H + h).to(tl.int64) * D * SW
-    EHt = tl.load(DSTATES + base + rows[None, :] * SW + rows[:, None], mask=mask, other=0.0)
-    ke = _dot(k, EH + EHt)
-    cols = tl.arange(0, BDV)
-    EGt = tl.load(
-        DSTATES + base + rows[None, :] * SW + D + cols[:, None],
-        mask=(rows < D)[None, :] & (cols < DV)[:, None],
-        other=0.0,
-    )
-    ptrs, mask = _state_ptrs(DSTATES, gc, h, H, SW, D, DV, D, BD, BDV)
-    kg = _dot(k, tl.load(ptrs, mask=mask, other=0.0))
+    EH = _matrix(DSTATES, gc, h, H, SW, 0, D, D, BD, BD, False)
+    ke = _dot(k, EH + _matrix(DSTATES, gc, h, H, SW, 0, D, D, BD, BD, True))
+    kg = _dot(k, _matrix(DSTATES, gc, h, H, SW, D, D, DV, BD, BDV, False))
+    EGt = _matrix(DSTATES, gc, h, H, SW, D, D, DV, BD, BDV, True)
     e = tl.exp(total - gam)
     w = e * beta
     dk += w[:, None] * (ke + _dot(v, EGt))

@@ -88,6 +88,28 @@ def _state_ptrs(S, gc, h, H, SW, col0, width, R: tl.constexpr, BR: tl.constexpr,
 
 
 @triton.jit
+def _matrix(S, gc, h, H, SW, col0, R: tl.constexpr, W: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
+            TRANSPOSED: tl.constexpr):
+    """The [BR, BW] tile of rows 0 .. R-1 and columns col0 .. col0+W-1 of matrix (gc, h) of S [*, H, R, SW], or
+    (TRANSPOSED) its transpose [BW, BR], zero padded; loaded without a mask where nothing is padded (a mask
+    tensor of a whole matrix would take registers)."""
+    rows = tl.arange(0, BR)
+    cols = tl.arange(0, BW)
+    base = S + (gc * H + h).to(tl.int64) * R * SW + col0
+    if TRANSPOSED:
+        ptrs = base + rows[None, :] * SW + cols[:, None]
+        mask = (rows < R)[None, :] & (cols < W)[:, None]
+    else:
+        ptrs = base + rows[:, None] * SW + cols[None, :]
+        mask = (rows < R)[:, None] & (cols < W)[None, :]
+    if R == BR and W == BW:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
 def _gates(G, BETA, tok, valid, h, H, C: tl.constexpr):
     """The chunk's cumulative log decays Gamma [C], their total (the log decay over the chunk), beta [C] and the
     causal decays E [C, C] (E[t, s] = e^{Gamma_t - Gamma_s} for s <= t, else 0), all float32."""
@@ -111,16 +133,36 @@ def _apply(p, H0, k, M, decay, lamb):
 
 
 @triton.jit
-def _cg(b, x, H0, k, M, decay, lamb, tol2, max_iter):
+def _cg(b, x, H0, k, M, decay, lamb, tol2, max_iter, FP16: tl.constexpr):
     """Conjugate gradient on every row of a chunk: x [C, BD] solving (H_t + diag(lamb)) x_t = b_t from x.
 
     Each row stops at the first step where ||r||^2 <= tol2 ||r_0||^2 (r as CG's recurrence updates it; tol2 < 0
     never stops early) and stays as it is from there; the loop ends after max_iter steps or when every row has
     stopped, decided on chip. Returns x, ||r_0||^2 [C] and the steps each row took [C] (int32).
+
+    The products take float32 operands as tf32, or with FP16 float16 operands scaled to |.| <= 1: H0 by its
+    largest entry, K by its largest, M by its largest, each vector p_t by its norm (the directions by ||r_t||,
+    which bounds them in CG). Both keep 11 significant bits (float16 rounds to nearest, tf32 truncates), no
+    value leaves float16's range, and float16 products run at twice the rate. The product is written out where
+    it is needed (`_apply` has the tf32 one): a nested call costs the interpreter more than the product.
     """
-    kt = tl.trans(k)
-    lx = tl.dot(tl.dot(x, kt, input_precision=PRECISION) * M, k, lamb[None, :] * x, input_precision=PRECISION)
-    r = b - lx - decay[:, None] * tl.dot(x, H0, input_precision=PRECISION)
+    if FP16:
+        sh = tl.max(tl.max(tl.abs(H0), 1), 0)
+        sk = tl.max(tl.max(tl.abs(k), 1), 0)
+        sm = tl.max(tl.max(M, 1), 0)
+        h16 = (H0 * (1.0 / tl.where(sh > 0, sh, 1.0))).to(tl.float16)
+        k16 = (k * (1.0 / tl.where(sk > 0, sk, 1.0))).to(tl.float16)
+        m16 = (M * (1.0 / tl.where(sm > 0, sm, 1.0))).to(tl.float16)
+        sk = sk * sk * sm
+        norm = tl.sqrt(tl.sum(x * x, 1))
+        x16 = (x * (1.0 / tl.where(norm > 0, norm, 1.0))[:, None]).to(tl.float16)
+        ax = (norm * sk)[:, None] * tl.dot(tl.dot(x16, tl.trans(k16)).to(tl.float16) * m16, k16)
+        ax += (norm * sh * decay)[:, None] * tl.dot(x16, h16) + lamb[None, :] * x
+    else:
+        kt = tl.trans(k)
+        ax = tl.dot(tl.dot(x, kt, input_precision=PRECISION) * M, k, lamb[None, :] * x, input_precision=PRECISION)
+        ax += decay[:, None] * tl.dot(x, H0, input_precision=PRECISION)
+    r = b - ax
     p = r
     rr = tl.sum(r * r, 1)
     rr0 = rr
@@ -128,14 +170,21 @@ def _cg(b, x, H0, k, M, decay, lamb, tol2, max_iter):
     steps = active.to(tl.int32) * 0
     it = 0
     while (it < max_iter) & (tl.max(active.to(tl.int32), 0) > 0):
-        ap = tl.dot(tl.dot(p, kt, input_precision=PRECISION) * M, k, lamb[None, :] * p, input_precision=PRECISION)
-        ap += decay[:, None] * tl.dot(p, H0, input_precision=PRECISION)
+        if FP16:
+            norm = tl.sqrt(rr)
+            p16 = (p * (1.0 / tl.where(norm > 0, norm, 1.0))[:, None]).to(tl.float16)  # p = 0 where r = 0
+            ap = (norm * sk)[:, None] * tl.dot(tl.dot(p16, tl.trans(k16)).to(tl.float16) * m16, k16)
+            ap += (norm * sh * decay)[:, None] * tl.dot(p16, h16) + lamb[None, :] * p
+        else:
+            ap = tl.dot(tl.dot(p, kt, input_precision=PRECISION) * M, k, lamb[None, :] * p,
+                        input_precision=PRECISION)
+            ap += decay[:, None] * tl.dot(p, H0, input_precision=PRECISION)
         pap = tl.sum(p * ap, 1)
         alpha = tl.where(active & (pap != 0), rr / tl.where(pap != 0, pap, 1.0), 0.0)
         x += alpha[:, None] * p
         r -= alpha[:, None] * ap
         rr_next = tl.sum(r * r, 1)
-        on = active.to(tl.float32)
+        on = active.to(tl.float32)  # a stopped row keeps p = 0
         p = on[:, None] * r + (on * rr_next / tl.where(rr != 0, rr, 1.0))[:, None] * p
         rr = rr_next
         steps += active.to(tl.int32)

@@ -10,17 +10,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tttlm.ops.mesa.triton_parts import _apply, _cg, _chunk, _gates, _rows, _state_ptrs, _store_rows
+from tttlm.ops.mesa.triton_parts import _apply, _cg, _chunk, _gates, _matrix, _rows, _store_rows
 from tttlm.ops.ttt_linear.triton_parts import _dot, _dot_acc
 
 
 @triton.jit
 def _chunk_start(STATES, gc, h, H, SW, D: tl.constexpr, BD: tl.constexpr):
-    """H0 [BD, BD] of chunk gc (zero padding) and its diagonal [BD]."""
-    ptrs, mask = _state_ptrs(STATES, gc, h, H, SW, 0, D, D, BD, BD)
-    H0 = tl.load(ptrs, mask=mask, other=0.0)
+    """H0 [BD, BD] of chunk gc (zero padding)."""
+    return _matrix(STATES, gc, h, H, SW, 0, D, D, BD, BD, False)
+
+
+@triton.jit
+def _diag(STATES, gc, h, H, SW, M, k, decay, lamb, D: tl.constexpr, BD: tl.constexpr):
+    """The diagonals of H_t + diag(lamb) [C, BD], the Jacobi preconditioner: e^Gamma_t diag(H0) +
+    sum_{s<=t} M[t, s] k_s^2 + lamb."""
     d = tl.arange(0, BD)
-    return H0, tl.sum(tl.where(d[:, None] == d[None, :], H0, 0.0), 1)
+    diag0 = tl.load(STATES + (gc * H + h).to(tl.int64) * D * SW + d * (SW + 1), mask=d < D, other=0.0)
+    return decay[:, None] * diag0[None, :] + _dot(M, k * k) + lamb[None, :]
+
+
+@triton.jit
+def _operands(K, G, BETA, tok, valid, h, H, D: tl.constexpr, BD: tl.constexpr, C: tl.constexpr):
+    """The chunk's keys [C, BD], M [C, C] and decays e^Gamma [C]."""
+    gam, _, beta, E = _gates(G, BETA, tok, valid, h, H, C)
+    return _rows(K, tok, valid, h, H, D, BD), E * beta[None, :], tl.exp(gam)
 
 
 @triton.jit
@@ -35,7 +48,7 @@ def _fwd_kernel(
     Q, K, V, G, BETA, LAMB, STATES, CU, CHUNK_SEQ, CHUNK_FIRST, O, X, STEPS, RESID,
     tol2, max_iter, H, SW,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr,
-    STORE_X: tl.constexpr, STATS: tl.constexpr,
+    STORE_X: tl.constexpr, STATS: tl.constexpr, FP16: tl.constexpr,
 ):
     """o = G_t^T (H_t + diag(lamb))^-1 q_t for the queries of chunk gc = program_id(0), head program_id(1).
 
@@ -46,26 +59,25 @@ def _fwd_kernel(
     gc = tl.program_id(0)
     h = tl.program_id(1)
     tok, valid = _chunk(CU, CHUNK_SEQ, CHUNK_FIRST, gc, C)
-    gam, _, beta, E = _gates(G, BETA, tok, valid, h, H, C)
-    M = E * beta[None, :]
-    decay = tl.exp(gam)
+    k, M, decay = _operands(K, G, BETA, tok, valid, h, H, D, BD, C)
     lamb = _lamb(LAMB, h, D, BD)
     q = _rows(Q, tok, valid, h, H, D, BD)
-    k = _rows(K, tok, valid, h, H, D, BD)
-    H0, diag0 = _chunk_start(STATES, gc, h, H, SW, D, BD)
-    diag = decay[:, None] * diag0[None, :] + _dot(M, k * k) + lamb[None, :]
-    x, rr0, steps = _cg(q, q / diag, H0, k, M, decay, lamb, tol2, max_iter)
+    diag = _diag(STATES, gc, h, H, SW, M, k, decay, lamb, D, BD)
+    x, rr0, steps = _cg(q, q / diag, _chunk_start(STATES, gc, h, H, SW, D, BD), k, M, decay, lamb, tol2, max_iter,
+                        FP16)
+    # what follows loads its operands again rather than keep them in registers through the loop
+    tok, valid = _chunk(CU, CHUNK_SEQ, CHUNK_FIRST, gc, C)
+    k, M, decay = _operands(K, G, BETA, tok, valid, h, H, D, BD, C)
     if STORE_X:
         _store_rows(X, x, tok, valid, h, H, D, BD)
     if STATS:
-        r = q - _apply(x, H0, k, M, decay, lamb)
+        r = _rows(Q, tok, valid, h, H, D, BD) - _apply(x, _chunk_start(STATES, gc, h, H, SW, D, BD), k, M, decay, lamb)
         rel = tl.where(rr0 > 0, tl.sqrt(tl.sum(r * r, 1) / tl.where(rr0 > 0, rr0, 1.0)), 0.0)
         row = gc * H + h
         tl.store(RESID + row, tl.max(tl.where(valid, rel, 0.0), 0))
         tl.store(STEPS + 2 * row, tl.max(steps, 0))
         tl.store(STEPS + 2 * row + 1, tl.sum(steps, 0))
-    ptrs, mask = _state_ptrs(STATES, gc, h, H, SW, D, DV, D, BD, BDV)
-    G0 = tl.load(ptrs, mask=mask, other=0.0)
+    G0 = _matrix(STATES, gc, h, H, SW, D, D, DV, BD, BDV, False)
     v = _rows(V, tok, valid, h, H, DV, BDV)
     o = _dot_acc(_dot(x, tl.trans(k)) * M, v, decay[:, None] * _dot(x, G0))
     _store_rows(O, o, tok, valid, h, H, DV, BDV)
@@ -75,7 +87,7 @@ def _fwd_kernel(
 def _bwd_kernel(
     K, V, G, BETA, LAMB, STATES, X, DO, CU, CHUNK_SEQ, CHUNK_FIRST, DQ, Y, DLAMB, DGAM,
     tol2, max_iter, H, SW,
-    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr, FP16: tl.constexpr,
 ):
     """The backward's solve of chunk gc = program_id(0), head program_id(1), and the gradients it gives at once.
 
@@ -87,30 +99,22 @@ def _bwd_kernel(
     gc = tl.program_id(0)
     h = tl.program_id(1)
     tok, valid = _chunk(CU, CHUNK_SEQ, CHUNK_FIRST, gc, C)
-    gam, _, beta, E = _gates(G, BETA, tok, valid, h, H, C)
-    M = E * beta[None, :]
-    decay = tl.exp(gam)
+    k, M, decay = _operands(K, G, BETA, tok, valid, h, H, D, BD, C)
     lamb = _lamb(LAMB, h, D, BD)
-    k = _rows(K, tok, valid, h, H, D, BD)
     v = _rows(V, tok, valid, h, H, DV, BDV)
     do = _rows(DO, tok, valid, h, H, DV, BDV)
-    # G0^T [BDV, BD], read transposed
-    rows = tl.arange(0, BD)
-    cols = tl.arange(0, BDV)
-    base = (gc * H + h).to(tl.int64) * D * SW
-    G0t = tl.load(
-        STATES + base + rows[None, :] * SW + D + cols[:, None],
-        mask=(rows < D)[None, :] & (cols < DV)[:, None],
-        other=0.0,
-    )
+    G0t = _matrix(STATES, gc, h, H, SW, D, D, DV, BD, BDV, True)  # [BDV, BD]
     dog = _dot(do, G0t)  # rows G0 do_t
+    # x_t . G0 do_t waits in DGAM: nothing but the solve's own values stays in registers through the loop
+    tl.store(DGAM + tok * H + h, tl.sum(_rows(X, tok, valid, h, H, D, BD) * dog, 1), mask=valid)
     dx = _dot_acc(_dot(do, tl.trans(v)) * M, k, decay[:, None] * dog)
-    H0, diag0 = _chunk_start(STATES, gc, h, H, SW, D, BD)
-    diag = decay[:, None] * diag0[None, :] + _dot(M, k * k) + lamb[None, :]
-    y, _, _ = _cg(dx, dx / diag, H0, k, M, decay, lamb, tol2, max_iter)
+    diag = _diag(STATES, gc, h, H, SW, M, k, decay, lamb, D, BD)
+    y, _, _ = _cg(dx, dx / diag, _chunk_start(STATES, gc, h, H, SW, D, BD), k, M, decay, lamb, tol2, max_iter, FP16)
+    tok, valid = _chunk(CU, CHUNK_SEQ, CHUNK_FIRST, gc, C)
     _store_rows(DQ, y, tok, valid, h, H, D, BD)
     _store_rows(Y, y, tok, valid, h, H, D, BD)
     x = _rows(X, tok, valid, h, H, D, BD)
-    tl.store(DLAMB + (gc * H + h) * BD + rows, -tl.sum(y * x, 0))
-    dgam = decay * (tl.sum(x * dog, 1) - tl.sum(y * _dot(x, H0), 1))
-    tl.store(DGAM + tok * H + h, dgam, mask=valid)
+    tl.store(DLAMB + (gc * H + h) * BD + tl.arange(0, BD), -tl.sum(y * x, 0))
+    xh = _dot(x, _chunk_start(STATES, gc, h, H, SW, D, BD))
+    dgam = tl.load(DGAM + tok * H + h, mask=valid, other=0.0) - tl.sum(y * xh, 1)
+    tl.store(DGAM + tok * H + h, tl.exp(_gates(G, BETA, tok, valid, h, H, C)[0]) * dgam, mask=valid)
