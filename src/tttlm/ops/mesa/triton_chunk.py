@@ -35,8 +35,9 @@ SCAN_BLOCK = 32  # columns of [H | G] per program of the state passes
 # Warps per program by on-chip head dim, for the per-chunk kernels (solves, gradients) and the state passes.
 CHUNK_NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 SCAN_NUM_WARPS = 4
-# Operands of the CG steps' products (`triton_parts._cg`): None takes float16 (scaled) for 16-bit inputs and
-# tf32 for float32 ones; True or False forces float16 or tf32 (tests, benchmarks/gpu_mesa.py --operands).
+# Operands of the CG steps' products (`triton_parts._cg`): None takes float16 (scaled) when any of q, k, v is
+# 16-bit (under autocast the layer's q, k may leave their norm in float32 while v is bfloat16) and tf32 for
+# float32 inputs; True or False forces float16 or tf32 (tests, benchmarks/gpu_mesa.py).
 CG_FP16: bool | None = None
 
 
@@ -44,7 +45,7 @@ def cg_fp16(*tensors: Tensor) -> bool:
     """Whether the CG steps take float16 operands for these inputs (see CG_FP16)."""
     if CG_FP16 is not None:
         return CG_FP16
-    return all(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+    return any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, chunk_size: int | None) -> bool:

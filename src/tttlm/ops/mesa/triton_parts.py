@@ -133,21 +133,21 @@ def _apply(p, H0, k, M, decay, lamb):
 
 
 @triton.jit
-def _cg(b, x, H0, k, M, decay, lamb, tol2, max_iter, FP16: tl.constexpr):
+def _cg(b, x, H0, sh, k, M, decay, lamb, tol2, max_iter, FP16: tl.constexpr):
     """Conjugate gradient on every row of a chunk: x [C, BD] solving (H_t + diag(lamb)) x_t = b_t from x.
 
     Each row stops at the first step where ||r||^2 <= tol2 ||r_0||^2 (r as CG's recurrence updates it; tol2 < 0
     never stops early) and stays as it is from there; the loop ends after max_iter steps or when every row has
     stopped, decided on chip. Returns x, ||r_0||^2 [C] and the steps each row took [C] (int32).
 
-    The products take float32 operands as tf32, or with FP16 float16 operands scaled to |.| <= 1: H0 by its
-    largest entry, K by its largest, M by its largest, each vector p_t by its norm (the directions by ||r_t||,
-    which bounds them in CG). Both keep 11 significant bits (float16 rounds to nearest, tf32 truncates), no
-    value leaves float16's range, and float16 products run at twice the rate. The product is written out where
-    it is needed (`_apply` has the tf32 one): a nested call costs the interpreter more than the product.
+    The products take float32 operands as tf32, or with FP16 float16 operands scaled to |.| <= 1: H0 by sh, the
+    largest entry of its diagonal (H0 is positive semi-definite: no entry is larger), K by its largest entry, M
+    by its largest, each vector p_t by its norm (the directions by ||r_t||, which bounds them in CG). Both keep
+    11 significant bits (float16 rounds to nearest, tf32 truncates), no value leaves float16's range, and
+    float16 products run at twice the rate. The product is written out where it is needed (`_apply` has the
+    tf32 one): a nested call costs the interpreter more than the product.
     """
     if FP16:
-        sh = tl.max(tl.max(tl.abs(H0), 1), 0)
         sk = tl.max(tl.max(tl.abs(k), 1), 0)
         sm = tl.max(tl.max(M, 1), 0)
         h16 = (H0 * (1.0 / tl.where(sh > 0, sh, 1.0))).to(tl.float16)

@@ -23,10 +23,10 @@ def _chunk_start(STATES, gc, h, H, SW, D: tl.constexpr, BD: tl.constexpr):
 @triton.jit
 def _diag(STATES, gc, h, H, SW, M, k, decay, lamb, D: tl.constexpr, BD: tl.constexpr):
     """The diagonals of H_t + diag(lamb) [C, BD], the Jacobi preconditioner: e^Gamma_t diag(H0) +
-    sum_{s<=t} M[t, s] k_s^2 + lamb."""
+    sum_{s<=t} M[t, s] k_s^2 + lamb; and the largest entry of diag(H0)."""
     d = tl.arange(0, BD)
     diag0 = tl.load(STATES + (gc * H + h).to(tl.int64) * D * SW + d * (SW + 1), mask=d < D, other=0.0)
-    return decay[:, None] * diag0[None, :] + _dot(M, k * k) + lamb[None, :]
+    return decay[:, None] * diag0[None, :] + _dot(M, k * k) + lamb[None, :], tl.max(tl.abs(diag0), 0)
 
 
 @triton.jit
@@ -62,9 +62,9 @@ def _fwd_kernel(
     k, M, decay = _operands(K, G, BETA, tok, valid, h, H, D, BD, C)
     lamb = _lamb(LAMB, h, D, BD)
     q = _rows(Q, tok, valid, h, H, D, BD)
-    diag = _diag(STATES, gc, h, H, SW, M, k, decay, lamb, D, BD)
-    x, rr0, steps = _cg(q, q / diag, _chunk_start(STATES, gc, h, H, SW, D, BD), k, M, decay, lamb, tol2, max_iter,
-                        FP16)
+    diag, sh = _diag(STATES, gc, h, H, SW, M, k, decay, lamb, D, BD)
+    H0 = _chunk_start(STATES, gc, h, H, SW, D, BD)
+    x, rr0, steps = _cg(q, q / diag, H0, sh, k, M, decay, lamb, tol2, max_iter, FP16)
     # what follows loads its operands again rather than keep them in registers through the loop
     tok, valid = _chunk(CU, CHUNK_SEQ, CHUNK_FIRST, gc, C)
     k, M, decay = _operands(K, G, BETA, tok, valid, h, H, D, BD, C)
@@ -108,8 +108,9 @@ def _bwd_kernel(
     # x_t . G0 do_t waits in DGAM: nothing but the solve's own values stays in registers through the loop
     tl.store(DGAM + tok * H + h, tl.sum(_rows(X, tok, valid, h, H, D, BD) * dog, 1), mask=valid)
     dx = _dot_acc(_dot(do, tl.trans(v)) * M, k, decay[:, None] * dog)
-    diag = _diag(STATES, gc, h, H, SW, M, k, decay, lamb, D, BD)
-    y, _, _ = _cg(dx, dx / diag, _chunk_start(STATES, gc, h, H, SW, D, BD), k, M, decay, lamb, tol2, max_iter, FP16)
+    diag, sh = _diag(STATES, gc, h, H, SW, M, k, decay, lamb, D, BD)
+    H0 = _chunk_start(STATES, gc, h, H, SW, D, BD)
+    y, _, _ = _cg(dx, dx / diag, H0, sh, k, M, decay, lamb, tol2, max_iter, FP16)
     tok, valid = _chunk(CU, CHUNK_SEQ, CHUNK_FIRST, gc, C)
     _store_rows(DQ, y, tok, valid, h, H, D, BD)
     _store_rows(Y, y, tok, valid, h, H, D, BD)
