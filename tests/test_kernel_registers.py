@@ -1,4 +1,5 @@
-"""benchmarks/kernel_registers.py compiles every TTT-Linear kernel for the H100 on this (GPU-less) machine."""
+"""benchmarks/kernel_registers.py compiles every TTT-Linear and Mesa kernel for the H100 on this (GPU-less)
+machine."""
 
 import os
 import subprocess
@@ -22,6 +23,8 @@ def test_reports_every_kernel():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     kernels = {"_fwd_kernel", "_output_kernel", "_local_kernel", "_chain_kernel", "_finish_kernel", "_step_kernel"}
+    kernels |= {"_scan_fwd_kernel", "_solve_fwd_kernel", "_solve_bwd_kernel", "_scan_bwd_kernel", "_grads_kernel",
+                "_mesa_step_kernel"}  # Mesa's
     for heads, expected in (("2×16", kernels), ("1×128", kernels | {"_split_fwd_kernel", "_split_chain_kernel"})):
         rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith(f"| {heads} |")]
         assert expected <= {r[1].strip() for r in rows}, heads

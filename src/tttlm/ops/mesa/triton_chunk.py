@@ -1,11 +1,11 @@
 """Mesa on the GPU: the Triton kernels over whole sequences and their autograd function.
 
-Forward: the state pass (`triton_scan._fwd_scan_kernel`) writes [H | G] at every chunk start in float32; then
+Forward: the state pass (`triton_scan._scan_fwd_kernel`) writes [H | G] at every chunk start in float32; then
 one program per (chunk, head) solves all the chunk's queries by conjugate gradient on chip and writes the
-output (`triton_solve._fwd_kernel`). Backward (implicit differentiation, no CG step is backpropagated):
-  1. `triton_solve._bwd_kernel`: dx_t = G_t do_t, y_t = (H_t + diag(lamb))^-1 dx_t by CG; dq = y,
+output (`triton_solve._solve_fwd_kernel`). Backward (implicit differentiation, no CG step is backpropagated):
+  1. `triton_solve._solve_bwd_kernel`: dx_t = G_t do_t, y_t = (H_t + diag(lamb))^-1 dx_t by CG; dq = y,
      d lamb = -sum_t y_t * x_t, and dGamma_t through the chunk-start states;
-  2. `triton_scan._bwd_scan_kernel`: the gradients of the states after every chunk, backwards from the final
+  2. `triton_scan._scan_bwd_kernel`: the gradients of the states after every chunk, backwards from the final
      state's, and of the initial state;
   3. `triton_grads._grads_kernel`: dk, dv, dbeta, dg of every chunk from x, y and those state gradients.
 The forward keeps the chunk-start states (float32, chunks x H x D x (D + Dv)) and the solves x (float32) for
@@ -23,8 +23,8 @@ from torch import Tensor
 from tttlm.ops.mesa.checks import io_dtypes
 from tttlm.ops.mesa.triton_grads import _grads_kernel
 from tttlm.ops.mesa.triton_parts import chunk_grid
-from tttlm.ops.mesa.triton_scan import _bwd_scan_kernel, _fwd_scan_kernel
-from tttlm.ops.mesa.triton_solve import _bwd_kernel, _fwd_kernel
+from tttlm.ops.mesa.triton_scan import _scan_bwd_kernel, _scan_fwd_kernel
+from tttlm.ops.mesa.triton_solve import _solve_bwd_kernel, _solve_fwd_kernel
 from tttlm.ops.state import MesaState
 from tttlm.ops.ttt_linear.triton_parts import block_d, new
 
@@ -103,7 +103,7 @@ class _MesaFn(torch.autograd.Function):
         states = new((grid.chunks, H, D, SW), f32, dev)
         final = new((grid.N, H, D, SW), f32, dev)
         nbh, nb = _scan_blocks(D, Dv)
-        _fwd_scan_kernel[(grid.N * H, nb)](
+        _scan_fwd_kernel[(grid.N * H, nb)](
             k, v, g, beta, final if init is None else init, states, final, grid.cu, grid.first, H, SW, nbh,
             D=D, DV=Dv, BD=dims["BD"], BV=SCAN_BLOCK, C=grid.chunk, HAS_INIT=init is not None,
             num_warps=SCAN_NUM_WARPS,
@@ -112,7 +112,7 @@ class _MesaFn(torch.autograd.Function):
         x = new((total, H, D), f32, dev) if keep else o  # o: an unwritten placeholder
         steps = torch.full((grid.chunks, H, 2), -1, dtype=torch.int32, device=dev) if stats is not None else grid.first
         resid = new((grid.chunks, H), f32, dev) if stats is not None else states
-        _fwd_kernel[(grid.chunks, H)](
+        _solve_fwd_kernel[(grid.chunks, H)](
             q, k, v, g, beta, lamb, states, grid.cu, grid.seq, grid.first, o, x, steps, resid,
             tol2, max_iter, H, SW, **dims, STORE_X=keep, STATS=stats is not None, FP16=fp16,
             num_warps=CHUNK_NUM_WARPS[dims["BD"]],
@@ -144,7 +144,7 @@ class _MesaFn(torch.autograd.Function):
         y = new((total, H, D), f32, dev)
         dlamb = new((grid.chunks, H, dims["BD"]), f32, dev)
         dgam = new((total, H), f32, dev)
-        _bwd_kernel[(grid.chunks, H)](
+        _solve_bwd_kernel[(grid.chunks, H)](
             k, v, g, beta, lamb, states, x, do, grid.cu, grid.seq, grid.first, dq, y, dlamb, dgam,
             ctx.tol2, ctx.max_iter, H, SW, **dims, FP16=ctx.fp16, num_warps=warps,
         )
@@ -152,7 +152,7 @@ class _MesaFn(torch.autograd.Function):
         dstates = new((grid.chunks, H, D, SW), f32, dev)
         dinit = new((grid.N, H, D, SW), f32, dev)
         da = new((grid.chunks, H, nb), f32, dev)
-        _bwd_scan_kernel[(grid.N * H, nb)](
+        _scan_bwd_kernel[(grid.N * H, nb)](
             x, y, do, g, dinit if dfinal is None else dfinal.contiguous(), states, dstates, dinit, da, grid.cu,
             grid.first, H, SW, nbh, nb, D=D, DV=Dv, BD=dims["BD"], BV=SCAN_BLOCK, C=grid.chunk,
             HAS_DFINAL=dfinal is not None, num_warps=SCAN_NUM_WARPS,

@@ -6,8 +6,8 @@ With x_t, y_t and the chunk-start states fixed (implicit differentiation), what 
                + sum_{s<=t} M[t, s] (x_t . k_s) (do_t . v_s - y_t . k_s) ]
       + <EH, U^H> + <EG, U^G>,   U^H = sum_s w_s k_s k_s^T,  U^G = sum_s w_s k_s v_s^T,
 with M[t, s] = e^{Gamma_t - Gamma_s} beta_s, w_s = e^{gamma - Gamma_s} beta_s (gamma the chunk's total log decay)
-and [EH | EG] the gradient of the state after the chunk (from `triton_scan._bwd_scan_kernel`). The first
-term's dGamma comes from `triton_solve._bwd_kernel` (DGAM); e^gamma's gradient from the scan (DA).
+and [EH | EG] the gradient of the state after the chunk (from `triton_scan._scan_bwd_kernel`). The first
+term's dGamma comes from `triton_solve._solve_bwd_kernel` (DGAM); e^gamma's gradient from the scan (DA).
 """
 
 from __future__ import annotations

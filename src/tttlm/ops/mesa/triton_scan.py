@@ -26,7 +26,7 @@ def _block(j, NBH, D, DV, BV: tl.constexpr):
 
 
 @triton.jit
-def _fwd_scan_kernel(
+def _scan_fwd_kernel(
     K, V, G, BETA, INIT, STATES, FINAL, CU, CHUNK_FIRST, H, SW, NBH,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     HAS_INIT: tl.constexpr,
@@ -66,7 +66,7 @@ def _fwd_scan_kernel(
 
 
 @triton.jit
-def _bwd_scan_kernel(
+def _scan_bwd_kernel(
     X, Y, DO, G, DFINAL, STATES, DSTATES, DINIT, DA, CU, CHUNK_FIRST, H, SW, NBH, NB,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     HAS_DFINAL: tl.constexpr,

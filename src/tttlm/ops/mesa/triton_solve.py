@@ -44,7 +44,7 @@ def _lamb(LAMB, h, D: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(
+def _solve_fwd_kernel(
     Q, K, V, G, BETA, LAMB, STATES, CU, CHUNK_SEQ, CHUNK_FIRST, O, X, STEPS, RESID,
     tol2, max_iter, H, SW,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr,
@@ -84,7 +84,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_kernel(
+def _solve_bwd_kernel(
     K, V, G, BETA, LAMB, STATES, X, DO, CU, CHUNK_SEQ, CHUNK_FIRST, DQ, Y, DLAMB, DGAM,
     tol2, max_iter, H, SW,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, C: tl.constexpr, FP16: tl.constexpr,

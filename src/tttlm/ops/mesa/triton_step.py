@@ -18,7 +18,7 @@ NUM_WARPS = {16: 2, 32: 2, 64: 4, 128: 8}
 
 
 @triton.jit
-def _step_kernel(
+def _mesa_step_kernel(
     Q, K, V, G, BETA, LAMB, HKK, HKV, O, HKK1, HKV1, STEPS, RESID, tol2, max_iter, H,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     HAS_STATE: tl.constexpr, STATS: tl.constexpr,
@@ -113,7 +113,7 @@ def mesa_step_triton(
     stats = cg_stats is not None
     steps = torch.full((B * H,), -1, dtype=torch.int32, device=dev) if stats else o
     resid = new((B * H,), torch.float32, dev) if stats else o
-    _step_kernel[(B * H,)](
+    _mesa_step_kernel[(B * H,)](
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), lamb.contiguous(),
         h_kk if state is None else state.h_kk.float().contiguous(),
         h_kv if state is None else state.h_kv.float().contiguous(),
