@@ -210,6 +210,21 @@ def test_cg_tol_stops_early_and_meets_tolerance():
     assert loose["iterations"] < stats["iterations"]
 
 
+def test_cg_tol_stops_each_query_on_its_own():
+    """With cg_tol a query's solve does not depend on what else is in the call: a batch row gives the same output
+    alone and beside a row whose systems take more steps (each query stops at its own tolerance)."""
+    inputs, state = make_inputs(B=2, T=30, D=16)
+    inputs[3] = torch.stack([inputs[3][0], inputs[3][1] * 0.01])  # the second row remembers longer
+    inputs[4] = torch.stack([inputs[4][0], inputs[4][1] * 20])  # and writes harder: worse conditioned
+    both_stats, alone_stats = {}, {}
+    both, _ = mesa(*inputs, state, chunk_size=8, cg_max_iter=100, cg_tol=1e-6, cg_stats=both_stats)
+    first = [t[:1] for t in inputs[:5]] + [inputs[5]]
+    alone, _ = mesa(*first, state.map(lambda t: t[:1]), chunk_size=8, cg_max_iter=100, cg_tol=1e-6,
+                    cg_stats=alone_stats)
+    assert alone_stats["iterations"] < both_stats["iterations"]
+    assert max_err(both[:1], alone) <= 1e-13
+
+
 def test_zero_residual_does_not_divide_by_zero():
     """A zero query is solved exactly by the starting guess; the CG steps after that must stay finite."""
     inputs, state = make_inputs(T=12)

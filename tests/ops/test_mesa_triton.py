@@ -244,10 +244,14 @@ def test_early_exit_matches_pytorch_path():
         results.append((o, stats, grads))
     (o, stats, grads), (o_t, stats_t, grads_t) = results
     assert 0 < stats["mean_iterations"] < stats["iterations"] < 100
-    assert abs(stats["iterations"] - stats_t["iterations"]) <= 1
-    assert abs(stats["mean_iterations"] - stats_t["mean_iterations"]) <= 0.05 * stats_t["mean_iterations"]
-    assert stats["residual"].shape == (B, H) and stats["residual"].max() <= 2e-3
-    tol = 2e-2 if CUDA else 1e-3  # a query may stop one step apart in the two paths
+    assert stats["residual"].shape == (B, H) and stats["residual"].max() <= 1.5e-3
+    if CUDA:  # float16 products may move a query's stop by a step
+        assert abs(stats["iterations"] - stats_t["iterations"]) <= 1
+        tol = 2e-2
+    else:  # every query stops at the same step in both paths
+        assert stats["iterations"] == stats_t["iterations"]
+        assert stats["mean_iterations"] == stats_t["mean_iterations"]
+        tol = 1e-5
     assert_within_tol({"o": rel_rmse(o, o_t)} | {f"g{i}": rel_rmse(a, b) for i, (a, b) in
                       enumerate(zip(grads, grads_t, strict=True))}, tol)
 
