@@ -12,10 +12,11 @@ measure the solve's accuracy against exact solves and the CG steps a tolerance t
    library (or a checkpoint, --checkpoint), its layers' op inputs on 16 x 2048 tokens of held-out text: the CG
    steps to reach cg_tol=1e-4 (mean and most per query) and the forward ms at that tolerance against 30 steps.
 Peers are skipped (with a note) when flash-linear-attention is not installed. The JSON is rewritten after each
-part, so a time limit keeps what was measured.
+part, so a time limit keeps what was measured; --update adds the parts run to an existing JSON (one process
+per part under its own time limit).
 
-    python benchmarks/gpu_mesa.py [--json OUT.json] [--tokens 32768] [--no-peers] [--train-steps 300]
-        [--checkpoint RUN_OR_CKPT | --no-trained] [--no-decode]
+    python benchmarks/gpu_mesa.py [--json OUT.json] [--update] [--parts rows,accuracy,decode,tolerance]
+        [--tokens 32768] [--no-peers] [--train-steps 300 | --checkpoint RUN_OR_CKPT]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ SEQ_LENS = (2048, 8192, 32768)
 OPS = ("tttlm.mesa", "fla.chunk_mesa_net", "fla.chunk_gated_delta_rule")
 CG_STEPS = 30
 TOL = 1e-4
+PARTS = ("rows", "accuracy", "decode", "tolerance")
 
 
 def _fla():
@@ -289,25 +291,35 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=TOKENS)
     p.add_argument("--heads", default="16x128", help="HxD of the speed and accuracy parts")
     p.add_argument("--no-peers", action="store_true", help="time only our kernels")
-    p.add_argument("--no-decode", action="store_true")
-    p.add_argument("--no-trained", action="store_true", help="skip the trained-model tolerance part")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)} (all)")
+    p.add_argument("--update", action="store_true", help="add the parts to the JSON file already at --json")
     p.add_argument("--train-steps", type=int, default=300, help="steps of the model trained for part 4 (300)")
     p.add_argument("--checkpoint", help="a trained Mesa model (run or checkpoint directory) for part 4")
     args = p.parse_args(argv)
     H, D = (int(x) for x in args.heads.split("x"))
+    parts = args.parts.split(",")
+    if not set(parts) <= set(PARTS):
+        p.error(f"--parts takes {', '.join(PARTS)}; got {args.parts}")
+    if args.update and not (args.json and os.path.isfile(args.json)):
+        p.error("--update needs the JSON file of an earlier run at --json")
     if not torch.cuda.is_available():
         print("gpu_mesa: needs a CUDA GPU", file=sys.stderr)
         return 2
     fla = None if args.no_peers else _fla()
     if fla is None and not args.no_peers:
         print("flash-linear-attention is not installed: its rows are skipped")
+    command = "python benchmarks/gpu_mesa.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out = {
         "device": torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),
-        "command": "python benchmarks/gpu_mesa.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "torch": torch.__version__,
         "rows": [],
     }
+    if args.update:
+        with open(args.json) as f:
+            out = json.load(f)
+        out["command"] += "; " + command
     print(f"device: {out['device']}, torch {out['torch']}, bf16, {args.tokens} tokens per call", flush=True)
 
     def save():
@@ -326,12 +338,14 @@ def main(argv=None) -> int:
         save()
 
     torch.manual_seed(0)
-    part("rows", lambda: speed_rows(H, D, args.tokens, fla))
-    part("accuracy", lambda: accuracy(H, D, fla))
-    if not args.no_decode:
-        part("decode", lambda: {B: decode(B) for B in (1, 64)})
-    if not args.no_trained:
-        part("tolerance", lambda: tolerance(args, lambda *a, **k: print(*a, flush=True)))
+    runs = {
+        "rows": lambda: speed_rows(H, D, args.tokens, fla),
+        "accuracy": lambda: accuracy(H, D, fla),
+        "decode": lambda: {B: decode(B) for B in (1, 64)},
+        "tolerance": lambda: tolerance(args, lambda *a, **k: print(*a, flush=True)),
+    }
+    for name in parts:
+        part(name, runs[name])
     print_table(out)
     return 0
 

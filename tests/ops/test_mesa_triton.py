@@ -105,12 +105,11 @@ SHAPES = [  # B, T, H, D, Dv, cu_seqlens
     (1, 40, 1, 12, 20, [0, 19, 40]),  # head dims padded on chip
     (1, 30, 2, 16, 16, [0, 3, 30]),  # a sequence inside one unfinished chunk
 ]
-if CUDA:  # the paper's head dims (each new one compiles every kernel again)
+if CUDA:  # the paper's head dims only: each new one compiles every kernel again (padding is tested on the CPU)
     SHAPES = [
         (2, 300, 4, 128, 128, None),
         (1, 333, 3, 64, 64, [0, 1, 17, 200, 333]),
         (1, 530, 2, 128, 128, [0, 40, 530]),
-        (2, 150, 3, 96, 96, None),
         (1, 100, 2, 128, 128, [0, 3, 100]),
     ]
 
@@ -122,7 +121,7 @@ def test_kernel_matches_reference(B, T, H, D, Dv, cu, with_state_grads):
     check_kernel(B, T, H, D, Dv, cu, with_state_grads)
 
 
-@pytest.mark.parametrize("B,T,H,D,Dv,cu", SHAPES[:2])
+@pytest.mark.parametrize("B,T,H,D,Dv,cu", SHAPES[: 1 if CUDA else 2])
 def test_kernel_with_other_cg_operands(monkeypatch, B, T, H, D, Dv, cu):
     """The CG steps' products with the operands the inputs do not pick: float16 (scaled) for float32 inputs on
     the CPU, where its 11-bit roundings show; tf32 for bf16 inputs on the GPU."""
@@ -164,7 +163,7 @@ def test_split_and_continue_equals_one_call(packed):
     """A sequence cut mid-chunk and continued from the returned state gives the one-call result, and the
     gradients flow through the carried state into the first call's inputs and initial state. Packed: sequences
     [0, 11) and [11, 37); the first call takes tokens [0, 21) of both, the second the rest of the second."""
-    B, T, H, D, Dv = (1 if packed else 2), 37, 2, (128 if CUDA else 16), (64 if CUDA else 8)
+    B, T, H, D, Dv = (1 if packed else 2), 37, 2, (128 if CUDA else 16), (128 if CUDA else 8)
     cu, cut = ([0, 11, T] if packed else None), 21
     ref_leaves, dev_leaves, weights = make_case(B, T, H, D, Dv, 2, seed=5)
     o_ref, f_ref = run_reference(ref_leaves, cu)

@@ -32,6 +32,7 @@ MAX_D = 128
 SUPPORTED_CHUNKS = (16, 32, 64)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SCAN_BLOCK = 32  # columns of [H | G] per program of the state passes
+GRADS_BLOCK = 64  # columns of dk, dv made at once by `triton_grads._grads_kernel`
 # Warps per program by on-chip head dim, for the per-chunk kernels (solves, gradients) and the state passes.
 CHUNK_NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 SCAN_NUM_WARPS = 4
@@ -163,7 +164,8 @@ class _MesaFn(torch.autograd.Function):
         dbeta = new((total, H), f32, dev)
         _grads_kernel[(grid.chunks, H)](
             x, y, do, k, v, g, beta, dstates, da, dgam, grid.cu, grid.seq, grid.first, dk, dv, dg, dbeta,
-            H, SW, nb, **dims, BNB=triton.next_power_of_2(nb), num_warps=warps,
+            H, SW, nb, **dims, BN=min(GRADS_BLOCK, dims["BD"]), BNV=min(GRADS_BLOCK, dims["BDV"]),
+            BNB=triton.next_power_of_2(nb), num_warps=warps,
         )
         dlamb = dlamb.sum(0)[:, :D].to(lamb.dtype)
         return (dq, dk, dv, dg.to(g.dtype), dbeta.to(beta.dtype), dlamb, dinit if ctx.has_init else None,

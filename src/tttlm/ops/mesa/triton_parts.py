@@ -78,6 +78,14 @@ def _cols(X, tok, valid, h, H, W, col0, width, BC: tl.constexpr):
 
 
 @triton.jit
+def _store_cols(X, x, tok, valid, h, H, W, col0, width, BC: tl.constexpr):
+    """Store x [C, BC] as columns col0 .. col0 + width - 1 (at most BC) of tokens tok of head h of X [tokens, H, W]."""
+    cols = tl.arange(0, BC)
+    mask = valid[:, None] & (cols < width)[None, :]
+    tl.store(X + (tok * H + h)[:, None] * W + col0 + cols[None, :], x.to(X.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _state_ptrs(S, gc, h, H, SW, col0, width, R: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     """Pointers and mask of the [BR, BC] tile of columns col0 .. col0 + width - 1 (at most BC) of matrix (gc, h)
     of S [*, H, R, SW] (states [H | G]: R = D rows, SW = D + Dv columns)."""
@@ -88,25 +96,33 @@ def _state_ptrs(S, gc, h, H, SW, col0, width, R: tl.constexpr, BR: tl.constexpr,
 
 
 @triton.jit
-def _matrix(S, gc, h, H, SW, col0, R: tl.constexpr, W: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
-            TRANSPOSED: tl.constexpr):
-    """The [BR, BW] tile of rows 0 .. R-1 and columns col0 .. col0+W-1 of matrix (gc, h) of S [*, H, R, SW], or
-    (TRANSPOSED) its transpose [BW, BR], zero padded; loaded without a mask where nothing is padded (a mask
-    tensor of a whole matrix would take registers)."""
-    rows = tl.arange(0, BR)
-    cols = tl.arange(0, BW)
-    base = S + (gc * H + h).to(tl.int64) * R * SW + col0
+def _tile(A, row0, col0, rows, cols, stride, BR: tl.constexpr, BC: tl.constexpr, TRANSPOSED: tl.constexpr,
+          FULL: tl.constexpr):
+    """The [BR, BC] tile at (row0, col0) of the matrix at A (row stride `stride`; rows / cols of it exist from
+    row0 / col0 on, zero padding beyond), or (TRANSPOSED) its transpose [BC, BR]. FULL: nothing is padded, so
+    no mask (a mask tensor of a whole matrix would take registers)."""
+    r = tl.arange(0, BR)
+    c = tl.arange(0, BC)
     if TRANSPOSED:
-        ptrs = base + rows[None, :] * SW + cols[:, None]
-        mask = (rows < R)[None, :] & (cols < W)[:, None]
+        ptrs = A + (row0 + r[None, :]) * stride + col0 + c[:, None]
+        mask = (r < rows)[None, :] & (c < cols)[:, None]
     else:
-        ptrs = base + rows[:, None] * SW + cols[None, :]
-        mask = (rows < R)[:, None] & (cols < W)[None, :]
-    if R == BR and W == BW:
+        ptrs = A + (row0 + r[:, None]) * stride + col0 + c[None, :]
+        mask = (r < rows)[:, None] & (c < cols)[None, :]
+    if FULL:
         tile = tl.load(ptrs)
     else:
         tile = tl.load(ptrs, mask=mask, other=0.0)
     return tile
+
+
+@triton.jit
+def _matrix(S, gc, h, H, SW, col0, R: tl.constexpr, W: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
+            TRANSPOSED: tl.constexpr):
+    """The [BR, BW] tile of rows 0 .. R-1 and columns col0 .. col0+W-1 of matrix (gc, h) of S [*, H, R, SW], or
+    (TRANSPOSED) its transpose [BW, BR], zero padded."""
+    base = S + (gc * H + h).to(tl.int64) * R * SW
+    return _tile(base, 0, col0, R, W, SW, BR, BW, TRANSPOSED, R == BR and W == BW)
 
 
 @triton.jit
