@@ -8,9 +8,10 @@ measure the solve's accuracy against exact solves and the CG steps a tolerance t
 2. Accuracy: the relative RMSE of o against exact solves (torch.linalg.solve in float64, token by token) on the
    same kind of inputs (B=1, T=1024, H16xD128), for ours (both operand kinds, and at cg_tol=1e-4) and the peer.
 3. Decode: one mesa_step at batch 1 and 64, H16xD128, us per token, eager and replayed from a CUDA graph.
-4. Tolerance: a small Mesa model (mesa-small with 2 heads of 128) trained briefly here on the Python standard
-   library (or a checkpoint, --checkpoint), its layers' op inputs on 16 x 2048 tokens of held-out text: the CG
-   steps to reach cg_tol=1e-4 (mean and most per query) and the forward ms at that tolerance against 30 steps.
+4. Tolerance: a small Mesa model (mesa-small with 2 heads of 128) trained briefly here on the top-level modules
+   of the Python standard library (or a checkpoint, --checkpoint), its layers' op inputs on 16 x 2048 tokens of
+   that text: the CG steps to reach cg_tol=1e-4 (mean and most per query) and the forward ms at that tolerance
+   against 30 steps.
 Peers are skipped (with a note) when flash-linear-attention is not installed. The JSON is rewritten after each
 part, so a time limit keeps what was measured; --update adds the parts run to an existing JSON (one process
 per part under its own time limit).
@@ -38,6 +39,7 @@ OPS = ("tttlm.mesa", "fla.chunk_mesa_net", "fla.chunk_gated_delta_rule")
 CG_STEPS = 30
 TOL = 1e-4
 PARTS = ("rows", "accuracy", "decode", "tolerance")
+STDLIB = os.path.join(os.path.dirname(os.__file__), "*.py")  # the top of the standard library: a quick corpus
 
 
 def _fla():
@@ -82,7 +84,8 @@ def make_call(op: str, inp: dict, fla, **kwargs):
         return (lambda: mesa(q, k, v, g, beta, lamb, None, **kw)[0]), list(leaves.values())
     if op == "fla.chunk_mesa_net":
         return (lambda: fla[0](q, k, v, g, beta, lamb, max_CG_iteration=CG_STEPS)[0]), list(leaves.values())
-    if op == "fla.chunk_gated_delta_rule":
+    if op == "fla.chunk_gated_delta_rule":  # beta in the inputs' dtype, as DESIGN.md's peer numbers took it
+        beta = beta.detach().to(q.dtype).requires_grad_()
         return (lambda: fla[1](q, k, v, g, beta)[0]), [q, k, v, g, beta]
     raise ValueError(op)
 
@@ -219,7 +222,7 @@ def trained_model(args, log):
     out = tempfile.mkdtemp(prefix="gpu_mesa_")
     steps = args.train_steps
     cfg = make_config(
-        model="mesa-small", model_overrides={"num_attention_heads": 2}, corpus="stdlib", seq_len=512,
+        model="mesa-small", model_overrides={"num_attention_heads": 2}, corpus=STDLIB, seq_len=512,
         batch_size=16, steps=steps, warmup_steps=min(50, steps // 5), lr=3e-3, out_dir=f"{out}/run",
         cache_dir=f"{out}/cache", eval_every=steps, save_every=steps, log_every=max(1, steps // 4),
         eval_batches=4, tensorboard=False, progress=False,
@@ -227,16 +230,16 @@ def trained_model(args, log):
     t0 = time.perf_counter()
     last = train(cfg, log=log)
     model, tok, _ = load_pretrained(last["checkpoint"], "cuda")
-    return model, tok, dict(trained="mesa-small, 2 heads x 128, stdlib corpus", steps=steps, seq_len=512,
+    return model, tok, dict(trained=f"mesa-small, 2 heads x 128, on {STDLIB}", steps=steps, seq_len=512,
                             batch=16, train_s=round(time.perf_counter() - t0, 1), val_loss=last.get("val_loss"))
 
 
 def held_out_ids(tok, B: int, T: int) -> torch.Tensor:
-    """B x T tokens of the standard library's text, read from the end of the sorted file list (the corpus
-    holds out by hash, so some of it was seen in training: the activations are a trained model's either way)."""
+    """B x T tokens of the training corpus's text, read from the end of its sorted file list (the corpus holds
+    out by hash, so some of it was seen in training: the activations are a trained model's either way)."""
     import glob
 
-    files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[::-1]
+    files = sorted(glob.glob(STDLIB))[::-1]
     ids: list[int] = []
     for path in files:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -255,7 +258,8 @@ def tolerance(args, log) -> dict:
 
     model, tok, info = trained_model(args, log)
     ids = held_out_ids(tok, 16, 2048)
-    layers = [kw for kw in model.float().mixer_op_inputs(ids) if kw is not None]
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # as in training: the kernels it compiled
+        layers = [kw for kw in model.mixer_op_inputs(ids) if kw is not None]
     res = dict(info, tokens="16 x 2048", layers=[])
     totals = {"fixed": 0.0, "tol": 0.0}
     for i, kw in enumerate(layers):
