@@ -26,8 +26,8 @@ def _tokens(*shape: int, seed: int = 1) -> torch.Tensor:
 @pytest.fixture
 def tiny():
     """tiny(mixer, seed=0, **overrides): a float32 tiny model in eval mode (vocabulary 97), initialised with
-    larger weights so every mixer visibly matters (Mamba's B, C and output projections scaled up), and small Mamba2 chunks so a few dozen tokens cross several
-    chunk / mini-batch boundaries."""
+    larger weights so every mixer visibly matters (Mamba's B, C and output projections scaled up), and small
+    Mamba2 chunks so a few dozen tokens cross several chunk / mini-batch boundaries."""
     return _tiny
 
 

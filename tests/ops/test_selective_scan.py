@@ -10,8 +10,7 @@ reference runs on those same values in float64.
 import pytest
 import torch
 
-from tttlm.ops.selective_scan import selective_scan, selective_scan_step
-from tttlm.ops.selective_scan import triton_scan
+from tttlm.ops.selective_scan import selective_scan, selective_scan_step, triton_scan
 from tttlm.ops.selective_scan.reference import selective_scan_ref
 from tttlm.ops.ttt_linear import triton_parts
 

@@ -75,8 +75,8 @@ class MambaMixer(nn.Module):
         _default_linear_init(self.out_proj.weight, 1 / math.sqrt(self.num_layers))
 
     def forward(self, x: Tensor, info: SeqInfo, cache=None) -> Tensor:
-        Bt, T, _ = x.shape
-        E, N, R = self.d_inner, self.d_state, self.dt_rank
+        T = x.shape[1]
+        N, R = self.d_state, self.dt_rank
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         xs, conv_state = self.conv(xs, info.pos, None if cache is None else cache.conv.get("x"))
         xs = F.silu(xs)

@@ -42,7 +42,7 @@ def warmup_progress(step: int, cfg: TrainConfig) -> float:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False):
     """AdamW (betas cfg.beta1/beta2) over param_groups and its LambdaLR schedule."""
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.weight_decay_all), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            fused=fused or None)
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
     return opt, sched

@@ -102,7 +102,7 @@ def _fwd_kernel(
     nmask = (rows < eos)[:, None] & nm[None, :]
     u, b, c = _tile_inputs(U, Bm, Cm, rows, e, n, mask, nmask, E, N)
     d, _ = _step_sizes(DELTA, rows, e, mask, bias, E, HAS_BIAS, SOFTPLUS)
-    for t0 in range(bos, eos, BT):
+    for _ in range(bos, eos, BT):
         # the next tile's inputs are on their way while this one is scanned
         nrows = rows + BT
         nmask_e = (nrows < eos)[:, None] & em[None, :]
