@@ -103,7 +103,7 @@ def sweep(tokens: int) -> list[dict]:
     rows = []
     bt, block = triton_scan.BT, triton_scan.channel_block
     for BT, BE in ((16, 16), (16, 8), (32, 8), (8, 16), (8, 32)):
-        triton_scan.BT, triton_scan.channel_block = BT, (lambda programs, e, device, be=BE: be)
+        triton_scan.BT, triton_scan.channel_block = BT, (lambda sequences, e, device, be=BE: be)
         for T in (2048, SEQ_LENS[-1]):
             try:
                 f_ms, fb_ms = time_op(OPS[0], max(1, tokens // T), T)
@@ -137,7 +137,7 @@ def registers(arch: int = 90) -> list[dict]:
     block = triton_scan.channel_block
     rows = []
     for be in (16, 8):
-        triton_scan.channel_block = lambda programs, e, device, be=be: be
+        triton_scan.channel_block = lambda sequences, e, device, be=be: be
         with kr.compile_only(arch) as found:
             triton_scan._SelectiveScanFn.forward(ctx, u, delta, A, Bm, Cm, D, bias, None, cu, T, True, True)
             triton_scan._SelectiveScanFn.backward(ctx, torch.randn_like(u), torch.zeros(1, E, N))

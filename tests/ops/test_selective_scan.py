@@ -153,7 +153,7 @@ def test_kernel_without_optional_inputs():
 
 def test_kernel_with_narrow_channel_blocks(monkeypatch):
     """8 channels per program, which the GPU takes for one long sequence; several channel blocks per sequence."""
-    monkeypatch.setattr(triton_scan, "channel_block", lambda programs, E, device: 8)
+    monkeypatch.setattr(triton_scan, "channel_block", lambda sequences, E, device: 8)
     check_kernel(1, 33, 20, 5, [0, 9, 33])
 
 

@@ -3,8 +3,9 @@
 One program per (sequence, block of BE channels) holds its [BE, N] float32 state and walks its sequence in
 tiles of BT tokens. Inside a tile the recurrence h_t = a_t h_{t-1} + b_t is an associative scan over the
 tile's [BT, BE, N] pairs (a_t, b_t) (a first-order linear recurrence composes as (a, b) then (a', b') =
-(a a', a' b + b')), so a tile costs a few parallel steps instead of BT dependent ones; the next tile's
-inputs are loaded while the current one is scanned.
+(a a', a' b + b')); as Triton lays it out for sm_90, each thread holds the BT tokens of its (channel, state)
+elements and scans them in registers, so a tile is one load, one scan and one store instead of BT dependent
+round trips. The next tile's inputs are loaded while the current one is scanned.
 
 The forward keeps the state entering every tile (float32, [tiles, E, N]) for the backward, which walks each
 sequence's tiles in reverse: it rebuilds the tile's states from the kept one, then scans the adjoint
@@ -36,10 +37,10 @@ def supports(u: Tensor, N: int) -> bool:
     return on_device and u.dtype in SUPPORTED_DTYPES and 1 <= N <= MAX_N
 
 
-def channel_block(programs_per_channel_block: int, E: int, device: torch.device) -> int:
-    """Channels per program: 16, or 8 when 16 would leave fewer than two programs per SM (one long sequence)."""
+def channel_block(sequences: int, E: int, device: torch.device) -> int:
+    """Channels per program: 16, or 8 when 16 would leave fewer than two programs per SM (few long sequences)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return 16 if programs_per_channel_block * triton.cdiv(E, 16) >= 2 * sms else 8
+    return 16 if sequences * triton.cdiv(E, 16) >= 2 * sms else 8
 
 
 @triton.jit
