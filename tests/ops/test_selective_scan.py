@@ -82,7 +82,10 @@ SHAPES = [  # B, T, E, N, cu_seqlens
     (1, 40, 3, 3, [0, 16, 17, 40]),  # a one-token sequence and one ending on a tile boundary
 ]
 if CUDA:
-    SHAPES += [(2, 300, 1536, 16, None), (1, 700, 384, 16, [0, 1, 100, 433, 700]), (4, 64, 200, 12, None)]
+    SHAPES += [  # the 125m width; packed; N not a power of two; enough sequences for 16 channels per program
+        (2, 300, 1536, 16, None), (1, 700, 384, 16, [0, 1, 100, 433, 700]), (4, 64, 200, 12, None),
+        (24, 40, 256, 16, None),
+    ]
 
 
 @pytest.mark.parametrize("B,T,E,N,cu", SHAPES[:3])
