@@ -31,7 +31,7 @@ from tttlm.train.optim import make_optimizer, warmup_progress
 
 # settings that must match between a checkpoint and the run resuming it (the rest may change, e.g. steps)
 _RESUME_KEYS = ("model", "model_overrides", "corpus", "text_field", "val_fraction", "tokenizer", "vocab_size",
-                "seq_len", "batch_size", "seed", "stream_windows")
+                "seq_len", "batch_size", "seed")
 
 
 def prepare(cfg: TrainConfig, rt: Runtime, log=print) -> PreparedData:
