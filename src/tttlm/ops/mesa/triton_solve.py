@@ -105,8 +105,7 @@ def _solve_bwd_kernel(
     do = _rows(DO, tok, valid, h, H, DV, BDV)
     G0t = _matrix(STATES, gc, h, H, SW, D, D, DV, BD, BDV, True)  # [BDV, BD]
     dog = _dot(do, G0t)  # rows G0 do_t
-    # x_t . G0 do_t waits in DGAM: nothing but the solve's own values stays in registers through the loop
-    tl.store(DGAM + tok * H + h, tl.sum(_rows(X, tok, valid, h, H, D, BD) * dog, 1), mask=valid)
+    xdog = tl.sum(_rows(X, tok, valid, h, H, D, BD) * dog, 1)  # x_t . G0 do_t
     dx = _dot_acc(_dot(do, tl.trans(v)) * M, k, decay[:, None] * dog)
     diag, sh = _diag(STATES, gc, h, H, SW, M, k, decay, lamb, D, BD)
     H0 = _chunk_start(STATES, gc, h, H, SW, D, BD)
@@ -117,5 +116,5 @@ def _solve_bwd_kernel(
     x = _rows(X, tok, valid, h, H, D, BD)
     tl.store(DLAMB + (gc * H + h) * BD + tl.arange(0, BD), -tl.sum(y * x, 0))
     xh = _dot(x, _chunk_start(STATES, gc, h, H, SW, D, BD))
-    dgam = tl.load(DGAM + tok * H + h, mask=valid, other=0.0) - tl.sum(y * xh, 1)
-    tl.store(DGAM + tok * H + h, tl.exp(_gates(G, BETA, tok, valid, h, H, C)[0]) * dgam, mask=valid)
+    dgam = tl.exp(_gates(G, BETA, tok, valid, h, H, C)[0]) * (xdog - tl.sum(y * xh, 1))
+    tl.store(DGAM + tok * H + h, dgam, mask=valid)
