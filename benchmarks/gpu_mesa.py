@@ -7,6 +7,7 @@ measure the solve's accuracy against exact solves and the CG steps a tolerance t
    beta uniform in [0, 1], lamb uniform in [0.5, 1.5]). Then ours with the other CG operands at T = 8k.
 2. Accuracy: the relative RMSE of o against exact solves (torch.linalg.solve in float64, token by token) on the
    same kind of inputs (B=1, T=1024, H16xD128), for ours (both operand kinds, and at cg_tol=1e-4) and the peer.
+   Then GPU ms per kernel of ours (torch.profiler) at T = 2k and 32k.
 3. Decode: one mesa_step at batch 1 and 64, H16xD128, us per token, eager and replayed from a CUDA graph.
 4. Tolerance: a small Mesa model (mesa-small with 2 heads of 128) trained briefly here on the top-level modules
    of the Python standard library (or a checkpoint, --checkpoint), its layers' op inputs on 16 x 2048 tokens of
@@ -38,7 +39,7 @@ SEQ_LENS = (2048, 8192, 32768)
 OPS = ("tttlm.mesa", "fla.chunk_mesa_net", "fla.chunk_gated_delta_rule")
 CG_STEPS = 30
 TOL = 1e-4
-PARTS = ("rows", "accuracy", "decode", "tolerance")
+PARTS = ("rows", "profile", "accuracy", "decode", "tolerance")
 STDLIB = os.path.join(os.path.dirname(os.__file__), "*.py")  # the top of the standard library: a quick corpus
 
 
@@ -140,6 +141,28 @@ def speed_rows(H: int, D: int, tokens: int, fla) -> list[dict]:
     rows.append(row)
     print(json.dumps(row), flush=True)
     return rows
+
+
+def profile(H: int, D: int, tokens: int) -> dict:
+    """GPU ms per kernel of one forward+backward of ours at T = 2k and 32k (torch.profiler, the mean of 3 calls
+    after 2 warm-up calls), the 8 largest."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    res = {}
+    for T in (SEQ_LENS[0], SEQ_LENS[-1]):
+        fn, _ = make_call("tttlm.mesa", make_inputs(max(1, tokens // T), T, H, D), None)
+        for _ in range(2):
+            fn().float().sum().backward()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                fn().float().sum().backward()
+            torch.cuda.synchronize()
+        times = {e.key: e.device_time_total / 3e3 for e in prof.key_averages() if e.device_time_total > 0}
+        res[T] = {k[:48]: round(v, 3) for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:8]}
+        print(f"profile T={T}: {res[T]}", flush=True)
+    return res
 
 
 def exact_output(inp: dict) -> torch.Tensor:
@@ -344,6 +367,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     runs = {
         "rows": lambda: speed_rows(H, D, args.tokens, fla),
+        "profile": lambda: profile(H, D, args.tokens),
         "accuracy": lambda: accuracy(H, D, fla),
         "decode": lambda: {B: decode(B) for B in (1, 64)},
         "tolerance": lambda: tolerance(args, lambda *a, **k: print(*a, flush=True)),
