@@ -63,6 +63,7 @@ def _rows(X, tok, valid, h, H, D: tl.constexpr, BD: tl.constexpr):
 
 @triton.jit
 def _store_rows(X, x, tok, valid, h, H, D: tl.constexpr, BD: tl.constexpr):
+    """Store x [C, BD] as tokens tok of head h of X [tokens, H, D], in X's dtype."""
     cols = tl.arange(0, BD)
     mask = valid[:, None] & (cols < D)[None, :]
     tl.store(X + (tok * H + h)[:, None] * D + cols[None, :], x.to(X.dtype.element_ty), mask=mask)
