@@ -1,0 +1,99 @@
+"""Pieces shared by TTT-MLP's Triton kernels: which shapes they take, the hidden width's tiles, GELU (tanh
+approximation) and its first two derivatives, and pointers into the inner weights.
+
+The inner weights W1 [D, F], b1 [F], W2 [F, D] (F = 4D) of a head do not fit on chip (64 KB each in float32
+at D=64), so every kernel walks F in tiles of FT columns of W1 (rows of W2) and keeps the weights in global
+memory, where they stay in L2 between mini-batches. The LayerNorm pieces over the head dim are TTT-Linear's
+(`tttlm.ops.ttt_linear.triton_parts`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from tttlm.ops.ttt_linear.triton_parts import block_d
+
+MAX_D = 128
+SUPPORTED_MINI_BATCH = (16,)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Elements of one weight tile [BD, FT] held on chip: 4096 (16 KB in float32) keeps the backward's five live
+# tiles in registers at 8 warps (benchmarks/kernel_registers.py).
+TILE_ELEMENTS = 4096
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def supports(q: Tensor, mini_batch_size: int) -> bool:
+    """Whether these kernels handle q [B,T,H,D] (or [B,H,D] for a step) with this mini-batch size: head dims up
+    to 128 that are multiples of 4 (so that the hidden width 4D splits into tiles of at least 16)."""
+    on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    D = q.shape[-1]
+    return (
+        on_device
+        and 4 <= D <= MAX_D
+        and D % 4 == 0
+        and mini_batch_size in SUPPORTED_MINI_BATCH
+        and q.dtype in SUPPORTED_DTYPES
+    )
+
+
+def f_tile(D: int) -> int:
+    """Columns of W1 (rows of W2) per tile for head dim D: the largest power of two that divides F = 4D, at most
+    64 and at most TILE_ELEMENTS / block_d(D) (64 at D=64, 32 at D=128)."""
+    F = 4 * D
+    return min(F & -F, 64, TILE_ELEMENTS // block_d(D))
+
+
+# ---------------------------------------------------------------------------------------------- kernel pieces
+@triton.jit
+def _tanh(u):
+    # 1 - 2 / (1 + e^{2u}) saturates to -1 and 1 without overflow (e^{2u} = inf gives 1)
+    return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))
+
+
+@triton.jit
+def _gelu_parts(x):
+    """GELU (tanh approximation) of x and its first and second derivatives, element-wise:
+    g = x (1 + t) / 2 with t = tanh(u), u = c (x + a x^3); g' = (1 + t) / 2 + x (1 - t^2) u' / 2;
+    g'' = (1 - t^2) (u' + x (u'' - 2 t u'^2) / 2), u' = c (1 + 3 a x^2), u'' = 6 a c x."""
+    a: tl.constexpr = 0.044715
+    c: tl.constexpr = GELU_C
+    t = _tanh(c * (x + a * x * x * x))
+    sech2 = (1.0 - t) * (1.0 + t)
+    du = c * (1.0 + 3.0 * a * x * x)
+    g1 = 0.5 * (1.0 + t) + 0.5 * x * sech2 * du
+    g2 = sech2 * (du + 0.5 * x * (6.0 * a * c * x - 2.0 * t * du * du))
+    return 0.5 * x * (1.0 + t), g1, g2  # the compiler drops what a caller leaves unused
+
+
+@triton.jit
+def _w1_ptrs(W1, row, j, D: tl.constexpr, BD: tl.constexpr, F: tl.constexpr, FT: tl.constexpr):
+    """Pointers and mask of tile j [BD, FT] (columns j*FT ..) of the D x F matrix `row` (int64) of W1."""
+    d = tl.arange(0, BD)
+    f = j * FT + tl.arange(0, FT)
+    return W1 + row * D * F + d[:, None] * F + f[None, :], (d < D)[:, None]
+
+
+@triton.jit
+def _w2_ptrs(W2, row, j, D: tl.constexpr, BD: tl.constexpr, F: tl.constexpr, FT: tl.constexpr):
+    """Pointers and mask of tile j [FT, BD] (rows j*FT ..) of the F x D matrix `row` (int64) of W2."""
+    d = tl.arange(0, BD)
+    f = j * FT + tl.arange(0, FT)
+    return W2 + row * F * D + f[:, None] * D + d[None, :], (d < D)[None, :]
+
+
+@triton.jit
+def _f_ptrs(X, row, j, F: tl.constexpr, FT: tl.constexpr):
+    """Pointers of tile j [FT] of the F-vector `row` (int64) of X (b1 and its kin)."""
+    return X + row * F + j * FT + tl.arange(0, FT)
+
+
+@triton.jit
+def _hidden_ptrs(X, tok, h, H, j, F: tl.constexpr, FT: tl.constexpr):
+    """Pointers of tile j [BT, FT] of tokens `tok` [BT] (int64) of head h in a [tokens, H, F] tensor."""
+    return X + (tok * H + h)[:, None] * F + j * FT + tl.arange(0, FT)[None, :]
