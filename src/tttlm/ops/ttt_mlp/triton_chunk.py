@@ -49,7 +49,15 @@ from tttlm.ops.ttt_linear.triton_parts import (
     new,
 )
 from tttlm.ops.ttt_mlp import triton_chunk_bwd
-from tttlm.ops.ttt_mlp.triton_parts import _f_ptrs, _gelu_parts, _hidden_ptrs, _w1_ptrs, _w2_ptrs, f_tile
+from tttlm.ops.ttt_mlp.triton_parts import (
+    _f_ptrs,
+    _gelu_parts,
+    _hidden_ptrs,
+    _tile_offsets,
+    _w1_tile,
+    _w2_tile,
+    f_tile,
+)
 
 # Warps per program by on-chip head dim, for the forward and the decode step kernels.
 NUM_WARPS = {16: 4, 32: 4, 64: 8, 128: 8}
@@ -81,17 +89,17 @@ def _fwd_minibatch(
     c = tl.load(S + BT - 1) * full
     last = m == num_mb - 1
     NT: tl.constexpr = F // FT
+    o1, o2, m1, m2 = _tile_offsets(D, BD, F, FT)
 
     # pass 1: Z2 = gelu(K W1 + b1) W2 + b2, tile by tile, then E2
     Z2 = tl.zeros([BT, BD], dtype=tl.float32) + b2[None, :]
     for j in range(NT):
-        w1p, w1m = _w1_ptrs(W1, base, j, D, BD, F, FT)
-        w2p, w2m = _w2_ptrs(W2, base, j, D, BD, F, FT)
-        Z1 = _dot(k, tl.load(w1p, mask=w1m, other=0.0)) + tl.load(_f_ptrs(B1, base, j, F, FT))[None, :]
+        W1j = tl.load(W1 + _w1_tile(base, j, D, F, FT) + o1, mask=m1, other=0.0)
+        Z1 = _dot(k, W1j) + tl.load(_f_ptrs(B1, base, j, F, FT))[None, :]
         if SAVE:
             tl.store(_hidden_ptrs(Z1S, tok, h, H, j, F, FT), Z1, mask=valid[:, None])
-        Z2 = _dot_acc(_gelu_parts(Z1)[0], tl.load(w2p, mask=w2m, other=0.0), Z2)
-    xh, rstd, _, mG, mGx, dZ = _ln_l2_grad(Z2, v, k, lnw, lnb, D, BD, eps)
+        Z2 = _dot_acc(_gelu_parts(Z1)[0], tl.load(W2 + _w2_tile(base, j, D, F, FT) + o2, mask=m2, other=0.0), Z2)
+    xh, rstd, _G, mG, mGx, dZ = _ln_l2_grad(Z2, v, k, lnw, lnb, D, BD, eps)
     E2 = eta[:, None] * dZ
 
     # pass 2: per tile E1, its share of the output, and the update
@@ -99,23 +107,25 @@ def _fwd_minibatch(
     A2 = tl.zeros([BT, BT], dtype=tl.float32)
     Zq2 = tl.zeros([BT, BD], dtype=tl.float32)
     for j in range(NT):
-        w1p, w1m = _w1_ptrs(W1, base, j, D, BD, F, FT)
-        w2p, w2m = _w2_ptrs(W2, base, j, D, BD, F, FT)
+        w1 = _w1_tile(base, j, D, F, FT)
+        w2 = _w2_tile(base, j, D, F, FT)
+        w1p = W1 + w1 + o1
+        w2p = W2 + w2 + o2
         b1p = _f_ptrs(B1, base, j, F, FT)
-        W1j = tl.load(w1p, mask=w1m, other=0.0)
-        W2j = tl.load(w2p, mask=w2m, other=0.0)
+        W1j = tl.load(w1p, mask=m1, other=0.0)
+        W2j = tl.load(w2p, mask=m2, other=0.0)
         b1j = tl.load(b1p)
         Z1 = _dot(k, W1j) + b1j[None, :]
-        X2, g1, _ = _gelu_parts(Z1)
+        X2, g1, _g2 = _gelu_parts(Z1)
         E1 = _dot(E2, tl.trans(W2j)) * g1
         C1 = _dot(A1, E1)
         SW1 = _dot(tl.trans(k), E1)
         Sb1 = tl.sum(E1, 0)
         SW2 = _dot(tl.trans(X2), E2)
         if HAS_SUMS:
-            gW1 = tl.load(_w1_ptrs(GW1, base, j, D, BD, F, FT)[0], mask=w1m, other=0.0)
+            gW1 = tl.load(GW1 + w1 + o1, mask=m1, other=0.0)
             gb1 = tl.load(_f_ptrs(GB1, base, j, F, FT))
-            gW2 = tl.load(_w2_ptrs(GW2, base, j, D, BD, F, FT)[0], mask=w2m, other=0.0)
+            gW2 = tl.load(GW2 + w2 + o2, mask=m2, other=0.0)
             C1 = _dot_acc(q, gW1, C1) + gb1[None, :]
             SW1 += gW1
             Sb1 += gb1
@@ -126,13 +136,13 @@ def _fwd_minibatch(
         if HAS_SUMS:
             Zq2 -= s[:, None] * _dot(Xq2, gW2)
         if last:  # the final state's partial sums: zero unless the mini-batch is unfinished
-            tl.store(_w1_ptrs(GW1F, base, j, D, BD, F, FT)[0], (1.0 - full) * SW1, mask=w1m)
+            tl.store(GW1F + w1 + o1, (1.0 - full) * SW1, mask=m1)
             tl.store(_f_ptrs(GB1F, base, j, F, FT), (1.0 - full) * Sb1)
-            tl.store(_w2_ptrs(GW2F, base, j, D, BD, F, FT)[0], (1.0 - full) * SW2, mask=w2m)
+            tl.store(GW2F + w2 + o2, (1.0 - full) * SW2, mask=m2)
         tl.debug_barrier()  # every thread's loads of this tile come before any thread's store to it
-        tl.store(w1p, W1j - c * SW1, mask=w1m)
+        tl.store(w1p, W1j - c * SW1, mask=m1)
         tl.store(b1p, b1j - c * Sb1)
-        tl.store(w2p, W2j - c * SW2, mask=w2m)
+        tl.store(w2p, W2j - c * SW2, mask=m2)
 
     C2 = _dot(tl.where(causal, A2 + 1.0, 0.0), E2)
     Sb2 = tl.sum(E2, 0)

@@ -49,24 +49,53 @@ from tttlm.ops.ttt_linear.triton_parts import (
     _ln_bwd,
     _ln_l2_dz,
     _ln_l2_grad_bwd,
-    _load_inputs,
     _minibatch_tokens,
     _sequence,
     _tile_ptrs,
     block_d,
     new,
 )
-from tttlm.ops.ttt_mlp.triton_parts import _f_ptrs, _gelu_parts, _hidden_ptrs, _w1_ptrs, _w2_ptrs, f_tile
+from tttlm.ops.ttt_mlp.triton_parts import (
+    _f_ptrs,
+    _gelu_parts,
+    _hidden_ptrs,
+    _tile_offsets,
+    _w1_tile,
+    _w2_tile,
+    f_tile,
+)
 
 # Warps per program by on-chip head dim.
 NUM_WARPS = {16: 4, 32: 4, 64: 8, 128: 8}
 
 
 @triton.jit
+def _inner_loss(Q, K, V, ETA, XH2S, STS, tok, valid, h, H, lnw, lnb, D: tl.constexpr, BD: tl.constexpr):
+    """A mini-batch's q, k [BT,BD] (float32, and in their input dtype), v, eta, and from what the forward kept
+    of Z2's LayerNorm: xhat, rstd, G = lnw (y - v + k) with y = lnw xhat + lnb, mean(G), mean(G xhat), y and
+    dl/dZ2 (E2 = eta dl/dZ2)."""
+    d = tl.arange(0, BD)
+    vm = valid[:, None] & (d < D)[None, :]
+    q_in = tl.load(_tile_ptrs(Q, tok, h, H, D, BD), mask=vm, other=0.0)
+    k_in = tl.load(_tile_ptrs(K, tok, h, H, D, BD), mask=vm, other=0.0)
+    k = k_in.to(tl.float32)
+    v = tl.load(_tile_ptrs(V, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
+    eta = tl.load(ETA + tok * H + h, mask=valid, other=0.0).to(tl.float32)
+    st = STS + (tok * H + h) * 4
+    rstd = tl.load(st, mask=valid, other=0.0)
+    mG = tl.load(st + 1, mask=valid, other=0.0)
+    mGx = tl.load(st + 2, mask=valid, other=0.0)
+    xh = tl.load(_tile_ptrs(XH2S, tok, h, H, D, BD), mask=vm, other=0.0)
+    y = lnw[None, :] * xh + lnb[None, :]
+    G = lnw[None, :] * (y - v + k)  # zero in the padding columns, as lnw is
+    return q_in, k_in, k, v, eta, xh, rstd, G, mG, mGx, y, _ln_l2_dz(G, xh, rstd, mG, mGx, D, BD)
+
+
+@triton.jit
 def _bwd_minibatch(
     m, db2, dln_w, dln_b, ds, ds_last,
     Q, K, V, ETA, DO, S, W1, B1, W2, GW1, GB1, GW2, GB2, DW1, DB1, DW2, DGW1F, DGB1F, DGW2F, DGB2F,
-    Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2,
+    Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2, SCR,
     lnw, lnb, base, h, H, start, off, L, num_mb,
     D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FT: tl.constexpr,
     FIRST: tl.constexpr, HAS_DFINAL: tl.constexpr,
@@ -74,79 +103,91 @@ def _bwd_minibatch(
     """Mini-batch m in reverse. W1, B1, W2 hold its successor's starting weights and are left holding its own;
     DW1, DB1, DW2 and db2 likewise for their gradients. dln_w, dln_b [BD], ds [BT] and ds_last [BT] (rows of
     the sum that ds_{b-1} loses) accumulate over mini-batches. FIRST: mini-batch 0, which adds the state's
-    sums (and writes their gradients)."""
+    sums (and writes their gradients). SCR: this program's scratch [3, BT, BD] + [2, BT, BT] float32.
+
+    Only accumulators stay on chip from one phase to the next: what a phase needs besides is loaded again
+    (from the inputs, or from the scratch), as a [BT, BD] tile kept across a loop over the hidden width
+    costs registers for the whole loop, which spilled."""
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
     i = tl.arange(0, BT)
     d = tl.arange(0, BD)
     dm = d < D
     vm = valid[:, None] & dm[None, :]
     causal = i[:, None] >= i[None, :]
-    q_in, k_in, v, eta = _load_inputs(m, Q, K, V, ETA, h, H, start, off, L, D, BD, BT)
-    q = q_in.to(tl.float32)
-    k = k_in.to(tl.float32)
-    v = v.to(tl.float32)
-    eta = eta.to(tl.float32)
-    do = tl.load(_tile_ptrs(DO, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
     s = tl.load(S + i)
     full = ((m + 1) * BT <= off + L).to(tl.float32)
     c = tl.load(S + BT - 1) * full
     is_open = (m == num_mb - 1) & (full == 0.0)  # an unfinished last mini-batch hands its sums to the final state
     NT: tl.constexpr = F // FT
+    o1, o2, m1, m2 = _tile_offsets(D, BD, F, FT)
+    rows = i[:, None] * BD + d[None, :]
+    scr_e2 = SCR + rows
+    scr_dzq2 = SCR + BT * BD + rows
+    scr_dz2 = SCR + 2 * BT * BD + rows
+    sq = i[:, None] * BT + i[None, :]
+    scr_a1 = SCR + 3 * BT * BD + sq
+    scr_da2 = SCR + 3 * BT * BD + BT * BT + sq
 
-    st = STS + (tok * H + h) * 4
-    rstd = tl.load(st, mask=valid, other=0.0)
-    mG = tl.load(st + 1, mask=valid, other=0.0)
-    mGx = tl.load(st + 2, mask=valid, other=0.0)
-    rq = tl.load(st + 3, mask=valid, other=0.0)
-    xh = tl.load(_tile_ptrs(XH2S, tok, h, H, D, BD), mask=vm, other=0.0)
-    xq = tl.load(_tile_ptrs(XQS, tok, h, H, D, BD), mask=vm, other=0.0)
-    y = lnw[None, :] * xh + lnb[None, :]
-    G = lnw[None, :] * (y - v + k)  # zero in the padding columns, as lnw is
-    dZ = _ln_l2_dz(G, xh, rstd, mG, mGx, D, BD)
+    # E2, dZq2, A1 = tril(Q K^T + 1), dA2 = tril(dC2 E2^T) to the scratch
+    q_in, k_in, k, v, eta, xh, rstd, G, mG, mGx, y, dZ = _inner_loss(Q, K, V, ETA, XH2S, STS, tok, valid, h, H,
+                                                                      lnw, lnb, D, BD)
     E2 = eta[:, None] * dZ
-    dZq2 = _ln_bwd(lnw[None, :] * do, xq, rq, D, BD)
+    do = tl.load(_tile_ptrs(DO, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
+    xq = tl.load(_tile_ptrs(XQS, tok, h, H, D, BD), mask=vm, other=0.0)
+    dZq2 = _ln_bwd(lnw[None, :] * do, xq, tl.load(STS + (tok * H + h) * 4 + 3, mask=valid, other=0.0), D, BD)
     dln_w += tl.sum(do * xq, 0)
     dln_b += tl.sum(do, 0)
-    dC2 = -s[:, None] * dZq2
-    dA2 = tl.where(causal, _dot(dC2, tl.trans(E2)), 0.0)
-    A1 = tl.where(causal, tl.dot(q_in, tl.trans(k_in)) + 1.0, 0.0)
+    tl.store(scr_e2, E2)
+    tl.store(scr_dzq2, dZq2)
+    tl.store(scr_a1, tl.where(causal, tl.dot(q_in, tl.trans(k_in)) + 1.0, 0.0))  # exact products of 16-bit inputs
+    tl.store(scr_da2, tl.where(causal, _dot(-s[:, None] * dZq2, tl.trans(E2)), 0.0))
+    tl.debug_barrier()
 
     # pass 1: recover the tile's weights, then its share of the mini-batch's backward
     A2 = tl.zeros([BT, BT], dtype=tl.float32)
     dA1 = tl.zeros([BT, BT], dtype=tl.float32)
     dE2 = tl.zeros([BT, BD], dtype=tl.float32)
     XdW2 = tl.zeros([BT, BD], dtype=tl.float32)  # X2 dW2', over all tiles
-    dq = do
+    dq = tl.zeros([BT, BD], dtype=tl.float32)
     dk = tl.zeros([BT, BD], dtype=tl.float32)
     for j in range(NT):
-        w1p, w1m = _w1_ptrs(W1, base, j, D, BD, F, FT)
-        w2p, w2m = _w2_ptrs(W2, base, j, D, BD, F, FT)
+        w1 = _w1_tile(base, j, D, F, FT)
+        w2 = _w2_tile(base, j, D, F, FT)
+        w1p = W1 + w1 + o1
+        w2p = W2 + w2 + o2
         b1p = _f_ptrs(B1, base, j, F, FT)
-        dw1p = _w1_ptrs(DW1, base, j, D, BD, F, FT)[0]
-        dw2p = _w2_ptrs(DW2, base, j, D, BD, F, FT)[0]
+        dw1p = DW1 + w1 + o1
+        dw2p = DW2 + w2 + o2
         db1_ptr = _f_ptrs(DB1, base, j, F, FT)
+        q = tl.load(_tile_ptrs(Q, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
+        k = tl.load(_tile_ptrs(K, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
+        E2 = tl.load(scr_e2)
+        dZq2 = tl.load(scr_dzq2)
+        dC2 = -s[:, None] * dZq2
+        A1 = tl.load(scr_a1)
+        dA2 = tl.load(scr_da2)
         X2, g1, g2 = _gelu_parts(tl.load(_hidden_ptrs(Z1S, tok, h, H, j, F, FT), mask=valid[:, None], other=0.0))
         SW2 = _dot(tl.trans(X2), E2)
         if FIRST:
-            gW2 = tl.load(_w2_ptrs(GW2, base, j, D, BD, F, FT)[0], mask=w2m, other=0.0)
+            gW2 = tl.load(GW2 + w2 + o2, mask=m2, other=0.0)
             SW2 += gW2
-        W2j = tl.load(w2p, mask=w2m, other=0.0) + c * SW2
+        W2j = tl.load(w2p, mask=m2, other=0.0) + c * SW2
         P1 = _dot(E2, tl.trans(W2j))
         E1 = P1 * g1
         SW1 = _dot(tl.trans(k), E1)
         Sb1 = tl.sum(E1, 0)
         if FIRST:
-            gW1 = tl.load(_w1_ptrs(GW1, base, j, D, BD, F, FT)[0], mask=w1m, other=0.0)
+            gW1 = tl.load(GW1 + w1 + o1, mask=m1, other=0.0)
             gb1 = tl.load(_f_ptrs(GB1, base, j, F, FT))
             SW1 += gW1
             Sb1 += gb1
-        W1j = tl.load(w1p, mask=w1m, other=0.0) + c * SW1
+        W1j = tl.load(w1p, mask=m1, other=0.0) + c * SW1
         b1j = tl.load(b1p) + c * Sb1
 
         C1 = _dot(A1, E1)
         if FIRST:
             C1 = _dot_acc(q, gW1, C1) + gb1[None, :]
-        Xq2, gq1, _ = _gelu_parts(_dot(q, W1j) + b1j[None, :] - s[:, None] * C1)
+        Xq2, gq1, _gq2 = _gelu_parts(_dot(q, W1j) + b1j[None, :] - s[:, None] * C1)
         A2 = _dot_acc(Xq2, tl.trans(X2), A2)
         dXq2 = _dot_acc(dA2, X2, _dot(dZq2, tl.trans(W2j)))
         if FIRST:
@@ -161,9 +202,9 @@ def _bwd_minibatch(
         if FIRST:
             dq = _dot_acc(dC1, tl.trans(gW1), dq)
 
-        dW1p = tl.load(dw1p, mask=w1m, other=0.0)
+        dW1p = tl.load(dw1p, mask=m1, other=0.0)
         db1p = tl.load(db1_ptr)
-        dW2p = tl.load(dw2p, mask=w2m, other=0.0)
+        dW2p = tl.load(dw2p, mask=m2, other=0.0)
         kdW1 = _dot(k, dW1p) + db1p[None, :]
         ds_last += full * tl.sum(kdW1 * E1, 1)
         XdW2 = _dot_acc(X2, dW2p, XdW2)
@@ -172,9 +213,9 @@ def _bwd_minibatch(
         dSb1 = -c * db1p
         dS2 = -c * dW2p
         if HAS_DFINAL:
-            gf1 = tl.load(_w1_ptrs(DGW1F, base, j, D, BD, F, FT)[0], mask=w1m & is_open, other=0.0)
+            gf1 = tl.load(DGW1F + w1 + o1, mask=m1 & is_open, other=0.0)
             gfb1 = tl.load(_f_ptrs(DGB1F, base, j, F, FT), mask=is_open, other=0.0)
-            gf2 = tl.load(_w2_ptrs(DGW2F, base, j, D, BD, F, FT)[0], mask=w2m & is_open, other=0.0)
+            gf2 = tl.load(DGW2F + w2 + o2, mask=m2 & is_open, other=0.0)
             dE1 = _dot_acc(k, gf1, dE1) + gfb1[None, :]
             dS1 += gf1
             dSb1 += gfb1
@@ -186,9 +227,9 @@ def _bwd_minibatch(
         dk = _dot_acc(U, tl.trans(W1j), dk)
         dk = _dot_acc(E1, tl.trans(dS1), dk)
         if FIRST:
-            tl.store(_w1_ptrs(DGW1, base, j, D, BD, F, FT)[0], _dot_acc(tl.trans(q), dC1, dS1), mask=w1m)
+            tl.store(DGW1 + w1 + o1, _dot_acc(tl.trans(q), dC1, dS1), mask=m1)
             tl.store(_f_ptrs(DGB1, base, j, F, FT), tl.sum(dC1, 0) + dSb1)
-            tl.store(_w2_ptrs(DGW2, base, j, D, BD, F, FT)[0], _dot_acc(tl.trans(Xq2), dC2, dS2), mask=w2m)
+            tl.store(DGW2 + w2 + o2, _dot_acc(tl.trans(Xq2), dC2, dS2), mask=m2)
             # ds_{b-1}'s share through the sums, spread over the rows it is kept in
             share = tl.sum(tl.sum(dW1p * gW1, 1), 0) + tl.sum(db1p * gb1, 0) + tl.sum(tl.sum(dW2p * gW2, 1), 0)
             ds_last += tl.where(i == 0, full * share, 0.0)
@@ -196,15 +237,23 @@ def _bwd_minibatch(
         db1n = db1p + tl.sum(dZq1, 0) + tl.sum(U, 0)
         dW2n = _dot_acc(tl.trans(dP1), E2, _dot_acc(tl.trans(Xq2), dZq2, dW2p))
         tl.debug_barrier()  # every thread's loads of this tile come before any thread's store to it
-        tl.store(w1p, W1j, mask=w1m)
+        tl.store(w1p, W1j, mask=m1)
         tl.store(b1p, b1j)
-        tl.store(w2p, W2j, mask=w2m)
-        tl.store(dw1p, dW1n, mask=w1m)
+        tl.store(w2p, W2j, mask=m2)
+        tl.store(dw1p, dW1n, mask=m1)
         tl.store(db1_ptr, db1n)
-        tl.store(dw2p, dW2n, mask=w2m)
+        tl.store(dw2p, dW2n, mask=m2)
     tl.debug_barrier()  # pass 2 reads the tiles that pass 1 wrote
 
-    C2 = _dot(tl.where(causal, A2 + 1.0, 0.0), E2)
+    # the rest of the mini-batch but for pass 2: dv, deta, dq, the inner LayerNorm, and dZ2 to the scratch
+    q_in, k_in, k, v, eta, xh, rstd, G, mG, mGx, y, dZ = _inner_loss(Q, K, V, ETA, XH2S, STS, tok, valid, h, H,
+                                                                      lnw, lnb, D, BD)
+    q = q_in.to(tl.float32)
+    E2 = eta[:, None] * dZ
+    dZq2 = tl.load(scr_dzq2)
+    dC2 = -s[:, None] * dZq2
+    A2 = tl.where(causal, A2 + 1.0, 0.0)
+    C2 = _dot(A2, E2)
     dSb2 = -c * db2
     ds_last += full * tl.sum((XdW2 + db2[None, :]) * E2, 1)
     if HAS_DFINAL:
@@ -215,7 +264,7 @@ def _bwd_minibatch(
         ds_last += tl.where(i == 0, full * tl.sum(db2 * gb2, 0), 0.0)
         tl.store(DGB2 + base * D + d, tl.sum(dC2, 0) + dSb2, mask=dm)
     ds -= tl.sum(dZq2 * C2, 1)
-    dE2 += _dot(tl.trans(tl.where(causal, A2 + 1.0, 0.0)), dC2) - c * XdW2 + dSb2[None, :]
+    dE2 += _dot(tl.trans(A2), dC2) - c * XdW2 + dSb2[None, :]
     dZ2, dG = _ln_l2_grad_bwd(dE2, xh, rstd, G, mG, mGx, eta, lnw, D, BD)
     tl.store(DETA + tok * H + h, tl.sum(dE2 * dZ, 1).to(DETA.dtype.element_ty), mask=valid)
     dy = lnw[None, :] * dG
@@ -223,28 +272,32 @@ def _bwd_minibatch(
     dln_w += tl.sum(dG * (y - v + k) + dy * xh, 0)
     dln_b += tl.sum(dy, 0)
     dA1 = tl.where(causal, dA1, 0.0)
-    dq = _dot_acc(dA1, k, dq)
+    dq = _dot_acc(dA1, k, dq) + tl.load(_tile_ptrs(DO, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
+    tl.store(_tile_ptrs(DQ, tok, h, H, D, BD), dq.to(DQ.dtype.element_ty), mask=vm)
     dk = _dot_acc(tl.trans(dA1), q, dk) + dy
     db2 += tl.sum(dZq2, 0) + tl.sum(dZ2, 0)
+    tl.store(scr_dz2, dZ2)
+    tl.debug_barrier()
 
     # pass 2: the part of dZ1 that comes through Z2
     for j in range(NT):
-        w1p, w1m = _w1_ptrs(W1, base, j, D, BD, F, FT)
-        w2p, w2m = _w2_ptrs(W2, base, j, D, BD, F, FT)
-        dw1p = _w1_ptrs(DW1, base, j, D, BD, F, FT)[0]
-        dw2p = _w2_ptrs(DW2, base, j, D, BD, F, FT)[0]
+        w1 = _w1_tile(base, j, D, F, FT)
+        w2 = _w2_tile(base, j, D, F, FT)
+        dw1p = DW1 + w1 + o1
+        dw2p = DW2 + w2 + o2
         db1_ptr = _f_ptrs(DB1, base, j, F, FT)
-        X2, g1, _ = _gelu_parts(tl.load(_hidden_ptrs(Z1S, tok, h, H, j, F, FT), mask=valid[:, None], other=0.0))
-        Vz = _dot(dZ2, tl.trans(tl.load(w2p, mask=w2m, other=0.0))) * g1
-        dk = _dot_acc(Vz, tl.trans(tl.load(w1p, mask=w1m, other=0.0)), dk)
-        dW1n = _dot_acc(tl.trans(k), Vz, tl.load(dw1p, mask=w1m, other=0.0))
+        k = tl.load(_tile_ptrs(K, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
+        dZ2 = tl.load(scr_dz2)
+        X2, g1, _g2 = _gelu_parts(tl.load(_hidden_ptrs(Z1S, tok, h, H, j, F, FT), mask=valid[:, None], other=0.0))
+        Vz = _dot(dZ2, tl.trans(tl.load(W2 + w2 + o2, mask=m2, other=0.0))) * g1
+        dk = _dot_acc(Vz, tl.trans(tl.load(W1 + w1 + o1, mask=m1, other=0.0)), dk)
+        dW1n = _dot_acc(tl.trans(k), Vz, tl.load(dw1p, mask=m1, other=0.0))
         db1n = tl.load(db1_ptr) + tl.sum(Vz, 0)
-        dW2n = _dot_acc(tl.trans(X2), dZ2, tl.load(dw2p, mask=w2m, other=0.0))
+        dW2n = _dot_acc(tl.trans(X2), dZ2, tl.load(dw2p, mask=m2, other=0.0))
         tl.debug_barrier()
-        tl.store(dw1p, dW1n, mask=w1m)
+        tl.store(dw1p, dW1n, mask=m1)
         tl.store(db1_ptr, db1n)
-        tl.store(dw2p, dW2n, mask=w2m)
-    tl.store(_tile_ptrs(DQ, tok, h, H, D, BD), dq.to(DQ.dtype.element_ty), mask=vm)
+        tl.store(dw2p, dW2n, mask=m2)
     tl.store(_tile_ptrs(DK, tok, h, H, D, BD), dk.to(DK.dtype.element_ty), mask=vm)
     tl.debug_barrier()  # this mini-batch's stores come before the next one's loads
     return db2, dln_w, dln_b, ds, ds_last
@@ -253,19 +306,20 @@ def _bwd_minibatch(
 @triton.jit
 def _bwd_kernel(
     Q, K, V, ETA, DO, LNW, LNB, S, CU, OFF, W1, B1, W2, GW1, GB1, GW2, GB2, DW1, DB1, DW2, DB2,
-    DGW1F, DGB1F, DGW2F, DGB2F, Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2, DLN_P, DS_P,
+    DGW1F, DGB1F, DGW2F, DGB2F, Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2, DLN_P, DS_P, SCR,
     H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FT: tl.constexpr,
     HAS_DFINAL: tl.constexpr,
 ):
     """Program (sequence n, head h). W1, B1, W2 hold the final weights and are left holding the initial ones;
     DW1, DB1, DW2, DB2 the final weights' gradients (zeros without), left holding the initial ones'. DLN_P
     [N*H, 2, D] and DS_P [N*H, BT] take this program's share of the inner LayerNorm's and the token scale's
-    gradients."""
+    gradients. SCR: a scratch of SCRATCH float32 per program."""
     pid = tl.program_id(0)
     n = pid // H
     h = pid % H
     start, L, off, num_mb = _sequence(CU, OFF, n, BT)
     base = pid.to(tl.int64)
+    SCRATCH: tl.constexpr = 3 * BT * BD + 2 * BT * BT
     i = tl.arange(0, BT)
     d = tl.arange(0, BD)
     dm = d < D
@@ -279,13 +333,13 @@ def _bwd_kernel(
         db2, dln_w, dln_b, ds, ds_last = _bwd_minibatch(
             num_mb - r, db2, dln_w, dln_b, ds, ds_last,
             Q, K, V, ETA, DO, S, W1, B1, W2, GW1, GB1, GW2, GB2, DW1, DB1, DW2, DGW1F, DGB1F, DGW2F, DGB2F,
-            Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2,
+            Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2, SCR + base * SCRATCH,
             lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, F, FT, False, HAS_DFINAL,
         )
     db2, dln_w, dln_b, ds, ds_last = _bwd_minibatch(
         0, db2, dln_w, dln_b, ds, ds_last,
         Q, K, V, ETA, DO, S, W1, B1, W2, GW1, GB1, GW2, GB2, DW1, DB1, DW2, DGW1F, DGB1F, DGW2F, DGB2F,
-        Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2,
+        Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2, SCR + base * SCRATCH,
         lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, F, FT, True, HAS_DFINAL,
     )
     tl.store(DB2 + base * D + d, db2, mask=dm)
@@ -303,6 +357,7 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, sums, cu, offset, final,
     total, H, D = q.shape
     BT = s.numel()
     N = sums[0].shape[0]
+    BD = block_d(D)
     dev = q.device
     f32 = torch.float32
     W1, b1, W2 = (t.clone() for t in final)  # walked back to the initial weights in place
@@ -320,9 +375,9 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, sums, cu, offset, final,
     ds_p = new((N * H, BT), f32, dev)
     _bwd_kernel[(N * H,)](
         q, k, v, eta, do, ln_weight, ln_bias, s, cu, offset, W1, b1, W2, *sums, *dW, *dgf, *saved,
-        dq, dk, dv, deta, *dsums, dln_p, ds_p,
-        H, D=D, BD=block_d(D), BT=BT, F=4 * D, FT=f_tile(D), HAS_DFINAL=has_dfinal,
-        num_warps=NUM_WARPS[block_d(D)],
+        dq, dk, dv, deta, *dsums, dln_p, ds_p, torch.empty(N * H * (3 * BD + 2 * BT) * BT, dtype=f32, device=dev),
+        H, D=D, BD=BD, BT=BT, F=4 * D, FT=f_tile(D), HAS_DFINAL=has_dfinal,
+        num_warps=NUM_WARPS[BD],
     )
     dln = dln_p.view(N, H, 2, D).sum(0)
     return (dq, dk, dv, deta, dln[:, 0].to(ln_weight.dtype), dln[:, 1].to(ln_bias.dtype), ds_p.sum(0),

@@ -17,15 +17,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from tttlm.ops.ttt_linear.triton_parts import block_d
-
 MAX_D = 128
 SUPPORTED_MINI_BATCH = (16,)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Elements of one weight tile [BD, FT] held on chip: 4096 (16 KB in float32) keeps the backward's five live
-# tiles in registers at 8 warps (benchmarks/kernel_registers.py).
-TILE_ELEMENTS = 4096
-GELU_C = math.sqrt(2.0 / math.pi)
+# Hidden units per tile, at most. Compiled for sm_90 (8 warps), 64 gave the fewest instructions per mini-batch
+# step of both kernels at D=64 and D=128 (backward, per thread: 18k against 27k with 32 at D=64; 47k against
+# 67k at D=128), though more of them spill; benchmarks/gpu_ttt_mlp.py --sweep times the alternatives.
+MAX_F_TILE = 64
+GELU_C = tl.constexpr(math.sqrt(2.0 / math.pi))
 
 
 def supports(q: Tensor, mini_batch_size: int) -> bool:
@@ -44,9 +43,9 @@ def supports(q: Tensor, mini_batch_size: int) -> bool:
 
 def f_tile(D: int) -> int:
     """Columns of W1 (rows of W2) per tile for head dim D: the largest power of two that divides F = 4D, at most
-    64 and at most TILE_ELEMENTS / block_d(D) (64 at D=64, 32 at D=128)."""
+    MAX_F_TILE (so 64 at D=64, 96 and 128; 32 at D=24, 16 at D=12)."""
     F = 4 * D
-    return min(F & -F, 64, TILE_ELEMENTS // block_d(D))
+    return min(F & -F, MAX_F_TILE)
 
 
 # ---------------------------------------------------------------------------------------------- kernel pieces
@@ -61,8 +60,8 @@ def _gelu_parts(x):
     """GELU (tanh approximation) of x and its first and second derivatives, element-wise:
     g = x (1 + t) / 2 with t = tanh(u), u = c (x + a x^3); g' = (1 + t) / 2 + x (1 - t^2) u' / 2;
     g'' = (1 - t^2) (u' + x (u'' - 2 t u'^2) / 2), u' = c (1 + 3 a x^2), u'' = 6 a c x."""
-    a: tl.constexpr = 0.044715
-    c: tl.constexpr = GELU_C
+    a = 0.044715
+    c = GELU_C
     t = _tanh(c * (x + a * x * x * x))
     sech2 = (1.0 - t) * (1.0 + t)
     du = c * (1.0 + 3.0 * a * x * x)
@@ -72,28 +71,37 @@ def _gelu_parts(x):
 
 
 @triton.jit
-def _w1_ptrs(W1, row, j, D: tl.constexpr, BD: tl.constexpr, F: tl.constexpr, FT: tl.constexpr):
-    """Pointers and mask of tile j [BD, FT] (columns j*FT ..) of the D x F matrix `row` (int64) of W1."""
+def _tile_offsets(D: tl.constexpr, BD: tl.constexpr, F: tl.constexpr, FT: tl.constexpr):
+    """Element offsets (int32) of a W1 tile [BD, FT] from its first element in a D x F matrix, and of a W2 tile
+    [FT, BD] in an F x D matrix, with the masks of their real head-dim rows and columns. A weight-shaped tensor's
+    tile is its pointer plus a scalar offset (`_w1_tile`, `_w2_tile`) plus these: a tensor of 64-bit pointers
+    per weight-shaped argument, which the compiler keeps across the tile loop, takes 16 registers per thread
+    each (compiled for sm_90 at D=64: the backward spilled 2 KB per thread that way)."""
     d = tl.arange(0, BD)
-    f = j * FT + tl.arange(0, FT)
-    return W1 + row * D * F + d[:, None] * F + f[None, :], (d < D)[:, None]
+    f = tl.arange(0, FT)
+    return d[:, None] * F + f[None, :], f[:, None] * D + d[None, :], (d < D)[:, None], (d < D)[None, :]
 
 
 @triton.jit
-def _w2_ptrs(W2, row, j, D: tl.constexpr, BD: tl.constexpr, F: tl.constexpr, FT: tl.constexpr):
-    """Pointers and mask of tile j [FT, BD] (rows j*FT ..) of the F x D matrix `row` (int64) of W2."""
-    d = tl.arange(0, BD)
-    f = j * FT + tl.arange(0, FT)
-    return W2 + row * F * D + f[:, None] * D + d[None, :], (d < D)[None, :]
+def _w1_tile(row, j, D: tl.constexpr, F: tl.constexpr, FT: tl.constexpr):
+    """Offset (int64) of tile j's first element in the D x F matrix `row` of a [N*H, D, F] tensor: W1 and its
+    kin, all of which share it."""
+    return row * D * F + j * FT
+
+
+@triton.jit
+def _w2_tile(row, j, D: tl.constexpr, F: tl.constexpr, FT: tl.constexpr):
+    """Offset (int64) of tile j's first element in the F x D matrix `row` of a [N*H, F, D] tensor: W2's kin."""
+    return row * F * D + j * FT * D
 
 
 @triton.jit
 def _f_ptrs(X, row, j, F: tl.constexpr, FT: tl.constexpr):
-    """Pointers of tile j [FT] of the F-vector `row` (int64) of X (b1 and its kin)."""
+    """Pointers of tile j [FT] of the F-vector `row` (int64) of X: b1 and its kin."""
     return X + row * F + j * FT + tl.arange(0, FT)
 
 
 @triton.jit
 def _hidden_ptrs(X, tok, h, H, j, F: tl.constexpr, FT: tl.constexpr):
     """Pointers of tile j [BT, FT] of tokens `tok` [BT] (int64) of head h in a [tokens, H, F] tensor."""
-    return X + (tok * H + h)[:, None] * F + j * FT + tl.arange(0, FT)[None, :]
+    return X + j * FT + (tok * H + h)[:, None] * F + tl.arange(0, FT)[None, :]

@@ -17,7 +17,7 @@ from torch import Tensor
 from tttlm.ops.state import TTTMLPState
 from tttlm.ops.ttt_linear.triton_parts import _head_ln, _layernorm, _ln_l2_grad, block_d, new
 from tttlm.ops.ttt_mlp.triton_chunk import num_warps
-from tttlm.ops.ttt_mlp.triton_parts import _f_ptrs, _gelu_parts, _w1_ptrs, _w2_ptrs, f_tile
+from tttlm.ops.ttt_mlp.triton_parts import _f_ptrs, _gelu_parts, _tile_offsets, _w1_tile, _w2_tile, f_tile
 
 
 @triton.jit
@@ -45,41 +45,42 @@ def _step_kernel(
         s = tl.load(S + pos)
     done = (pos + 1 == BT).to(tl.float32)
     NT: tl.constexpr = F // FT
+    o1, o2, m1, m2 = _tile_offsets(D, BD, F, FT)
 
     b2 = tl.load(B2 + base * D + d, mask=dm, other=0.0)
     z2 = b2
     for j in range(NT):
-        w1p, w1m = _w1_ptrs(W1, base, j, D, BD, F, FT)
-        w2p, w2m = _w2_ptrs(W2, base, j, D, BD, F, FT)
-        z1 = tl.sum(k[:, None] * tl.load(w1p, mask=w1m, other=0.0), 0) + tl.load(_f_ptrs(B1, base, j, F, FT))
-        z2 += tl.sum(_gelu_parts(z1)[0][:, None] * tl.load(w2p, mask=w2m, other=0.0), 0)
-    _, _, _, _, _, dz = _ln_l2_grad(z2[None, :], v[None, :], k[None, :], lnw, lnb, D, BD, eps)
+        W1j = tl.load(W1 + _w1_tile(base, j, D, F, FT) + o1, mask=m1, other=0.0)
+        z1 = tl.sum(k[:, None] * W1j, 0) + tl.load(_f_ptrs(B1, base, j, F, FT))
+        W2j = tl.load(W2 + _w2_tile(base, j, D, F, FT) + o2, mask=m2, other=0.0)
+        z2 += tl.sum(_gelu_parts(z1)[0][:, None] * W2j, 0)
+    dz = _ln_l2_grad(z2[None, :], v[None, :], k[None, :], lnw, lnb, D, BD, eps)[5]
     e2 = eta * tl.sum(dz, 0)  # the [1, BD] row as a vector
     gb2 = tl.load(GB2 + base * D + d, mask=dm, other=0.0) + e2
     b2_bar = b2 - s * gb2
     zq2 = b2_bar
     for j in range(NT):
-        w1p, w1m = _w1_ptrs(W1, base, j, D, BD, F, FT)
-        w2p, w2m = _w2_ptrs(W2, base, j, D, BD, F, FT)
-        W1j = tl.load(w1p, mask=w1m, other=0.0)
-        W2j = tl.load(w2p, mask=w2m, other=0.0)
+        w1 = _w1_tile(base, j, D, F, FT)
+        w2 = _w2_tile(base, j, D, F, FT)
+        W1j = tl.load(W1 + w1 + o1, mask=m1, other=0.0)
+        W2j = tl.load(W2 + w2 + o2, mask=m2, other=0.0)
         b1j = tl.load(_f_ptrs(B1, base, j, F, FT))
-        x2, g1, _ = _gelu_parts(tl.sum(k[:, None] * W1j, 0) + b1j)
+        x2, g1, _g2 = _gelu_parts(tl.sum(k[:, None] * W1j, 0) + b1j)
         e1 = tl.sum(e2[None, :] * W2j, 1) * g1
-        gW1 = tl.load(_w1_ptrs(GW1, base, j, D, BD, F, FT)[0], mask=w1m, other=0.0) + k[:, None] * e1[None, :]
+        gW1 = tl.load(GW1 + w1 + o1, mask=m1, other=0.0) + k[:, None] * e1[None, :]
         gb1 = tl.load(_f_ptrs(GB1, base, j, F, FT)) + e1
-        gW2 = tl.load(_w2_ptrs(GW2, base, j, D, BD, F, FT)[0], mask=w2m, other=0.0) + x2[:, None] * e2[None, :]
+        gW2 = tl.load(GW2 + w2 + o2, mask=m2, other=0.0) + x2[:, None] * e2[None, :]
         W1_bar = W1j - s * gW1
         b1_bar = b1j - s * gb1
         W2_bar = W2j - s * gW2
         xq2 = _gelu_parts(tl.sum(q[:, None] * W1_bar, 0) + b1_bar)[0]
         zq2 += tl.sum(xq2[:, None] * W2_bar, 0)
-        tl.store(_w1_ptrs(W1N, base, j, D, BD, F, FT)[0], W1j + done * (W1_bar - W1j), mask=w1m)
+        tl.store(W1N + w1 + o1, W1j + done * (W1_bar - W1j), mask=m1)
         tl.store(_f_ptrs(B1N, base, j, F, FT), b1j + done * (b1_bar - b1j))
-        tl.store(_w2_ptrs(W2N, base, j, D, BD, F, FT)[0], W2j + done * (W2_bar - W2j), mask=w2m)
-        tl.store(_w1_ptrs(GW1N, base, j, D, BD, F, FT)[0], (1.0 - done) * gW1, mask=w1m)
+        tl.store(W2N + w2 + o2, W2j + done * (W2_bar - W2j), mask=m2)
+        tl.store(GW1N + w1 + o1, (1.0 - done) * gW1, mask=m1)
         tl.store(_f_ptrs(GB1N, base, j, F, FT), (1.0 - done) * gb1)
-        tl.store(_w2_ptrs(GW2N, base, j, D, BD, F, FT)[0], (1.0 - done) * gW2, mask=w2m)
+        tl.store(GW2N + w2 + o2, (1.0 - done) * gW2, mask=m2)
     xq, _ = _layernorm(zq2[None, :], D, BD, eps)
     o = q + lnw * tl.sum(xq, 0) + lnb
     tl.store(O + base * D + d, o.to(O.dtype.element_ty), mask=dm)
