@@ -167,7 +167,7 @@ def _fwd_minibatch(
     return b2 - c * Sb2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])  # one compiled kernel for any number of heads
 def _fwd_kernel(
     Q, K, V, ETA, LNW, LNB, S, CU, OFF, W1, B1, W2, B2, GW1, GB1, GW2, GB2, GW1F, GB1F, GW2F, GB2F,
     O, Z1S, XH2S, XQS, STS,

@@ -303,7 +303,7 @@ def _bwd_minibatch(
     return db2, dln_w, dln_b, ds, ds_last
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])  # one compiled kernel for any number of heads
 def _bwd_kernel(
     Q, K, V, ETA, DO, LNW, LNB, S, CU, OFF, W1, B1, W2, GW1, GB1, GW2, GB2, DW1, DB1, DW2, DB2,
     DGW1F, DGB1F, DGW2F, DGB2F, Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2, DLN_P, DS_P, SCR,

@@ -20,7 +20,7 @@ from tttlm.ops.ttt_mlp.triton_chunk import num_warps
 from tttlm.ops.ttt_mlp.triton_parts import _f_ptrs, _gelu_parts, _tile_offsets, _w1_tile, _w2_tile, f_tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])  # one compiled kernel for any number of heads
 def _step_kernel(
     Q, K, V, ETA, LNW, LNB, S, OFF, W1, B1, W2, B2, GW1, GB1, GW2, GB2,
     O, W1N, B1N, W2N, B2N, GW1N, GB1N, GW2N, GB2N, OFF1,
