@@ -8,6 +8,7 @@ decode: one ttt_mlp_step at batch 1, H12xD64, us per token, as called and replay
     python benchmarks/gpu_ttt_mlp.py [--json OUT.json] [--tokens 32768] [--heads 12x64,32x64,16x128]
                                      [--seq-lens 2048,8192,32768] [--ops ttt_mlp,ttt_linear,sdpa] [--no-decode]
     python benchmarks/gpu_ttt_mlp.py --sweep    # ours only: each tile width and warps per program, T = 2k
+    python benchmarks/gpu_ttt_mlp.py --no-split # ours with one program per (sequence, head) throughout
     tttlm bench ttt_mlp [same arguments]
 
 peak_mib is the most memory allocated during one forward+backward beyond what was allocated before it (the
@@ -190,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated, of " + ", ".join(OPS))
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--sweep", action="store_true", help="time our kernels under each tile width and warps, then stop")
+    p.add_argument("--no-split", action="store_true", help="one program per (sequence, head) in our TTT-MLP "
+                   "kernels also where few sequences would split the hidden width over several")
     args = p.parse_args(argv)
     heads = [tuple(int(x) for x in hd.split("x")) for hd in args.heads.split(",")]
     seq_lens = [int(t) for t in args.seq_lens.split(",")]
@@ -199,6 +202,10 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("gpu_ttt_mlp: needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.no_split:
+        from tttlm.ops.ttt_mlp import triton_parts
+
+        triton_parts.splits = lambda programs, D, device: 1
     torch.manual_seed(0)
     out = {
         "device": torch.cuda.get_device_name(),

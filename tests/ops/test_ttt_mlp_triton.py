@@ -30,6 +30,13 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(linear_parts, "POISON_OUTPUTS", True)
 
 
+@pytest.fixture(autouse=True)
+def one_program_per_head(monkeypatch):
+    """One program per (sequence, head), which the GPU runs unless few sequences leave SMs idle;
+    `test_split_kernels` checks the others."""
+    monkeypatch.setattr(triton_parts, "splits", lambda programs, D, device: 1)
+
+
 def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.detach().to(F64).cpu(), ref.detach().to(F64).cpu()
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -148,6 +155,39 @@ if CUDA:
 def test_kernel_matches_reference(B, T, H, D, cu):
     """Output, final state and every gradient, with and without the final state in the loss (the backward
     without the final state's gradient is a kernel variant of its own)."""
+    check_kernel(B, T, H, D, cu)
+
+
+@pytest.mark.parametrize("B,T,H,D,cu", SHAPES)
+def test_kernel_forward_only_matches_reference(B, T, H, D, cu):
+    """Without autograd (prefill, evaluation) the forward keeps nothing for the backward: a kernel variant of
+    its own."""
+    check_forward(B, T, H, D, cu)
+
+
+SPLIT_CASES = [(2, SHAPES[1]), (4, (1, 40, 2, 64, (0, 19, 40)))]  # the hidden tiles over 2 and 4 programs
+if CUDA:
+    SPLIT_CASES = [(4, SHAPES[1]), (2, SHAPES[0]), (8, SHAPES[2]), (2, SHAPES[3])]
+
+
+def test_split_count():
+    assert [triton_parts.split_count(p, 64, 132) for p in (12, 33, 34, 66, 67)] == [4, 4, 2, 2, 1]
+    assert [triton_parts.split_count(p, 128, 132) for p in (16, 17, 33, 66, 67)] == [8, 4, 4, 2, 1]
+    assert triton_parts.split_count(4, 96, 132) == 2  # 6 tiles of 64
+    assert triton_parts.split_count(4, 24, 132) == 1  # 3 tiles of 32
+
+
+@pytest.mark.usefixtures("concurrent_programs")
+@pytest.mark.parametrize("split,shape", SPLIT_CASES)
+def test_split_kernels(monkeypatch, split, shape):
+    """The hidden tiles split over programs that exchange partial sums at every mini-batch (chosen on the GPU
+    for few sequences): outputs, final states and every gradient, and the forward without autograd."""
+    monkeypatch.setattr(triton_parts, "splits", lambda programs, D, device: split)
+    check_kernel(*shape)
+    check_forward(*shape)
+
+
+def check_kernel(B, T, H, D, cu):
     dev_leaves, offset, weights, o_ref, f_ref, grads = reference_case(B, T, H, D, cu)
     for with_state in (True, False):
         o, f = run_kernel(dev_leaves, offset, cu)
@@ -159,10 +199,7 @@ def test_kernel_matches_reference(B, T, H, D, cu):
         assert_within_tol(errs)
 
 
-@pytest.mark.parametrize("B,T,H,D,cu", SHAPES)
-def test_kernel_forward_only_matches_reference(B, T, H, D, cu):
-    """Without autograd (prefill, evaluation) the forward keeps nothing for the backward: a kernel variant of
-    its own."""
+def check_forward(B, T, H, D, cu):
     dev_leaves, offset, _, o_ref, f_ref, _ = reference_case(B, T, H, D, cu)
     with torch.no_grad():
         o, f = run_kernel(dev_leaves, offset, cu)

@@ -14,7 +14,10 @@ global memory in float32 (the final state's tensors serve as the workspace, upda
 head at D=64, which L2 holds between mini-batches) and are read in tiles of FT hidden units
 (`triton_parts.f_tile`), twice per mini-batch: a first pass forms Z2 (the LayerNorm-L2 gradient needs all of
 it), a second forms E1, the output and the update of each tile. b2 stays on chip. The matrix products run on
-the tensor cores (tf32 for float32 operands).
+the tensor cores (tf32 for float32 operands). With few sequences (B = 1 at long T) the hidden tiles of a
+(sequence, head) are split over 2, 4 or 8 programs (`triton_parts.splits`), which sum their shares of Z2,
+then of A2 and Zq2, through global memory at every mini-batch (the backward does the same), as TTT-Linear's
+split kernels exchange LayerNorm statistics; all of a launch's programs must then be resident at once.
 
 With gradients wanted the forward also keeps, per token, Z1 [4D] and the two LayerNorms' normalised values and
 statistics: the backward (`triton_chunk_bwd`) needs nothing else, as it walks the mini-batches in reverse and
@@ -48,14 +51,18 @@ from tttlm.ops.ttt_linear.triton_parts import (
     block_d,
     new,
 )
-from tttlm.ops.ttt_mlp import triton_chunk_bwd
+from tttlm.ops.ttt_mlp import triton_chunk_bwd, triton_parts
 from tttlm.ops.ttt_mlp.triton_parts import (
+    _arrive,
     _f_ptrs,
+    _gathered,
     _gelu_parts,
     _hidden_ptrs,
+    _post,
     _tile_offsets,
     _w1_tile,
     _w2_tile,
+    exchange,
     f_tile,
 )
 
@@ -67,13 +74,15 @@ STATS = 4  # per token and head, kept for the backward: rstd, mean(G), mean(G xh
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _fwd_minibatch(
-    m, b2, Q, K, V, ETA, S, W1, B1, W2, GW1, GB1, GW2, GB2, GW1F, GB1F, GW2F, GB2F, O, Z1S, XH2S, XQS, STS,
-    lnw, lnb, eps, base, h, H, start, off, L, num_mb,
+    m, b2, Q, K, V, ETA, S, W1, B1, W2, GW1, GB1, GW2, GB2, GW1F, GB1F, GW2F, GB2F, O, Z1S, XH2S, XQS, STS, X, CNT,
+    lnw, lnb, eps, base, part, split, h, H, start, off, L, num_mb,
     D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FT: tl.constexpr,
     HAS_SUMS: tl.constexpr, SAVE: tl.constexpr,
 ):
     """Mini-batch m: writes its output (and, with SAVE, what the backward keeps), updates W1, b1, W2 in place
-    and returns b2 after it; at the row's last mini-batch also writes the final partial sums."""
+    and returns b2 after it; at the row's last mini-batch also writes the final partial sums. With split > 1
+    this program (`part`) walks its share of the hidden tiles only and sums Z2, then A2 and Zq2, with the others
+    through the exchange X; part 0 writes what follows from the sums."""
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
     i = tl.arange(0, BT)
     d = tl.arange(0, BD)
@@ -88,25 +97,30 @@ def _fwd_minibatch(
     full = ((m + 1) * BT <= off + L).to(tl.float32)  # only a row's last mini-batch can be unfinished
     c = tl.load(S + BT - 1) * full
     last = m == num_mb - 1
-    NT: tl.constexpr = F // FT
+    nt = F // FT // split  # tiles per program
+    REGION: tl.constexpr = BT * (2 * BT + 3 * BD)  # as `exchange` allocates it (the backward's needs)
     o1, o2, m1, m2 = _tile_offsets(D, BD, F, FT)
 
     # pass 1: Z2 = gelu(K W1 + b1) W2 + b2, tile by tile, then E2
-    Z2 = tl.zeros([BT, BD], dtype=tl.float32) + b2[None, :]
-    for j in range(NT):
+    Z2 = tl.zeros([BT, BD], dtype=tl.float32)
+    for j in range(part * nt, part * nt + nt):
         W1j = tl.load(W1 + _w1_tile(base, j, D, F, FT) + o1, mask=m1, other=0.0)
         Z1 = _dot(k, W1j) + tl.load(_f_ptrs(B1, base, j, F, FT))[None, :]
         if SAVE:
             tl.store(_hidden_ptrs(Z1S, tok, h, H, j, F, FT), Z1, mask=valid[:, None])
         Z2 = _dot_acc(_gelu_parts(Z1)[0], tl.load(W2 + _w2_tile(base, j, D, F, FT) + o2, mask=m2, other=0.0), Z2)
-    xh, rstd, _G, mG, mGx, dZ = _ln_l2_grad(Z2, v, k, lnw, lnb, D, BD, eps)
+    if split > 1:
+        _post(X, 2 * m, part, split, 0, Z2, BT, BD, REGION)
+        _arrive(CNT, 2 * m, split)
+        Z2 = _gathered(X, 2 * m, split, 0, BT, BD, REGION)
+    xh, rstd, _G, mG, mGx, dZ = _ln_l2_grad(Z2 + b2[None, :], v, k, lnw, lnb, D, BD, eps)
     E2 = eta[:, None] * dZ
 
     # pass 2: per tile E1, its share of the output, and the update
     A1 = tl.where(causal, tl.dot(q_in, tl.trans(k_in)) + 1.0, 0.0)  # exact products of 16-bit inputs
     A2 = tl.zeros([BT, BT], dtype=tl.float32)
     Zq2 = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in range(NT):
+    for j in range(part * nt, part * nt + nt):
         w1 = _w1_tile(base, j, D, F, FT)
         w2 = _w2_tile(base, j, D, F, FT)
         w1p = W1 + w1 + o1
@@ -143,6 +157,12 @@ def _fwd_minibatch(
         tl.store(w1p, W1j - c * SW1, mask=m1)
         tl.store(b1p, b1j - c * Sb1)
         tl.store(w2p, W2j - c * SW2, mask=m2)
+    if split > 1:
+        _post(X, 2 * m + 1, part, split, 0, A2, BT, BT, REGION)
+        _post(X, 2 * m + 1, part, split, BT * BT, Zq2, BT, BD, REGION)
+        _arrive(CNT, 2 * m + 1, split)
+        A2 = _gathered(X, 2 * m + 1, split, 0, BT, BT, REGION)
+        Zq2 = _gathered(X, 2 * m + 1, split, BT * BT, BT, BD, REGION)
 
     C2 = _dot(tl.where(causal, A2 + 1.0, 0.0), E2)
     Sb2 = tl.sum(E2, 0)
@@ -151,49 +171,56 @@ def _fwd_minibatch(
         C2 += gb2[None, :]
         Sb2 += gb2
     xq, rq = _layernorm(Zq2 + b2[None, :] - s[:, None] * C2, D, BD, eps)
-    o = q + lnw[None, :] * xq + lnb[None, :]
-    tl.store(_tile_ptrs(O, tok, h, H, D, BD), o.to(O.dtype.element_ty), mask=vm)
-    if SAVE:
-        tl.store(_tile_ptrs(XH2S, tok, h, H, D, BD), xh, mask=vm)
-        tl.store(_tile_ptrs(XQS, tok, h, H, D, BD), xq, mask=vm)
-        st = STS + (tok * H + h) * 4
-        tl.store(st, rstd, mask=valid)
-        tl.store(st + 1, mG, mask=valid)
-        tl.store(st + 2, mGx, mask=valid)
-        tl.store(st + 3, rq, mask=valid)
-    if last:
-        tl.store(GB2F + base * D + d, (1.0 - full) * Sb2, mask=d < D)
+    if part == 0:
+        o = q + lnw[None, :] * xq + lnb[None, :]
+        tl.store(_tile_ptrs(O, tok, h, H, D, BD), o.to(O.dtype.element_ty), mask=vm)
+        if SAVE:
+            tl.store(_tile_ptrs(XH2S, tok, h, H, D, BD), xh, mask=vm)
+            tl.store(_tile_ptrs(XQS, tok, h, H, D, BD), xq, mask=vm)
+            st = STS + (tok * H + h) * 4
+            tl.store(st, rstd, mask=valid)
+            tl.store(st + 1, mG, mask=valid)
+            tl.store(st + 2, mGx, mask=valid)
+            tl.store(st + 3, rq, mask=valid)
+        if last:
+            tl.store(GB2F + base * D + d, (1.0 - full) * Sb2, mask=d < D)
     tl.debug_barrier()  # this mini-batch's stores of W1, b1, W2 come before the next one's loads
     return b2 - c * Sb2
 
 
-@triton.jit(do_not_specialize=["H"])  # one compiled kernel for any number of heads
+@triton.jit(do_not_specialize=["H", "split"])  # one compiled kernel for any number of heads and split
 def _fwd_kernel(
     Q, K, V, ETA, LNW, LNB, S, CU, OFF, W1, B1, W2, B2, GW1, GB1, GW2, GB2, GW1F, GB1F, GW2F, GB2F,
-    O, Z1S, XH2S, XQS, STS,
-    eps, H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FT: tl.constexpr,
+    O, Z1S, XH2S, XQS, STS, X, CNT,
+    eps, H, split, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FT: tl.constexpr,
     SAVE: tl.constexpr,
 ):
-    """Program (sequence n, head h). W1, B1, W2, B2 hold the initial weights and are left holding the final
-    ones."""
+    """Program (sequence n, head h, part of `split`). W1, B1, W2, B2 hold the initial weights and are left
+    holding the final ones. X [N*H, 2, split, BT*(2BT+3BD)] float32 is the exchange of the `split` programs of a
+    (sequence, head), CNT [N*H] int32 (zeros) counts their arrivals."""
     pid = tl.program_id(0)
-    n = pid // H
-    h = pid % H
+    g = pid // split
+    part = pid % split
+    n = g // H
+    h = g % H
     start, L, off, num_mb = _sequence(CU, OFF, n, BT)
-    base = pid.to(tl.int64)
+    base = g.to(tl.int64)
+    Xg = X + base * (2 * split * BT * (2 * BT + 3 * BD))
     d = tl.arange(0, BD)
     lnw, lnb = _head_ln(LNW, LNB, h, d, D)
     b2 = tl.load(B2 + base * D + d, mask=d < D, other=0.0)
     b2 = _fwd_minibatch(
         0, b2, Q, K, V, ETA, S, W1, B1, W2, GW1, GB1, GW2, GB2, GW1F, GB1F, GW2F, GB2F, O, Z1S, XH2S, XQS, STS,
-        lnw, lnb, eps, base, h, H, start, off, L, num_mb, D, BD, BT, F, FT, True, SAVE,
+        Xg, CNT + g, lnw, lnb, eps, base, part, split, h, H, start, off, L, num_mb, D, BD, BT, F, FT, True, SAVE,
     )
     for m in range(1, num_mb):
         b2 = _fwd_minibatch(
             m, b2, Q, K, V, ETA, S, W1, B1, W2, GW1, GB1, GW2, GB2, GW1F, GB1F, GW2F, GB2F, O, Z1S, XH2S, XQS,
-            STS, lnw, lnb, eps, base, h, H, start, off, L, num_mb, D, BD, BT, F, FT, False, SAVE,
+            STS, Xg, CNT + g, lnw, lnb, eps, base, part, split, h, H, start, off, L, num_mb, D, BD, BT, F, FT, False,
+            SAVE,
         )
-    tl.store(B2 + base * D + d, b2, mask=d < D)
+    if part == 0:
+        tl.store(B2 + base * D + d, b2, mask=d < D)
 
 
 # ------------------------------------------------------------------------------------------------ autograd
@@ -223,9 +250,12 @@ class _TTTMLPFn(torch.autograd.Function):
         else:
             Z1S = XH2S = XQS = STS = o  # unread placeholders
         N = W1.shape[0]
-        _fwd_kernel[(N * H,)](
+        BD = block_d(D)
+        split = triton_parts.splits(N * H, D, dev)
+        X, cnt = exchange(N * H, split, BD, BT, dev)
+        _fwd_kernel[(N * H * split,)](
             q, k, v, eta, ln_weight, ln_bias, s, cu, offset, *final, gW1, gb1, gW2, gb2, *final_sums,
-            o, Z1S, XH2S, XQS, STS, eps, H, D=D, BD=block_d(D), BT=BT, F=F, FT=f_tile(D), SAVE=save,
+            o, Z1S, XH2S, XQS, STS, X, cnt, eps, H, split, D=D, BD=BD, BT=BT, F=F, FT=f_tile(D), SAVE=save,
             num_warps=num_warps(D),
         )
         if save:

@@ -55,13 +55,18 @@ from tttlm.ops.ttt_linear.triton_parts import (
     block_d,
     new,
 )
+from tttlm.ops.ttt_mlp import triton_parts
 from tttlm.ops.ttt_mlp.triton_parts import (
+    _arrive,
     _f_ptrs,
+    _gathered,
     _gelu_parts,
     _hidden_ptrs,
+    _post,
     _tile_offsets,
     _w1_tile,
     _w2_tile,
+    exchange,
     f_tile,
 )
 
@@ -95,8 +100,8 @@ def _inner_loss(Q, K, V, ETA, XH2S, STS, tok, valid, h, H, lnw, lnb, D: tl.const
 def _bwd_minibatch(
     m, db2, dln_w, dln_b, ds, ds_last,
     Q, K, V, ETA, DO, S, W1, B1, W2, GW1, GB1, GW2, GB2, DW1, DB1, DW2, DGW1F, DGB1F, DGW2F, DGB2F,
-    Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2, SCR,
-    lnw, lnb, base, h, H, start, off, L, num_mb,
+    Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2, SCR, X, CNT,
+    lnw, lnb, base, part, split, h, H, start, off, L, num_mb,
     D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FT: tl.constexpr,
     FIRST: tl.constexpr, HAS_DFINAL: tl.constexpr,
 ):
@@ -107,7 +112,10 @@ def _bwd_minibatch(
 
     Only accumulators stay on chip from one phase to the next: what a phase needs besides is loaded again
     (from the inputs, or from the scratch), as a [BT, BD] tile kept across a loop over the hidden width
-    costs registers for the whole loop, which spilled."""
+    costs registers for the whole loop, which spilled. With split > 1 this program (`part`) walks its share of
+    the hidden tiles only, sums A2, dA1, dE2, X2 dW2' and dq with the others after pass 1 and dk after pass 2
+    (exchange X, counter CNT), and counts what every part computes alike (the LayerNorms' gradients and their
+    shares of ds) only in part 0, which writes it."""
     tok, valid = _minibatch_tokens(m, start, off, L, BT)
     i = tl.arange(0, BT)
     d = tl.arange(0, BD)
@@ -118,7 +126,10 @@ def _bwd_minibatch(
     full = ((m + 1) * BT <= off + L).to(tl.float32)
     c = tl.load(S + BT - 1) * full
     is_open = (m == num_mb - 1) & (full == 0.0)  # an unfinished last mini-batch hands its sums to the final state
-    NT: tl.constexpr = F // FT
+    nt = F // FT // split  # tiles per program
+    REGION: tl.constexpr = BT * (2 * BT + 3 * BD)
+    lead = (part == 0).to(tl.float32)
+    e = 2 * (num_mb - 1 - m)  # this mini-batch's first exchange: they count up as the walk goes back
     o1, o2, m1, m2 = _tile_offsets(D, BD, F, FT)
     rows = i[:, None] * BD + d[None, :]
     scr_e2 = SCR + rows
@@ -135,8 +146,8 @@ def _bwd_minibatch(
     do = tl.load(_tile_ptrs(DO, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
     xq = tl.load(_tile_ptrs(XQS, tok, h, H, D, BD), mask=vm, other=0.0)
     dZq2 = _ln_bwd(lnw[None, :] * do, xq, tl.load(STS + (tok * H + h) * 4 + 3, mask=valid, other=0.0), D, BD)
-    dln_w += tl.sum(do * xq, 0)
-    dln_b += tl.sum(do, 0)
+    dln_w += lead * tl.sum(do * xq, 0)
+    dln_b += lead * tl.sum(do, 0)
     tl.store(scr_e2, E2)
     tl.store(scr_dzq2, dZq2)
     tl.store(scr_a1, tl.where(causal, tl.dot(q_in, tl.trans(k_in)) + 1.0, 0.0))  # exact products of 16-bit inputs
@@ -150,7 +161,7 @@ def _bwd_minibatch(
     XdW2 = tl.zeros([BT, BD], dtype=tl.float32)  # X2 dW2', over all tiles
     dq = tl.zeros([BT, BD], dtype=tl.float32)
     dk = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in range(NT):
+    for j in range(part * nt, part * nt + nt):
         w1 = _w1_tile(base, j, D, F, FT)
         w2 = _w2_tile(base, j, D, F, FT)
         w1p = W1 + w1 + o1
@@ -244,6 +255,18 @@ def _bwd_minibatch(
         tl.store(db1_ptr, db1n)
         tl.store(dw2p, dW2n, mask=m2)
     tl.debug_barrier()  # pass 2 reads the tiles that pass 1 wrote
+    if split > 1:
+        _post(X, e, part, split, 0, A2, BT, BT, REGION)
+        _post(X, e, part, split, BT * BT, dA1, BT, BT, REGION)
+        _post(X, e, part, split, 2 * BT * BT, dE2, BT, BD, REGION)
+        _post(X, e, part, split, 2 * BT * BT + BT * BD, XdW2, BT, BD, REGION)
+        _post(X, e, part, split, 2 * BT * BT + 2 * BT * BD, dq, BT, BD, REGION)
+        _arrive(CNT, e, split)
+        A2 = _gathered(X, e, split, 0, BT, BT, REGION)
+        dA1 = _gathered(X, e, split, BT * BT, BT, BT, REGION)
+        dE2 = _gathered(X, e, split, 2 * BT * BT, BT, BD, REGION)
+        XdW2 = _gathered(X, e, split, 2 * BT * BT + BT * BD, BT, BD, REGION)
+        dq = _gathered(X, e, split, 2 * BT * BT + 2 * BT * BD, BT, BD, REGION)
 
     # the rest of the mini-batch but for pass 2: dv, deta, dq, the inner LayerNorm, and dZ2 to the scratch
     q_in, k_in, k, v, eta, xh, rstd, G, mG, mGx, y, dZ = _inner_loss(Q, K, V, ETA, XH2S, STS, tok, valid, h, H,
@@ -255,32 +278,34 @@ def _bwd_minibatch(
     A2 = tl.where(causal, A2 + 1.0, 0.0)
     C2 = _dot(A2, E2)
     dSb2 = -c * db2
-    ds_last += full * tl.sum((XdW2 + db2[None, :]) * E2, 1)
+    ds_last += lead * full * tl.sum((XdW2 + db2[None, :]) * E2, 1)
     if HAS_DFINAL:
         dSb2 += tl.load(DGB2F + base * D + d, mask=dm & is_open, other=0.0)
     if FIRST:
         gb2 = tl.load(GB2 + base * D + d, mask=dm, other=0.0)
         C2 += gb2[None, :]
-        ds_last += tl.where(i == 0, full * tl.sum(db2 * gb2, 0), 0.0)
-        tl.store(DGB2 + base * D + d, tl.sum(dC2, 0) + dSb2, mask=dm)
-    ds -= tl.sum(dZq2 * C2, 1)
+        ds_last += tl.where(i == 0, lead * full * tl.sum(db2 * gb2, 0), 0.0)
+        if part == 0:
+            tl.store(DGB2 + base * D + d, tl.sum(dC2, 0) + dSb2, mask=dm)
+    ds -= lead * tl.sum(dZq2 * C2, 1)
     dE2 += _dot(tl.trans(A2), dC2) - c * XdW2 + dSb2[None, :]
     dZ2, dG = _ln_l2_grad_bwd(dE2, xh, rstd, G, mG, mGx, eta, lnw, D, BD)
-    tl.store(DETA + tok * H + h, tl.sum(dE2 * dZ, 1).to(DETA.dtype.element_ty), mask=valid)
     dy = lnw[None, :] * dG
-    tl.store(_tile_ptrs(DV, tok, h, H, D, BD), (-dy).to(DV.dtype.element_ty), mask=vm)
-    dln_w += tl.sum(dG * (y - v + k) + dy * xh, 0)
-    dln_b += tl.sum(dy, 0)
+    dln_w += lead * tl.sum(dG * (y - v + k) + dy * xh, 0)
+    dln_b += lead * tl.sum(dy, 0)
     dA1 = tl.where(causal, dA1, 0.0)
-    dq = _dot_acc(dA1, k, dq) + tl.load(_tile_ptrs(DO, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
-    tl.store(_tile_ptrs(DQ, tok, h, H, D, BD), dq.to(DQ.dtype.element_ty), mask=vm)
-    dk = _dot_acc(tl.trans(dA1), q, dk) + dy
+    if part == 0:
+        tl.store(DETA + tok * H + h, tl.sum(dE2 * dZ, 1).to(DETA.dtype.element_ty), mask=valid)
+        tl.store(_tile_ptrs(DV, tok, h, H, D, BD), (-dy).to(DV.dtype.element_ty), mask=vm)
+        dq = _dot_acc(dA1, k, dq) + tl.load(_tile_ptrs(DO, tok, h, H, D, BD), mask=vm, other=0.0).to(tl.float32)
+        tl.store(_tile_ptrs(DQ, tok, h, H, D, BD), dq.to(DQ.dtype.element_ty), mask=vm)
+    dk += lead * (_dot(tl.trans(dA1), q) + dy)
     db2 += tl.sum(dZq2, 0) + tl.sum(dZ2, 0)
     tl.store(scr_dz2, dZ2)
     tl.debug_barrier()
 
     # pass 2: the part of dZ1 that comes through Z2
-    for j in range(NT):
+    for j in range(part * nt, part * nt + nt):
         w1 = _w1_tile(base, j, D, F, FT)
         w2 = _w2_tile(base, j, D, F, FT)
         dw1p = DW1 + w1 + o1
@@ -298,28 +323,38 @@ def _bwd_minibatch(
         tl.store(dw1p, dW1n, mask=m1)
         tl.store(db1_ptr, db1n)
         tl.store(dw2p, dW2n, mask=m2)
-    tl.store(_tile_ptrs(DK, tok, h, H, D, BD), dk.to(DK.dtype.element_ty), mask=vm)
+    if split > 1:
+        _post(X, e + 1, part, split, 0, dk, BT, BD, REGION)
+        _arrive(CNT, e + 1, split)
+        dk = _gathered(X, e + 1, split, 0, BT, BD, REGION)
+    if part == 0:
+        tl.store(_tile_ptrs(DK, tok, h, H, D, BD), dk.to(DK.dtype.element_ty), mask=vm)
     tl.debug_barrier()  # this mini-batch's stores come before the next one's loads
     return db2, dln_w, dln_b, ds, ds_last
 
 
-@triton.jit(do_not_specialize=["H"])  # one compiled kernel for any number of heads
+@triton.jit(do_not_specialize=["H", "split"])  # one compiled kernel for any number of heads and split
 def _bwd_kernel(
     Q, K, V, ETA, DO, LNW, LNB, S, CU, OFF, W1, B1, W2, GW1, GB1, GW2, GB2, DW1, DB1, DW2, DB2,
     DGW1F, DGB1F, DGW2F, DGB2F, Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2, DLN_P, DS_P, SCR,
-    H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FT: tl.constexpr,
+    X, CNT, H, split, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FT: tl.constexpr,
     HAS_DFINAL: tl.constexpr,
 ):
-    """Program (sequence n, head h). W1, B1, W2 hold the final weights and are left holding the initial ones;
-    DW1, DB1, DW2, DB2 the final weights' gradients (zeros without), left holding the initial ones'. DLN_P
-    [N*H, 2, D] and DS_P [N*H, BT] take this program's share of the inner LayerNorm's and the token scale's
-    gradients. SCR: a scratch of SCRATCH float32 per program."""
+    """Program (sequence n, head h, part of `split`). W1, B1, W2 hold the final weights and are left holding the
+    initial ones; DW1, DB1, DW2, DB2 the final weights' gradients (zeros without), left holding the initial
+    ones'. DLN_P [N*H*split, 2, D] and DS_P [N*H*split, BT] take this program's share of the inner LayerNorm's
+    and the token scale's gradients. SCR: a scratch of SCRATCH float32 per program; X, CNT: the exchange and
+    arrival counters of `triton_chunk.exchange`."""
     pid = tl.program_id(0)
-    n = pid // H
-    h = pid % H
+    g = pid // split
+    part = pid % split
+    n = g // H
+    h = g % H
     start, L, off, num_mb = _sequence(CU, OFF, n, BT)
-    base = pid.to(tl.int64)
+    base = g.to(tl.int64)
     SCRATCH: tl.constexpr = 3 * BT * BD + 2 * BT * BT
+    scr = SCR + pid.to(tl.int64) * SCRATCH
+    Xg = X + base * (2 * split * BT * (2 * BT + 3 * BD))
     i = tl.arange(0, BT)
     d = tl.arange(0, BD)
     dm = d < D
@@ -333,19 +368,21 @@ def _bwd_kernel(
         db2, dln_w, dln_b, ds, ds_last = _bwd_minibatch(
             num_mb - r, db2, dln_w, dln_b, ds, ds_last,
             Q, K, V, ETA, DO, S, W1, B1, W2, GW1, GB1, GW2, GB2, DW1, DB1, DW2, DGW1F, DGB1F, DGW2F, DGB2F,
-            Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2, SCR + base * SCRATCH,
-            lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, F, FT, False, HAS_DFINAL,
+            Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2, scr, Xg, CNT + g,
+            lnw, lnb, base, part, split, h, H, start, off, L, num_mb, D, BD, BT, F, FT, False, HAS_DFINAL,
         )
     db2, dln_w, dln_b, ds, ds_last = _bwd_minibatch(
         0, db2, dln_w, dln_b, ds, ds_last,
         Q, K, V, ETA, DO, S, W1, B1, W2, GW1, GB1, GW2, GB2, DW1, DB1, DW2, DGW1F, DGB1F, DGW2F, DGB2F,
-        Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2, SCR + base * SCRATCH,
-        lnw, lnb, base, h, H, start, off, L, num_mb, D, BD, BT, F, FT, True, HAS_DFINAL,
+        Z1S, XH2S, XQS, STS, DQ, DK, DV, DETA, DGW1, DGB1, DGW2, DGB2, scr, Xg, CNT + g,
+        lnw, lnb, base, part, split, h, H, start, off, L, num_mb, D, BD, BT, F, FT, True, HAS_DFINAL,
     )
-    tl.store(DB2 + base * D + d, db2, mask=dm)
-    tl.store(DLN_P + (base * 2) * D + d, dln_w, mask=dm)
-    tl.store(DLN_P + (base * 2 + 1) * D + d, dln_b, mask=dm)
-    tl.store(DS_P + base * BT + i, ds - tl.where(i == BT - 1, tl.sum(ds_last, 0), 0.0))
+    if part == 0:
+        tl.store(DB2 + base * D + d, db2, mask=dm)
+    row = pid.to(tl.int64)
+    tl.store(DLN_P + (row * 2) * D + d, dln_w, mask=dm)
+    tl.store(DLN_P + (row * 2 + 1) * D + d, dln_b, mask=dm)
+    tl.store(DS_P + row * BT + i, ds - tl.where(i == BT - 1, tl.sum(ds_last, 0), 0.0))
 
 
 def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, sums, cu, offset, final, saved, do, dfinal, eps):
@@ -371,14 +408,17 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, sums, cu, offset, final,
     dq, dk, dv = (new((total, H, D), q.dtype, dev) for _ in range(3))
     deta = new((total, H), eta.dtype, dev)
     dsums = [new(t.shape, f32, dev) for t in sums]
-    dln_p = new((N * H, 2, D), f32, dev)
-    ds_p = new((N * H, BT), f32, dev)
-    _bwd_kernel[(N * H,)](
+    split = triton_parts.splits(N * H, D, dev)
+    programs = N * H * split
+    dln_p = new((programs, 2, D), f32, dev)
+    ds_p = new((programs, BT), f32, dev)
+    scratch = torch.empty(programs * (3 * BD + 2 * BT) * BT, dtype=f32, device=dev)
+    X, cnt = exchange(N * H, split, BD, BT, dev)
+    _bwd_kernel[(programs,)](
         q, k, v, eta, do, ln_weight, ln_bias, s, cu, offset, W1, b1, W2, *sums, *dW, *dgf, *saved,
-        dq, dk, dv, deta, *dsums, dln_p, ds_p, torch.empty(N * H * (3 * BD + 2 * BT) * BT, dtype=f32, device=dev),
-        H, D=D, BD=BD, BT=BT, F=4 * D, FT=f_tile(D), HAS_DFINAL=has_dfinal,
-        num_warps=NUM_WARPS[BD],
+        dq, dk, dv, deta, *dsums, dln_p, ds_p, scratch, X, cnt,
+        H, split, D=D, BD=BD, BT=BT, F=4 * D, FT=f_tile(D), HAS_DFINAL=has_dfinal, num_warps=NUM_WARPS[BD],
     )
-    dln = dln_p.view(N, H, 2, D).sum(0)
+    dln = dln_p.view(N, H, split, 2, D).sum((0, 2))
     return (dq, dk, dv, deta, dln[:, 0].to(ln_weight.dtype), dln[:, 1].to(ln_bias.dtype), ds_p.sum(0),
             *dW, *dsums)

@@ -41,6 +41,37 @@ def supports(q: Tensor, mini_batch_size: int) -> bool:
     )
 
 
+# Programs per (sequence, head) the kernels may take, most first: each owns an equal share of the hidden tiles.
+SPLITS = (8, 4, 2)
+
+
+def split_count(programs: int, D: int, sms: int) -> int:
+    """Programs per (sequence, head) for `programs` = sequences x heads of head dim D on a GPU of `sms` SMs: the
+    most of SPLITS that divides the number of hidden tiles and gives every program of the launch an SM of its
+    own (the programs of a (sequence, head) wait for each other at every mini-batch, so all must be resident);
+    else 1."""
+    tiles = 4 * D // f_tile(D)
+    return next((s for s in SPLITS if tiles % s == 0 and programs * s <= sms), 1)
+
+
+def splits(programs: int, D: int, device: torch.device) -> int:
+    """`split_count` on `device`'s SMs; 1 off CUDA (the interpreter runs a launch's programs one by one)."""
+    if device.type != "cuda":
+        return 1
+    return split_count(programs, D, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def exchange(groups: int, split: int, BD: int, BT: int, device) -> tuple[Tensor, Tensor]:
+    """The exchange and arrival counters of `groups` (sequence, head) pairs split over `split` programs (as
+    `triton_chunk._fwd_kernel` and `triton_chunk_bwd._bwd_kernel` take them): float32
+    [groups, 2, split, BT * (2 BT + 3 BD)] and int32 zeros [groups]; one-element placeholders without a split."""
+    if split == 1:
+        return torch.empty(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+    region = BT * (2 * BT + 3 * BD)  # the backward's larger exchange
+    return (torch.empty(groups * 2 * split * region, device=device),
+            torch.zeros(groups, dtype=torch.int32, device=device))
+
+
 def f_tile(D: int) -> int:
     """Columns of W1 (rows of W2) per tile for head dim D: the largest power of two that divides F = 4D, at most
     MAX_F_TILE (so 64 at D=64, 96 and 128; 32 at D=24, 16 at D=12)."""
@@ -68,6 +99,39 @@ def _gelu_parts(x):
     g1 = 0.5 * (1.0 + t) + 0.5 * x * sech2 * du
     g2 = sech2 * (du + 0.5 * x * (6.0 * a * c * x - 2.0 * t * du * du))
     return 0.5 * x * (1.0 + t), g1, g2  # the compiler drops what a caller leaves unused
+
+
+@triton.jit
+def _post(X, e, part, split, at, val, R: tl.constexpr, C: tl.constexpr, REGION: tl.constexpr):
+    """Store this program's share `val` [R, C] of exchange e at float `at` of its REGION in the exchange X of its
+    (sequence, head), [2, split, REGION]: two slots alternate, as a program can be at most one exchange ahead of
+    the slowest, which reads the other (`_arrive`)."""
+    idx = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    tl.store(X + ((e % 2) * split + part) * REGION + at + idx, val)
+
+
+@triton.jit
+def _arrive(CNT, e, split):
+    """Count this program in at exchange e, then wait for all `split` (TTT-Linear's `triton_split` barrier with a
+    run-time count). Every thread's posts come before the arrival (the barrier, then a release at GPU scope),
+    and the loads of the others' after it (an acquire, then the barrier)."""
+    tl.debug_barrier()
+    tl.atomic_add(CNT, 1, sem="release", scope="gpu")
+    arrived = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+    while arrived < split * (e + 1):
+        arrived = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _gathered(X, e, split, at, R: tl.constexpr, C: tl.constexpr, REGION: tl.constexpr):
+    """The shares [R, C] posted at `at` for exchange e summed over the `split` programs, in a fixed order (the
+    same sum on every program). Loaded from L2 (`.cg`): L1 may hold the slot's old values."""
+    idx = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    total = tl.zeros([R, C], dtype=tl.float32)
+    for t in range(split):
+        total += tl.load(X + ((e % 2) * split + t) * REGION + at + idx, cache_modifier=".cg")
+    return total
 
 
 @triton.jit
