@@ -20,13 +20,14 @@ from tttlm.ops.ttt_mlp.triton_chunk import num_warps
 from tttlm.ops.ttt_mlp.triton_parts import _f_ptrs, _gelu_parts, _tile_offsets, _w1_tile, _w2_tile, f_tile
 
 
-@triton.jit(do_not_specialize=["H"])  # one compiled kernel for any number of heads
+@triton.jit(do_not_specialize=["H", "default_s"])  # one compiled kernel for any number of heads
 def _step_kernel(
     Q, K, V, ETA, LNW, LNB, S, OFF, W1, B1, W2, B2, GW1, GB1, GW2, GB2,
     O, W1N, B1N, W2N, B2N, GW1N, GB1N, GW2N, GB2N, OFF1,
-    eps, H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FT: tl.constexpr,
-    DEFAULT_S: tl.constexpr,
+    eps, H, default_s, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, F: tl.constexpr, FT: tl.constexpr,
 ):
+    """Program (row n, head h). default_s: the token scale 1/(pos+1) (S unread), else S [BT]; a run-time flag,
+    so that one compiled kernel serves both."""
     pid = tl.program_id(0)
     n = pid // H
     h = pid % H
@@ -39,10 +40,7 @@ def _step_kernel(
     eta = tl.load(ETA + base).to(tl.float32)
     lnw, lnb = _head_ln(LNW, LNB, h, d, D)
     pos = tl.load(OFF + n)
-    if DEFAULT_S:
-        s = 1.0 / (pos + 1).to(tl.float32)
-    else:
-        s = tl.load(S + pos)
+    s = tl.load(S + pos, mask=default_s == 0, other=1.0) / tl.where(default_s == 0, 1, pos + 1).to(tl.float32)
     done = (pos + 1 == BT).to(tl.float32)
     NT: tl.constexpr = F // FT
     o1, o2, m1, m2 = _tile_offsets(D, BD, F, FT)
@@ -115,7 +113,7 @@ def ttt_mlp_step_triton(
     _step_kernel[(B * H,)](
         q_t.contiguous(), k_t.contiguous(), v_t.contiguous(), eta_t.contiguous(), ln_weight.contiguous(),
         ln_bias.contiguous(), s, state.offset.contiguous(), *old, o, *fresh, offset,
-        float(eps), H, D=D, BD=block_d(D), BT=mini_batch_size, F=4 * D, FT=f_tile(D), DEFAULT_S=token_scale is None,
+        float(eps), H, int(token_scale is None), D=D, BD=block_d(D), BT=mini_batch_size, F=4 * D, FT=f_tile(D),
         num_warps=num_warps(D),
     )
     return o, TTTMLPState(*fresh, offset)
