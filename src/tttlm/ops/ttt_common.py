@@ -1,5 +1,5 @@
-"""Pieces shared by the TTT ops: the inner model's LayerNorm and its gradient, input checks, the layout that
-lines every sequence up with its mini-batch schedule, and the loop over mini-batches.
+"""Pieces shared by the TTT ops: the inner model's LayerNorm and its gradient, input checks, the choice of
+backend, the layout that lines every sequence up with its mini-batch schedule, and the loop over mini-batches.
 
 An inner model (TTT-Linear's or TTT-MLP's) is a small namespace with three functions over tensors whose
 leading dims are [R, H] (rows, heads), parameters included:
