@@ -1,5 +1,4 @@
-"""Registers, spills and shared memory of the Triton kernels (TTT-Linear's, Mesa's) as compiled for an NVIDIA GPU,
-on any machine.
+"""Registers, spills and shared memory of the TTT ops' Triton kernels as compiled for an NVIDIA GPU, on any machine.
 
 No GPU needed: the op's host code runs on CPU tensors with every kernel launch replaced by Triton's
 ahead-of-time compile for the target architecture (default sm_90, the H100), and the ptxas that ships with
@@ -8,7 +7,7 @@ marked so, as Triton's launcher specialises them on the GPU; on the H100 this ga
 driver reported there (190 for the old rebuild kernel, 135 for the old finish kernel at D=128). Kernels that spill
 (a stack frame, spill stores) hold more than the registers allow, which costs time on the GPU.
 
-    python benchmarks/kernel_registers.py [--heads 16x128,32x64] [--arch 90] [--ops ttt_linear,mesa]
+    python benchmarks/kernel_registers.py [--heads 16x128,32x64] [--arch 90] [--ops ttt_linear,ttt_mlp,mesa]
 """
 
 from __future__ import annotations
@@ -165,24 +164,51 @@ def mesa_launches(H: int, D: int) -> None:
                                  cg_tol=None)
 
 
+def ttt_mlp_launches(H: int, D: int) -> None:
+    """TTT-MLP's forward (with and without what the backward keeps), backward (with and without the final
+    state's gradient) and decode step, on CPU tensors of 4 mini-batches."""
+    from tttlm.ops.state import TTTMLPState
+    from tttlm.ops.ttt_mlp import triton_chunk, triton_step
+
+    T, dt, F = 64, torch.bfloat16, 4 * D
+    q, k, v = (torch.randn(T, H, D, dtype=dt) for _ in range(3))
+    eta = torch.rand(T, H, dtype=dt)
+    ln_w, ln_b = torch.ones(H, D, dtype=dt), torch.zeros(H, D, dtype=dt)
+    s = torch.ones(16)
+    params = [torch.zeros(1, H, *shape) for shape in ((D, F), (F,), (F, D), (D,))]
+    sums = [torch.zeros_like(p) for p in params]
+    cu, offset = torch.tensor([0, T]), torch.zeros(1, dtype=torch.long)
+    ctx = types.SimpleNamespace(set_materialize_grads=lambda flag: None)
+    ctx.save_for_backward = lambda *t: setattr(ctx, "saved_tensors", t)
+    fn = triton_chunk._TTTMLPFn
+    fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, *params, *sums, cu, offset, 1e-6, False)
+    fn.forward(ctx, q, k, v, eta, ln_w, ln_b, s, *params, *sums, cu, offset, 1e-6, True)
+    fn.backward(ctx, torch.randn_like(q), *(None,) * 8)
+    fn.backward(ctx, torch.randn_like(q), *params, *sums)
+    state = TTTMLPState(*params, *sums, torch.full((1,), 3))
+    triton_step.ttt_mlp_step_triton(q[:1], k[:1], v[:1], eta[:1], ln_w, ln_b, state)
+
+
+OPS = {"ttt_linear": ttt_linear_launches, "ttt_mlp": ttt_mlp_launches, "mesa": mesa_launches}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--heads", default="16x128,32x64", help="comma-separated HxD")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for the H100")
-    p.add_argument("--ops", default="ttt_linear,mesa", help="comma-separated: ttt_linear, mesa")
+    p.add_argument("--ops", default="ttt_linear,ttt_mlp,mesa", help="comma-separated, of " + ", ".join(OPS))
     args = p.parse_args(argv)
-    launches = {"ttt_linear": ttt_linear_launches, "mesa": mesa_launches}
-    ops = args.ops.split(",")
-    if not set(ops) <= set(launches):
-        p.error(f"--ops takes {', '.join(launches)}; got {args.ops}")
     print(f"sm_{args.arch}, triton {triton.__version__}")
+    ops = args.ops.split(",")
+    if not set(ops) <= set(OPS):
+        p.error(f"--ops must name some of {', '.join(OPS)}; got {args.ops}")
     print("| H×D | kernel | constexprs | warps | registers | stack B | spill stores B | spill loads B | shared B |")
     print("|---|---|---|---|---|---|---|---|---|")
     for hd in args.heads.split(","):
         H, D = (int(x) for x in hd.split("x"))
         with compile_only(args.arch) as rows:
             for op in ops:
-                launches[op](H, D)
+                OPS[op](H, D)
         for r in rows:
             print(
                 f"| {H}×{D} | {r['kernel']} | {r['constexprs']} | {r['warps']} | {r['registers']} | "

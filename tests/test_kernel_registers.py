@@ -1,4 +1,4 @@
-"""benchmarks/kernel_registers.py compiles every TTT-Linear and Mesa kernel for the H100 on this (GPU-less)
+"""benchmarks/kernel_registers.py compiles every Triton kernel of the TTT ops for the H100 on this (GPU-less)
 machine."""
 
 import os
@@ -9,24 +9,46 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_reports_every_kernel():
-    """At a small head every kernel but the split ones (which run only at on-chip width 128); at 128 those
-    too, as they compile for the GPU only there."""
+def report(*args: str) -> list[list[str]]:
+    """The report's table rows (cells stripped) for `kernel_registers.py ARGS`."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT / "src")
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernel_registers.py"), "--heads", "2x16,1x128"],
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_registers.py"), *args],
         capture_output=True,
         text=True,
         env=env,
         timeout=900,
     )
     assert out.returncode == 0, out.stderr[-2000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines() if line.startswith("| ")]
+    return [r for r in rows if r[0] != "H×D"]
+
+
+def test_reports_every_ttt_linear_kernel():
+    """At a small head every kernel but the split ones (which run only at on-chip width 128); at 128 those
+    too, as they compile for the GPU only there."""
+    rows = report("--heads", "2x16,1x128", "--ops", "ttt_linear")
     kernels = {"_fwd_kernel", "_output_kernel", "_local_kernel", "_chain_kernel", "_finish_kernel", "_step_kernel"}
-    kernels |= {"_scan_fwd_kernel", "_solve_fwd_kernel", "_solve_bwd_kernel", "_scan_bwd_kernel", "_grads_kernel",
-                "_mesa_step_kernel"}  # Mesa's
     for heads, expected in (("2×16", kernels), ("1×128", kernels | {"_split_fwd_kernel", "_split_chain_kernel"})):
-        rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith(f"| {heads} |")]
-        assert expected <= {r[1].strip() for r in rows}, heads
-        for r in rows:
-            assert 0 < int(r[4]) <= 255, r  # registers per thread
+        assert expected <= {r[1] for r in rows if r[0] == heads}, heads
+    for r in rows:
+        assert 0 < int(r[4]) <= 255, r  # registers per thread
+
+
+def test_reports_every_ttt_mlp_kernel():
+    rows = report("--heads", "2x16", "--ops", "ttt_mlp")
+    assert {r[1] for r in rows} == {"_fwd_kernel", "_bwd_kernel", "_step_kernel"}
+    assert len(rows) == 5  # the forward with and without what the backward keeps, likewise the backward
+    for r in rows:
+        assert 0 < int(r[4]) <= 255, r
+
+
+def test_reports_every_mesa_kernel():
+    rows = report("--heads", "2x16,1x128", "--ops", "mesa")
+    kernels = {"_scan_fwd_kernel", "_solve_fwd_kernel", "_solve_bwd_kernel", "_scan_bwd_kernel", "_grads_kernel",
+               "_mesa_step_kernel"}
+    for heads in ("2×16", "1×128"):
+        assert kernels <= {r[1] for r in rows if r[0] == heads}, heads
+    for r in rows:
+        assert 0 < int(r[4]) <= 255, r

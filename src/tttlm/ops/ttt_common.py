@@ -1,5 +1,5 @@
-"""Pieces shared by the TTT ops: the inner model's LayerNorm and its gradient, input checks, the layout that
-lines every sequence up with its mini-batch schedule, and the loop over mini-batches.
+"""Pieces shared by the TTT ops: the inner model's LayerNorm and its gradient, input checks, the choice of
+backend, the layout that lines every sequence up with its mini-batch schedule, and the loop over mini-batches.
 
 An inner model (TTT-Linear's or TTT-MLP's) is a small namespace with three functions over tensors whose
 leading dims are [R, H] (rows, heads), parameters included:
@@ -14,6 +14,8 @@ leading dims are [R, H] (rows, heads), parameters included:
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import math
 import os
 from collections.abc import Callable
@@ -146,6 +148,34 @@ def check_ttt_inputs(
     if check_values and bool(((state.offset < 0) | (state.offset >= mini_batch_size)).any()):
         raise ValueError(f"state.offset must lie in [0, mini_batch_size = {mini_batch_size})")
     return N
+
+
+# ------------------------------------------------------------------------------------------------ backends
+BACKENDS = (None, "triton", "torch")
+
+
+@functools.cache
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(q: Tensor, mini_batch_size: int, backend: str | None, kernels: str) -> bool:
+    """Whether an op runs its Triton kernels: backend None picks them on CUDA where the module `kernels` (its
+    `supports(q, mini_batch_size)`) takes the shapes, "triton" demands them (an error if they cannot run),
+    "torch" never."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend is None and not q.is_cuda):
+        return False
+    if not _have_triton():
+        if backend == "triton":
+            raise ValueError("backend='triton' needs the triton package")
+        return False
+    ok = importlib.import_module(kernels).supports(q, mini_batch_size)
+    if backend == "triton" and not ok:
+        raise ValueError(f"the Triton kernels do not support q of shape {list(q.shape)} ({q.dtype}) on {q.device} "
+                         f"with mini_batch_size={mini_batch_size}")
+    return ok
 
 
 # ------------------------------------------------------------------------------------------ mini-batch layout

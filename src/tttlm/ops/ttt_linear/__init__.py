@@ -6,39 +6,13 @@ dual-form PyTorch path (`chunked`). Both are tested against `reference.ttt_linea
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 from torch import Tensor
 
 from tttlm.ops.state import TTTLinearState
-from tttlm.ops.ttt_common import check_ttt_inputs
+from tttlm.ops.ttt_common import check_ttt_inputs, use_triton
 from tttlm.ops.ttt_linear.chunked import LINEAR, ttt_linear_chunked, ttt_linear_step_recurrent
 
-BACKENDS = (None, "triton", "torch")
-
-
-@functools.cache
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _use_triton(q: Tensor, mini_batch_size: int, backend: str | None) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or (backend is None and not q.is_cuda):
-        return False
-    if not _have_triton():
-        if backend == "triton":
-            raise ValueError("backend='triton' needs the triton package")
-        return False
-    from tttlm.ops.ttt_linear import triton_chunk
-
-    ok = triton_chunk.supports(q, mini_batch_size)
-    if backend == "triton" and not ok:
-        raise ValueError(f"the Triton kernels do not support q of shape {list(q.shape)} on {q.device} "
-                         f"with mini_batch_size={mini_batch_size}")
-    return ok
+KERNELS = "tttlm.ops.ttt_linear.triton_chunk"  # its `supports` says which shapes the Triton kernels take
 
 
 def ttt_linear(
@@ -73,7 +47,7 @@ def ttt_linear(
                      mini_batch_size, token_scale, cu_seqlens)
     kwargs = dict(mini_batch_size=mini_batch_size, token_scale=token_scale, eps=eps, cu_seqlens=cu_seqlens,
                   output_final_state=output_final_state)
-    if _use_triton(q, mini_batch_size, backend):
+    if use_triton(q, mini_batch_size, backend, KERNELS):
         from tttlm.ops.ttt_linear.triton_chunk import ttt_linear_triton
 
         return ttt_linear_triton(q, k, v, eta, ln_weight, ln_bias, state, **kwargs)
@@ -92,7 +66,7 @@ def ttt_linear_step(
     check_ttt_inputs(q_t, k_t, v_t, eta_t, ln_weight, ln_bias, state, TTTLinearState, LINEAR.param_shapes,
                      mini_batch_size, token_scale, None, step=True)
     kwargs = dict(mini_batch_size=mini_batch_size, token_scale=token_scale, eps=eps)
-    if _use_triton(q_t, mini_batch_size, backend):
+    if use_triton(q_t, mini_batch_size, backend, KERNELS):
         from tttlm.ops.ttt_linear.triton_step import ttt_linear_step_triton
 
         return ttt_linear_step_triton(q_t, k_t, v_t, eta_t, ln_weight, ln_bias, state, **kwargs)

@@ -1,0 +1,251 @@
+"""Time TTT-MLP's Triton kernels against TTT-Linear's and attention on one GPU; print a table, write JSON.
+
+Forward and forward+backward ms and the peak memory of a forward+backward, for 32,768 tokens per call
+(B = 32768 / T) at T = 2k, 8k, 32k and heads H12xD64 (the 125m presets'), H32xD64 and H16xD128, bf16:
+tttlm.ttt_mlp (Triton), tttlm.ttt_linear (Triton), and torch SDPA (causal, torch's default backend). Then
+decode: one ttt_mlp_step at batch 1, H12xD64, us per token, as called and replayed from a CUDA graph.
+
+    python benchmarks/gpu_ttt_mlp.py [--json OUT.json] [--tokens 32768] [--heads 12x64,32x64,16x128]
+                                     [--seq-lens 2048,8192,32768] [--ops ttt_mlp,ttt_linear,sdpa] [--no-decode]
+    python benchmarks/gpu_ttt_mlp.py --sweep    # ours only: each tile width and warps per program, T = 2k
+    python benchmarks/gpu_ttt_mlp.py --no-split # ours with one program per (sequence, head) throughout
+    tttlm bench ttt_mlp [same arguments]
+
+peak_mib is the most memory allocated during one forward+backward beyond what was allocated before it (the
+inputs and their gradients' leaves), torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+TOKENS = 32768
+SEQ_LENS = (2048, 8192, 32768)
+HEADS = ((12, 64), (32, 64), (16, 128))
+OPS = ("ttt_mlp", "ttt_linear", "sdpa")
+NAMES = {"ttt_mlp": "tttlm.ttt_mlp", "ttt_linear": "tttlm.ttt_linear", "sdpa": "sdpa"}
+
+
+def make_call(op: str, B: int, T: int, H: int, D: int):
+    """A closure running the op's forward, and the leaves whose gradients a backward computes."""
+    from tttlm.ops import TTTLinearState, TTTMLPState, ttt_linear, ttt_mlp
+
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(B, T, H, D, device=dev, dtype=dt)
+    k = F.normalize(torch.randn(B, T, H, D, device=dev), dim=-1).to(dt)
+    v = torch.randn(B, T, H, D, device=dev, dtype=dt)
+    if op == "sdpa":
+        qt, kt, vt = (t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+        return (lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)), [qt, kt, vt]
+    eta = (torch.rand(B, T, H, device=dev) / D).to(dt)
+    ln_w = torch.ones(H, D, device=dev, dtype=dt)
+    ln_b = torch.zeros(H, D, device=dev, dtype=dt)
+    if op == "ttt_linear":
+        params = [torch.randn(H, D, D, device=dev) / D**0.5, torch.zeros(H, D, device=dev)]
+        leaves = [t.requires_grad_() for t in (q, k, v, eta, ln_w, ln_b, *params)]
+
+        def fn():
+            state = TTTLinearState.start(*(p.expand(B, *p.shape) for p in params))
+            return ttt_linear(q, k, v, eta, ln_w, ln_b, state, mini_batch_size=16, backend="triton")[0]
+
+        return fn, leaves
+    F4 = 4 * D
+    params = [torch.randn(H, D, F4, device=dev) / D**0.5, torch.zeros(H, F4, device=dev),
+              torch.randn(H, F4, D, device=dev) / F4**0.5, torch.zeros(H, D, device=dev)]
+    leaves = [t.requires_grad_() for t in (q, k, v, eta, ln_w, ln_b, *params)]
+
+    def fn():
+        state = TTTMLPState.start(*(p.expand(B, *p.shape) for p in params))
+        return ttt_mlp(q, k, v, eta, ln_w, ln_b, state, mini_batch_size=16, backend="triton")[0]
+
+    return fn, leaves
+
+
+def median_ms(fn, leaves=()) -> float:
+    """triton.testing.do_bench's median, or for a call over 20 ms the median of 3 timed after one: do_bench
+    would run it some 8 times, which the slow rows (T = 32k) cannot afford in one device call."""
+    from triton.testing import do_bench
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(4):
+        for t in leaves:
+            t.grad = None
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+        if times[0] < 20:
+            return do_bench(fn, warmup=10, rep=50, return_mode="median", grad_to_none=list(leaves))
+    return sorted(times[1:])[1]
+
+
+def time_op(op: str, B: int, T: int, H: int, D: int) -> dict:
+    """Median ms of the forward (no autograd) and of forward+backward, and the forward+backward's peak MiB."""
+    fn, leaves = make_call(op, B, T, H, D)
+    with torch.no_grad():
+        fn()  # compiled before anything is timed
+        fwd_ms = median_ms(fn)
+    do = torch.randn_like(fn())
+
+    def fwd_bwd():
+        fn().backward(do)
+
+    fwd_bwd()  # compiled and warm before the memory is measured
+    for t in leaves:
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    fb_ms = median_ms(fwd_bwd, leaves)
+    return dict(fwd_ms=round(fwd_ms, 3), fwdbwd_ms=round(fb_ms, 3), peak_mib=round(peak, 1))
+
+
+def time_decode(B: int = 1, H: int = 12, D: int = 64) -> dict:
+    """us per token of one ttt_mlp_step: the public op (input checks included), and the kernel's function
+    replayed from a CUDA graph (10 steps per graph)."""
+    from triton.testing import do_bench
+
+    from tttlm.ops import TTTMLPState, ttt_mlp_step
+    from tttlm.ops.ttt_mlp.triton_step import ttt_mlp_step_triton
+
+    dev, dt = "cuda", torch.bfloat16
+    q, k, v = (torch.randn(B, H, D, device=dev, dtype=dt) for _ in range(3))
+    eta = (torch.rand(B, H, device=dev) / D).to(dt)
+    ln_w = torch.ones(H, D, device=dev, dtype=dt)
+    ln_b = torch.zeros(H, D, device=dev, dtype=dt)
+    params = [torch.randn(B, H, D, 4 * D, device=dev) / D**0.5, torch.zeros(B, H, 4 * D, device=dev),
+              torch.randn(B, H, 4 * D, D, device=dev) / (2 * D**0.5), torch.zeros(B, H, D, device=dev)]
+    sums = [0.01 * torch.randn_like(p) for p in params]
+    state = TTTMLPState(*params, *sums, torch.full((B,), 5, device=dev))
+    args = (q, k, v, eta, ln_w, ln_b, state)
+    res = {}
+    with torch.no_grad():
+        res["public op"] = 1e3 * do_bench(lambda: ttt_mlp_step(*args), warmup=50, rep=300, return_mode="median")
+        ttt_mlp_step_triton(*args)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(10):
+                ttt_mlp_step_triton(*args)
+        res["graph"] = 1e3 * do_bench(graph.replay, warmup=20, rep=200, return_mode="median") / 10
+    return {key: round(val, 2) for key, val in res.items()}
+
+
+def sweep(heads, T: int, tokens: int) -> None:
+    """Ours at T with each hidden-tile width and warps per program, the forward's and the backward's in
+    turn (the other at its default)."""
+    from tttlm.ops.ttt_mlp import triton_chunk, triton_chunk_bwd, triton_parts
+
+    for H, D in heads:
+        bd = max(16, 1 << (D - 1).bit_length())
+        for tile in (32, 64):
+            triton_parts.MAX_F_TILE = tile
+            for name, table in (("fwd", triton_chunk.NUM_WARPS), ("bwd", triton_chunk_bwd.NUM_WARPS)):
+                default = table[bd]
+                for warps in (4, 8):
+                    table[bd] = warps
+                    try:
+                        r = time_op("ttt_mlp", max(1, tokens // T), T, H, D)
+                        res = f"fwd {r['fwd_ms']} ms, fwd+bwd {r['fwdbwd_ms']} ms"
+                    except Exception as e:  # a setting that does not compile must not hide the others
+                        res = repr(e)[:160]
+                    print(f"sweep H{H}xD{D} T={T} tile {tile} {name} warps {warps}: {res}", flush=True)
+                table[bd] = default
+        triton_parts.MAX_F_TILE = 64
+
+
+def print_table(out: dict, heads, seq_lens, ops) -> None:
+    print(f"\n{out['device']}, bf16, {out['tokens']} tokens per call; ms (forward / forward+backward) and the "
+          "forward+backward's peak MiB")
+    for H, D in heads:
+        label = [f"T={T // 1024}k" if T % 1024 == 0 else f"T={T}" for T in seq_lens]
+        print(f"\nH{H}xD{D}\n| op | " + " | ".join(f"{t} fwd | fwd+bwd | MiB" for t in label) + " |")
+        print("|---|" + "---|" * (3 * len(seq_lens)))
+        for op in ops:
+            cells = []
+            for T in seq_lens:
+                row = next(r for r in out["rows"] if r["op"] == NAMES[op] and (r["H"], r["D"], r["T"]) == (H, D, T))
+                cells += [str(row.get(key, "err")) for key in ("fwd_ms", "fwdbwd_ms", "peak_mib")]
+            print(f"| {NAMES[op]} | " + " | ".join(cells) + " |")
+    if out.get("decode"):
+        print(f"\ndecode, one ttt_mlp_step at batch 1, H12xD64, us per token: {out['decode']}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--tokens", type=int, default=TOKENS, help="tokens per call (B = tokens / T)")
+    p.add_argument("--heads", default=",".join(f"{H}x{D}" for H, D in HEADS), help="comma-separated HxD")
+    p.add_argument("--seq-lens", default=",".join(map(str, SEQ_LENS)), help="comma-separated T")
+    p.add_argument("--ops", default=",".join(OPS), help="comma-separated, of " + ", ".join(OPS))
+    p.add_argument("--no-decode", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="time our kernels under each tile width and warps, then stop")
+    p.add_argument("--no-split", action="store_true", help="one program per (sequence, head) in our TTT-MLP "
+                   "kernels also where few sequences would split the hidden width over several")
+    args = p.parse_args(argv)
+    heads = [tuple(int(x) for x in hd.split("x")) for hd in args.heads.split(",")]
+    seq_lens = [int(t) for t in args.seq_lens.split(",")]
+    ops = args.ops.split(",")
+    if not set(ops) <= set(OPS):
+        p.error(f"--ops must name some of {', '.join(OPS)}; got {args.ops}")
+    if not torch.cuda.is_available():
+        print("gpu_ttt_mlp: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.no_split:
+        from tttlm.ops.ttt_mlp import triton_parts
+
+        triton_parts.splits = lambda programs, D, device: 1
+    torch.manual_seed(0)
+    out = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["python", "benchmarks/gpu_ttt_mlp.py", *(sys.argv[1:] if argv is None else argv)]),
+        "torch": torch.__version__,
+        "tokens": args.tokens,
+        "rows": [],
+    }
+    print(f"device: {out['device']}, torch {out['torch']}, bf16, {args.tokens} tokens per call", flush=True)
+    if args.sweep:
+        sweep(heads, seq_lens[0], args.tokens)
+        return 0
+    for H, D in heads:
+        for T in seq_lens:
+            B = max(1, args.tokens // T)
+            for op in ops:
+                row = dict(op=NAMES[op], T=T, H=H, D=D, B=B)
+                try:
+                    row |= time_op(op, B, T, H, D)
+                except Exception as e:  # one op that fails must not hide the other rows
+                    row["error"] = repr(e)[:300]
+                out["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                torch.cuda.empty_cache()
+                if args.json:  # written as it goes: a run cut short keeps its rows
+                    with open(args.json, "w") as f:
+                        json.dump(out, f, indent=1)
+    if not args.no_decode:
+        try:
+            out["decode"] = time_decode()
+        except Exception as e:
+            out["decode"] = {"error": repr(e)[:300]}
+        print(f"decode: {out['decode']}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    print_table(out, heads, seq_lens, ops)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

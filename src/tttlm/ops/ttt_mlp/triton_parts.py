@@ -1,0 +1,171 @@
+"""Pieces shared by TTT-MLP's Triton kernels: which shapes they take, the hidden width's tiles, GELU (tanh
+approximation) and its first two derivatives, and pointers into the inner weights.
+
+The inner weights W1 [D, F], b1 [F], W2 [F, D] (F = 4D) of a head do not fit on chip (64 KB each in float32
+at D=64), so every kernel walks F in tiles of FT columns of W1 (rows of W2) and keeps the weights in global
+memory, where they stay in L2 between mini-batches. The LayerNorm pieces over the head dim are TTT-Linear's
+(`tttlm.ops.ttt_linear.triton_parts`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_D = 128
+SUPPORTED_MINI_BATCH = (16,)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Hidden units per tile, at most. Compiled for sm_90 (8 warps), 64 gave the fewest instructions per mini-batch
+# step of both kernels at D=64 and D=128 (backward, per thread: 18k against 27k with 32 at D=64; 47k against
+# 67k at D=128), though more of them spill; benchmarks/gpu_ttt_mlp.py --sweep times the alternatives.
+MAX_F_TILE = 64
+GELU_C = tl.constexpr(math.sqrt(2.0 / math.pi))
+
+
+def supports(q: Tensor, mini_batch_size: int) -> bool:
+    """Whether these kernels handle q [B,T,H,D] (or [B,H,D] for a step) with this mini-batch size: head dims up
+    to 128 that are multiples of 4 (so that the hidden width 4D splits into tiles of at least 16)."""
+    on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    D = q.shape[-1]
+    return (
+        on_device
+        and 4 <= D <= MAX_D
+        and D % 4 == 0
+        and mini_batch_size in SUPPORTED_MINI_BATCH
+        and q.dtype in SUPPORTED_DTYPES
+    )
+
+
+# Programs per (sequence, head) the kernels may take, most first: each owns an equal share of the hidden tiles.
+SPLITS = (8, 4, 2)
+
+
+def split_count(programs: int, D: int, sms: int) -> int:
+    """Programs per (sequence, head) for `programs` = sequences x heads of head dim D on a GPU of `sms` SMs: the
+    most of SPLITS that divides the number of hidden tiles and gives every program of the launch an SM of its
+    own (the programs of a (sequence, head) wait for each other at every mini-batch, so all must be resident);
+    else 1."""
+    tiles = 4 * D // f_tile(D)
+    return next((s for s in SPLITS if tiles % s == 0 and programs * s <= sms), 1)
+
+
+def splits(programs: int, D: int, device: torch.device) -> int:
+    """`split_count` on `device`'s SMs; 1 off CUDA (the interpreter runs a launch's programs one by one)."""
+    if device.type != "cuda":
+        return 1
+    return split_count(programs, D, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def exchange(groups: int, split: int, BD: int, BT: int, device) -> tuple[Tensor, Tensor]:
+    """The exchange and arrival counters of `groups` (sequence, head) pairs split over `split` programs (as
+    `triton_chunk._fwd_kernel` and `triton_chunk_bwd._bwd_kernel` take them): float32
+    [groups, 2, split, BT * (2 BT + 3 BD)] and int32 zeros [groups]; one-element placeholders without a split."""
+    if split == 1:
+        return torch.empty(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+    region = BT * (2 * BT + 3 * BD)  # the backward's larger exchange
+    return (torch.empty(groups * 2 * split * region, device=device),
+            torch.zeros(groups, dtype=torch.int32, device=device))
+
+
+def f_tile(D: int) -> int:
+    """Columns of W1 (rows of W2) per tile for head dim D: the largest power of two that divides F = 4D, at most
+    MAX_F_TILE (so 64 at D=64, 96 and 128; 32 at D=24, 16 at D=12)."""
+    F = 4 * D
+    return min(F & -F, MAX_F_TILE)
+
+
+# ---------------------------------------------------------------------------------------------- kernel pieces
+@triton.jit
+def _tanh(u):
+    # 1 - 2 / (1 + e^{2u}) saturates to -1 and 1 without overflow (e^{2u} = inf gives 1)
+    return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))
+
+
+@triton.jit
+def _gelu_parts(x):
+    """GELU (tanh approximation) of x and its first and second derivatives, element-wise:
+    g = x (1 + t) / 2 with t = tanh(u), u = c (x + a x^3); g' = (1 + t) / 2 + x (1 - t^2) u' / 2;
+    g'' = (1 - t^2) (u' + x (u'' - 2 t u'^2) / 2), u' = c (1 + 3 a x^2), u'' = 6 a c x."""
+    a = 0.044715
+    c = GELU_C
+    t = _tanh(c * (x + a * x * x * x))
+    sech2 = (1.0 - t) * (1.0 + t)
+    du = c * (1.0 + 3.0 * a * x * x)
+    g1 = 0.5 * (1.0 + t) + 0.5 * x * sech2 * du
+    g2 = sech2 * (du + 0.5 * x * (6.0 * a * c * x - 2.0 * t * du * du))
+    return 0.5 * x * (1.0 + t), g1, g2  # the compiler drops what a caller leaves unused
+
+
+@triton.jit
+def _post(X, e, part, split, at, val, R: tl.constexpr, C: tl.constexpr, REGION: tl.constexpr):
+    """Store this program's share `val` [R, C] of exchange e at float `at` of its REGION in the exchange X of its
+    (sequence, head), [2, split, REGION]: two slots alternate, as a program can be at most one exchange ahead of
+    the slowest, which reads the other (`_arrive`)."""
+    idx = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    tl.store(X + ((e % 2) * split + part) * REGION + at + idx, val)
+
+
+@triton.jit
+def _arrive(CNT, e, split):
+    """Count this program in at exchange e, then wait for all `split` (TTT-Linear's `triton_split` barrier with a
+    run-time count). Every thread's posts come before the arrival (the barrier, then a release at GPU scope),
+    and the loads of the others' after it (an acquire, then the barrier)."""
+    tl.debug_barrier()
+    tl.atomic_add(CNT, 1, sem="release", scope="gpu")
+    arrived = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+    while arrived < split * (e + 1):
+        arrived = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _gathered(X, e, split, at, R: tl.constexpr, C: tl.constexpr, REGION: tl.constexpr):
+    """The shares [R, C] posted at `at` for exchange e summed over the `split` programs, in a fixed order (the
+    same sum on every program). Loaded from L2 (`.cg`): L1 may hold the slot's old values."""
+    idx = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    total = tl.zeros([R, C], dtype=tl.float32)
+    for t in range(split):
+        total += tl.load(X + ((e % 2) * split + t) * REGION + at + idx, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def _tile_offsets(D: tl.constexpr, BD: tl.constexpr, F: tl.constexpr, FT: tl.constexpr):
+    """Element offsets (int32) of a W1 tile [BD, FT] from its first element in a D x F matrix, and of a W2 tile
+    [FT, BD] in an F x D matrix, with the masks of their real head-dim rows and columns. A weight-shaped tensor's
+    tile is its pointer plus a scalar offset (`_w1_tile`, `_w2_tile`) plus these: a tensor of 64-bit pointers
+    per weight-shaped argument, which the compiler keeps across the tile loop, takes 16 registers per thread
+    each (compiled for sm_90 at D=64: the backward spilled 2 KB per thread that way)."""
+    d = tl.arange(0, BD)
+    f = tl.arange(0, FT)
+    return d[:, None] * F + f[None, :], f[:, None] * D + d[None, :], (d < D)[:, None], (d < D)[None, :]
+
+
+@triton.jit
+def _w1_tile(row, j, D: tl.constexpr, F: tl.constexpr, FT: tl.constexpr):
+    """Offset (int64) of tile j's first element in the D x F matrix `row` of a [N*H, D, F] tensor: W1 and its
+    kin, all of which share it."""
+    return row * D * F + j * FT
+
+
+@triton.jit
+def _w2_tile(row, j, D: tl.constexpr, F: tl.constexpr, FT: tl.constexpr):
+    """Offset (int64) of tile j's first element in the F x D matrix `row` of a [N*H, F, D] tensor: W2's kin."""
+    return row * F * D + j * FT * D
+
+
+@triton.jit
+def _f_ptrs(X, row, j, F: tl.constexpr, FT: tl.constexpr):
+    """Pointers of tile j [FT] of the F-vector `row` (int64) of X: b1 and its kin."""
+    return X + row * F + j * FT + tl.arange(0, FT)
+
+
+@triton.jit
+def _hidden_ptrs(X, tok, h, H, j, F: tl.constexpr, FT: tl.constexpr):
+    """Pointers of tile j [BT, FT] of tokens `tok` [BT] (int64) of head h in a [tokens, H, F] tensor."""
+    return X + j * FT + (tok * H + h)[:, None] * F + tl.arange(0, FT)[None, :]
