@@ -2,7 +2,6 @@
 signal, a killed process, a file-size limit, a changed corpus) and checked for what the user sees and what is
 kept. Each case is recorded as a row of docs/reliability.md's table (`reliability` in tests/conftest.py)."""
 
-import math
 import os
 import resource
 import shutil
@@ -209,16 +208,18 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, text_dir, cache_dir,
 
 def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, text_dir, cache_dir, capsys, monkeypatch, runs,
                                                 reliability):
-    s = runs.settings(text_dir, cache_dir, tmp_path / "run", max_nonfinite_steps=3, log_every=4)
-    poison(monkeypatch, set(range(3, 9)), "loss")
+    """Steps 3-5 go wrong; the counts are read every second step (log_every, save_every), so at step 6 the run
+    of 3 is over but still found."""
+    s = runs.settings(text_dir, cache_dir, tmp_path / "run", max_nonfinite_steps=3, log_every=2)
+    poison(monkeypatch, {3, 4, 5}, "loss")
     code, _, err = run_cli(["train", "--config", runs.toml(tmp_path / "run.toml", s)], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("tttlm train: error: stopped at step 6: 4 steps in a row had a non-finite loss or "
+    assert err.startswith("tttlm train: error: stopped at step 6: 3 steps in a row had a non-finite loss or "
                           "gradient and were skipped (max_nonfinite_steps=3)"), err
     assert [p.name for p in sorted((tmp_path / "run").glob("step-*"))] == ["step-000002", "step-000004"]
     good, saved = (load_file(tmp_path / "run" / f"step-{n:06d}" / "model.safetensors") for n in (2, 4))
     assert all(torch.equal(w, saved[n]) for n, w in good.items())
-    reliability("tttlm train --max-nonfinite-steps 3", "a NaN loss at every step from step 3", f"exit {code}: {err}",
+    reliability("tttlm train --max-nonfinite-steps 3", "a NaN loss at steps 3, 4 and 5", f"exit {code}: {err}",
                 "step-000002; step-000004 (saved within the run of skipped steps) holds the same weights")
 
 
@@ -273,7 +274,7 @@ def test_resuming_on_a_changed_corpus_or_tokenizer_is_refused(tmp_path, shared_t
     (corpus / "doc02.txt").unlink()
     kept = {p: p.read_bytes() for p in (tmp_path / "run").glob("step-*/*")}
     code, out, err = run_cli(["train", "--config", config, "--resume", "--steps", 8], capsys)
-    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"tttlm train: error: cannot resume from {tmp_path / 'run' / 'step-000004'}: the corpus "
                           f"{str(corpus)!r} changed since the run started: 1 file(s) added (doc30.txt); 1 file(s) "
                           f"removed (doc02.txt); 1 file(s) changed (doc05.txt: "), err
@@ -289,7 +290,7 @@ def test_resuming_on_a_changed_corpus_or_tokenizer_is_refused(tmp_path, shared_t
 
     train_tokenizer((p.read_text() for p in sorted(shared_text_dir.iterdir())), vocab_size=280).save(str(tokenizer))
     code, out, err = run_cli(["train", "--config", config, "--resume", "--steps", 8], capsys)
-    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err == (f"tttlm train: error: cannot resume from {tmp_path / 'run2' / 'step-000004'}: the tokenizer "
                    f"{tokenizer} changed since the run started (300 -> 280 tokens)\n"), err
     assert {p: p.read_bytes() for p in (tmp_path / "run").glob("step-*/*")} == kept
@@ -346,7 +347,8 @@ def test_a_killed_process_stops_the_others_and_resume_continues_exactly(tmp_path
     runs.finish(runs.cli("--config", str(config), "--resume", nproc=2))
     assert runs.losses(run) == runs.losses(two_process_run["out_dir"])  # to the bit
     reliability("torchrun --nproc-per-node 2 -m tttlm train --config run.toml", "process 1 killed (SIGKILL) after "
-                "step-000004 was saved", f"process 0 exits within {math.ceil(waited)} s: {lines[0]}",
+                "step-000004 was saved", f"process 0, in under 30 s: {lines[0]}; torchrun: its report of the "
+                f"killed process, exit {proc.returncode}",
                 "every checkpoint; --resume ends as the uninterrupted run, to the bit")
 
 
@@ -364,5 +366,6 @@ def test_sigterm_to_torchrun_saves_and_resume_continues_exactly(tmp_path, two_pr
     runs.finish(runs.cli("--config", str(config), "--resume", nproc=2))
     assert runs.losses(run) == runs.losses(two_process_run["out_dir"])  # to the bit
     reliability("torchrun --nproc-per-node 2 -m tttlm train --config run.toml", "SIGTERM to torchrun (which passes "
-                "it on) after step-000002 was saved", f"each process, exit {PREEMPTED}: {lines[0]}",
+                "it on) after step-000002 was saved", f"each process: {lines[0]}; torchrun: its SignalException, "
+                f"exit {proc.returncode}",
                 "a checkpoint at the step boundary; --resume ends as the uninterrupted run, to the bit")

@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +89,13 @@ def newest_intact(out_dir: Path, log=print) -> Path | None:
     one met on the way is renamed step-NNNNNN.damaged (out of the way of `checkpoints` and of the next run's
     saves, kept for inspection), and the log says so."""
     for ckpt in reversed(checkpoints(out_dir)):
+        t0 = time.perf_counter()
         problem = damage(ckpt, hashes=True, resume=True)
         if problem is None:
+            if (ckpt / MANIFEST).is_file():
+                size = sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file())
+                log(f"checked {ckpt.name} against its manifest: {size / 1e6:,.1f} MB in "
+                    f"{time.perf_counter() - t0:.1f} s")
             return ckpt
         aside = ckpt.with_name(ckpt.name + ".damaged")
         shutil.rmtree(aside, ignore_errors=True)
