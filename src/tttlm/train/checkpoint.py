@@ -139,12 +139,9 @@ def _write(path: Path, write) -> None:
         raise OSError(f"cannot write {path}: {_reason(e)}") from e
 
 
-def _torch_save(obj) -> callable:
-    def write(path: Path) -> None:
-        with open(path, "wb") as f:  # a file object, so that the OSError of a full disk reaches _reason
-            torch.save(obj, f)
-
-    return write
+def _save_torch(obj, path: Path) -> None:
+    with open(path, "wb") as f:  # a file object, so that the OSError of a full disk reaches _reason
+        torch.save(obj, f)
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler, loader, tokenizer, cfg, rt: Runtime,
@@ -159,7 +156,18 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
     model_sd = get_model_state_dict(model, options=_FULL)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL)
 
-    def main_writes() -> None:
+    def prepare() -> None:
+        if rt.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                raise OSError(f"cannot create {tmp}: {e.strerror}") from e
+
+    def write() -> None:
+        _write(tmp / f"rng-{rt.rank}.pt", lambda p: _save_torch(_rng_state(), p))
+        if not rt.main:
+            return
         config = unwrap(model).config
         if config.tie_word_embeddings:
             model_sd.pop("lm_head.weight", None)
@@ -171,9 +179,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
         _write(tmp / "data.json", lambda p: p.write_text(json.dumps({"corpus_files": corpus_files})))
         state = {"optimizer": optim_sd, "scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
                  "step": step, "counters": counters, "world_size": rt.world_size}
-        _write(tmp / "trainer_state.pt", _torch_save(state))
+        _write(tmp / "trainer_state.pt", lambda p: _save_torch(state, p))
 
-    def publish() -> None:
+    def publish() -> None:  # the manifest lists every process's files, so it waits for the write phase
         if not rt.main:
             return
         _write(tmp / MANIFEST, lambda p: write_manifest(p.parent, step))
@@ -182,19 +190,6 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
         tmp.replace(final)
         for old in checkpoints(out)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-
-    def prepare() -> None:
-        if rt.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                tmp.mkdir(parents=True)
-            except OSError as e:
-                raise OSError(f"cannot create {tmp}: {e.strerror}") from e
-
-    def write() -> None:
-        _write(tmp / f"rng-{rt.rank}.pt", _torch_save(_rng_state()))
-        if rt.main:
-            main_writes()
 
     # every process learns after each phase whether any failed, so that none waits for one that gave up
     for phase in (prepare, write, publish):

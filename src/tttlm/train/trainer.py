@@ -100,9 +100,9 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def corpus_change(before: dict, now: dict) -> str | None:
-    """What differs between two `Corpus.stamps()`, in words ("1 file added (c.txt), 1 changed (a.txt: 10 ->
-    12 bytes)"), or None."""
+def _corpus_change(before: dict, now: dict) -> str | None:
+    """What differs between two `Corpus.stamps()`, in words ("1 file(s) added (c.txt); 1 file(s) changed (a.txt:
+    10 -> 12 bytes)"), or None."""
     added = sorted(set(now) - set(before))
     removed = sorted(set(before) - set(now))
     changed = []
@@ -127,7 +127,7 @@ def _check_resumable(cfg: TrainConfig, ckpt: Path, corpus: Corpus) -> None:
                         f"but {', '.join(f'{k}={getattr(cfg, k)!r}' for k in diff)} now")
     data_file = ckpt / "data.json"
     if data_file.is_file():  # absent from checkpoints written before it existed
-        change = corpus_change(json.loads(data_file.read_text())["corpus_files"], corpus.stamps())
+        change = _corpus_change(json.loads(data_file.read_text())["corpus_files"], corpus.stamps())
         if change is not None:
             raise UserError(f"cannot resume from {ckpt}: the corpus {corpus.source!r} changed since the run "
                             f"started: {change}")
