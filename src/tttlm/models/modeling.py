@@ -96,7 +96,7 @@ class TTTLMPreTrainedModel(PreTrainedModel):
         rather than the loader failing on it."""
         from tttlm.train.manifest import verify
 
-        if Path(pretrained_model_name_or_path).is_dir():
+        if pretrained_model_name_or_path is not None and Path(pretrained_model_name_or_path).is_dir():
             verify(Path(pretrained_model_name_or_path), verify_hashes)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
