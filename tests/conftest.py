@@ -135,3 +135,49 @@ def text_dir(tmp_path):
 def shared_text_dir(tmp_path_factory):
     """A corpus directory shared by the tests of a module, read-only for them."""
     return _write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+# The table of faults in docs/reliability.md: tests that inflict a fault record what the user saw once they have
+# checked it, and `pytest tests/train/test_faults.py --reliability-table docs/reliability.md` rewrites the table.
+_FAULTS: list[tuple[str, str, str, str]] = []
+_TABLE_START, _TABLE_END = "<!-- faults table: written by the tests -->", "<!-- end of the faults table -->"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reliability-table", metavar="MD", default=None,
+                     help="rewrite the faults table of this markdown file (docs/reliability.md) from the cases the "
+                          "tests that ran have recorded")
+
+
+def _shown(text: str) -> str:
+    """text as a table cell: pytest's temporary directories cut from paths, one line, pipes escaped."""
+    import re
+
+    text = re.sub(r"(?:/[^/\s'\"]+)*/pytest-\d+/[^/\s'\"]+/", "", text.strip())
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+@pytest.fixture
+def reliability():
+    """record(command, fault, seen, kept): one row of the faults table, recorded by a test after checking it:
+    the command as the user types it, the fault or bad input, what they see (the exit status and the output
+    line) and what is kept."""
+
+    def record(command: str, fault: str, seen: str, kept: str) -> None:
+        _FAULTS.append((command, fault, seen, kept))
+
+    return record
+
+
+def pytest_sessionfinish(session):
+    path = session.config.getoption("--reliability-table")
+    if not path or not _FAULTS:
+        return
+    from pathlib import Path
+
+    rows = ["| Command | Fault or bad input | What the user sees | What is kept |", "|---|---|---|---|"]
+    rows += [f"| `{_shown(c)}` | {_shown(f)} | {_shown(s)} | {_shown(k)} |" for c, f, s, k in _FAULTS]
+    doc = Path(path).read_text()
+    head, rest = doc.split(_TABLE_START, 1)
+    tail = rest.split(_TABLE_END, 1)[1]
+    Path(path).write_text(f"{head}{_TABLE_START}\n{chr(10).join(rows)}\n{_TABLE_END}{tail}")

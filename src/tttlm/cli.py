@@ -2,7 +2,8 @@
 
 Every module in `tttlm.commands` is one subcommand: its docstring's first line is the help, and it defines
 `add_arguments(parser)` and `run(args) -> int | None`. A user mistake (`UserError`, `ValueError`,
-`FileNotFoundError`) ends in one line on stderr and exit code 2, never a traceback.
+`FileNotFoundError`) ends in one line on stderr and exit code 2, never a traceback; a training run that stops
+early (`RunStopped`) in one line and its own status (75 after a signal, its checkpoint saved; 1 otherwise).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pkgutil
 import sys
 
 from tttlm import commands
-from tttlm.errors import UserError
+from tttlm.errors import PREEMPTED, RunStopped, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError) as e:
         print(f"tttlm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"tttlm {args.command}: {'' if e.status == PREEMPTED else 'error: '}{e}", file=sys.stderr)
+        return e.status
     except KeyboardInterrupt:
         print(f"tttlm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,10 +1,7 @@
 """The trainer on a tiny TTT-Linear and a synthetic corpus: learning, checkpoints, exact resume after SIGKILL,
 and 2 processes (gloo, DDP) equal to 1 with the same global batch."""
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,52 +12,11 @@ from tttlm.train.config import make_config
 from tttlm.train.metrics import read_metrics
 from tttlm.train.trainer import train
 
-TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-        "mini_batch_size": 8}
 
-
-def settings(corpus, cache, out, **kw):
-    s = dict(model="ttt_linear-tiny", model_overrides=TINY, corpus=str(corpus), vocab_size=300, val_fraction=0.2,
-             cache_dir=str(cache), seq_len=32, batch_size=4, micro_batch_size=2, steps=8, lr=1e-2, warmup_steps=2,
-             log_every=1, eval_every=4, eval_batches=2, save_every=2, keep_last=2, tensorboard=False,
-             progress=False, out_dir=str(out), device="cpu")
-    s.update(kw)
-    return s
-
-
-def toml(path, s):
-    lines = []
-    for k, v in s.items():
-        if k != "model_overrides":
-            lines.append(f"{k} = {v!r}".replace("True", "true").replace("False", "false").replace("'", '"'))
-    lines.append("[model_overrides]")
-    lines += [f"{k} = {v}" for k, v in s["model_overrides"].items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def cli(*args, nproc=1):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    pre = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 \
-        else [sys.executable]
-    return subprocess.Popen([*pre, "-m", "tttlm", "train", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc):
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out
-    return out
-
-
-def losses(out_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
-
-
-def test_training_learns_saves_and_loads(tmp_path, text_dir, cache_dir):
-    cfg = make_config(settings(text_dir, cache_dir, tmp_path / "run"))
+def test_training_learns_saves_and_loads(tmp_path, text_dir, cache_dir, runs):
+    cfg = make_config(runs.settings(text_dir, cache_dir, tmp_path / "run"))
     result = train(cfg, log=lambda *_: None)
-    loss = losses(tmp_path / "run")
+    loss = runs.losses(tmp_path / "run")
     assert sorted(loss) == list(range(1, 9)) and loss[8] < loss[1] - 0.3
     assert result["val_loss"] < result["unigram_val_loss"] + 1.0
     assert [p.name for p in checkpoints(tmp_path / "run")] == ["step-000006", "step-000008"]  # keep_last=2
@@ -78,10 +34,10 @@ def test_training_learns_saves_and_loads(tmp_path, text_dir, cache_dir):
         train(cfg)
 
 
-def test_eval_and_generate_commands_read_the_checkpoint(tmp_path, text_dir, cache_dir, capsys):
+def test_eval_and_generate_commands_read_the_checkpoint(tmp_path, text_dir, cache_dir, capsys, runs):
     from tttlm.cli import main
 
-    result = train(make_config(settings(text_dir, cache_dir, tmp_path / "run", steps=2, eval_every=2)),
+    result = train(make_config(runs.settings(text_dir, cache_dir, tmp_path / "run", steps=2, eval_every=2)),
                    log=lambda *_: None)
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "--batch-size", "4", "--batches", "2", "--cache-dir",
@@ -120,29 +76,29 @@ def test_weight_decay_all_decays_every_parameter():
     assert authors.param_groups[0]["weight_decay"] == 0.1
 
 
-def test_stream_windows_and_weight_decay_all_from_the_command_line(tmp_path, text_dir, cache_dir):
+def test_stream_windows_and_weight_decay_all_from_the_command_line(tmp_path, text_dir, cache_dir, runs):
     """--stream-windows trains and validates on windows without document resets: every token but a window's last
     is a target (the default run has fewer, a document start in a window has none before it)."""
     from tttlm.cli import main
 
-    s = settings(text_dir, cache_dir, tmp_path / "run", steps=2, eval_every=2, save_every=2, seq_len=128)
-    toml(tmp_path / "run.toml", s)
+    s = runs.settings(text_dir, cache_dir, tmp_path / "run", steps=2, eval_every=2, save_every=2, seq_len=128)
+    runs.toml(tmp_path / "run.toml", s)
     assert main(["train", "--config", str(tmp_path / "run.toml"), "--stream-windows", "--weight-decay-all"]) == 0
     saved = load_pretrained(tmp_path / "run")[2]
     assert saved["stream_windows"] and saved["weight_decay_all"]
     val = [r for r in read_metrics(tmp_path / "run") if "val_tokens" in r][-1]
     assert val["val_tokens"] == s["eval_batches"] * s["batch_size"] * (s["seq_len"] - 1)
-    reset = train(make_config(settings(text_dir, cache_dir, tmp_path / "reset", steps=1, eval_every=1,
-                                       seq_len=128)), log=lambda *_: None)
+    reset = train(make_config(runs.settings(text_dir, cache_dir, tmp_path / "reset", steps=1, eval_every=1,
+                                            seq_len=128)), log=lambda *_: None)
     assert reset["val_tokens"] < val["val_tokens"]
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, text_dir, cache_dir):
-    s = settings(text_dir, cache_dir, tmp_path / "full", steps=16, save_every=4, eval_every=8)
-    full = toml(tmp_path / "full.toml", s)
-    finish(cli("--config", str(full)))
-    killed = toml(tmp_path / "killed.toml", {**s, "out_dir": str(tmp_path / "killed")})
-    proc = cli("--config", str(killed))
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, text_dir, cache_dir, runs):
+    s = runs.settings(text_dir, cache_dir, tmp_path / "full", steps=16, save_every=4, eval_every=8)
+    full = runs.toml(tmp_path / "full.toml", s)
+    runs.finish(runs.cli("--config", str(full)))
+    killed = runs.toml(tmp_path / "killed.toml", {**s, "out_dir": str(tmp_path / "killed")})
+    proc = runs.cli("--config", str(killed))
     deadline = time.time() + 180
     while not (tmp_path / "killed" / "step-000004").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
@@ -150,8 +106,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, text_dir, ca
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "step-000016").exists()  # it really died mid-run
-    finish(cli("--config", str(killed), "--resume"))
-    a, b = losses(tmp_path / "full"), losses(tmp_path / "killed")
+    runs.finish(runs.cli("--config", str(killed), "--resume"))
+    a, b = runs.losses(tmp_path / "full"), runs.losses(tmp_path / "killed")
     assert sorted(b) == list(range(1, 17))
     assert a == b  # bitwise: weights, optimizer, scheduler, data position and RNG all restored
     va = [r["val_loss"] for r in read_metrics(tmp_path / "full") if "val_loss" in r]
@@ -160,19 +116,19 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, text_dir, ca
 
 
 @pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory, text_dir, cache_dir):
+def one_process_run(tmp_path_factory, text_dir, cache_dir, runs):
     """A 6-step run in one process: global batch 4 as 2 accumulation steps of 2 sequences."""
     tmp = tmp_path_factory.mktemp("one")
-    s = settings(text_dir, cache_dir, tmp / "run", steps=6, save_every=6, eval_every=6)
-    finish(cli("--config", str(toml(tmp / "one.toml", s))))
+    s = runs.settings(text_dir, cache_dir, tmp / "run", steps=6, save_every=6, eval_every=6)
+    runs.finish(runs.cli("--config", str(runs.toml(tmp / "one.toml", s))))
     return s
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_gloo_processes_equal_one_with_the_same_global_batch(tmp_path, one_process_run, parallel):
+def test_two_gloo_processes_equal_one_with_the_same_global_batch(tmp_path, one_process_run, parallel, runs):
     s = {**one_process_run, "out_dir": str(tmp_path / "two"), "parallel": parallel}
-    finish(cli("--config", str(toml(tmp_path / "two.toml", s)), nproc=2))
-    a, b = losses(one_process_run["out_dir"]), losses(tmp_path / "two")
+    runs.finish(runs.cli("--config", str(runs.toml(tmp_path / "two.toml", s)), nproc=2))
+    a, b = runs.losses(one_process_run["out_dir"]), runs.losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
@@ -182,24 +138,24 @@ def test_two_gloo_processes_equal_one_with_the_same_global_batch(tmp_path, one_p
     assert abs(va[-1] - vb[-1]) < 1e-5
 
 
-def test_inner_learning_rate_warms_up_with_the_outer_one(tmp_path, text_dir, cache_dir, monkeypatch):
+def test_inner_learning_rate_warms_up_with_the_outer_one(tmp_path, text_dir, cache_dir, monkeypatch, runs):
     from tttlm.models import TTTLMForCausalLM
 
     seen = []
     original = TTTLMForCausalLM.set_inner_lr_warmup
     monkeypatch.setattr(TTTLMForCausalLM, "set_inner_lr_warmup",
                         lambda self, p: seen.append(round(p, 6)) or original(self, p))
-    s = settings(text_dir, cache_dir, tmp_path / "run", model="ttt_mlp-tiny", steps=4, warmup_steps=3,
+    s = runs.settings(text_dir, cache_dir, tmp_path / "run", model="ttt_mlp-tiny", steps=4, warmup_steps=3,
                  eval_every=4, save_every=4)
     train(make_config(s), log=lambda *_: None)
     assert seen == [round(1 / 3, 6), round(2 / 3, 6), 1.0, 1.0]
 
 
-def test_activation_checkpointing_changes_memory_not_results(tmp_path, text_dir, cache_dir):
-    runs = {}
+def test_activation_checkpointing_changes_memory_not_results(tmp_path, text_dir, cache_dir, runs):
+    results = {}
     for flag in (False, True):
-        s = settings(text_dir, cache_dir, tmp_path / str(flag), steps=3, eval_every=3, save_every=3,
-                     activation_checkpointing=flag, model_overrides={**TINY, "num_hidden_layers": 2})
+        s = runs.settings(text_dir, cache_dir, tmp_path / str(flag), steps=3, eval_every=3, save_every=3,
+                          activation_checkpointing=flag, model_overrides={**runs.TINY, "num_hidden_layers": 2})
         train(make_config(s), log=lambda *_: None)
-        runs[flag] = losses(tmp_path / str(flag))
-    assert runs[True] == runs[False]
+        results[flag] = runs.losses(tmp_path / str(flag))
+    assert results[True] == results[False]

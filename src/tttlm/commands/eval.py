@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from tttlm.eval.options import add_verify
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
@@ -25,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, default=50, help="batches evaluated (fewer if the split is small)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--cache-dir", help="cache directory (default $TTTLM_CACHE or ~/.cache/tttlm)")
+    add_verify(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.batches < 1:
         raise ValueError("--batch-size and --batches must be positive")
     rt = distributed.start(args.device, "auto")
-    path = resolve_checkpoint(args.checkpoint)
+    path = resolve_checkpoint(args.checkpoint, args.verify)
     model, _, trained = load_pretrained(path, rt.device)
     trained = trained or {}
     corpus = Corpus(args.corpus or trained.get("corpus", "stdlib"),

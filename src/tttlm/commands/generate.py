@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from tttlm.eval.options import add_verify
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
@@ -18,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_verify(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
         raise ValueError("--max-new-tokens must be positive, --temperature and --top-k non-negative")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok, _ = load_pretrained(args.checkpoint, device)
+    model, tok, _ = load_pretrained(args.checkpoint, device, args.verify)
     eos = eos_id(tok)
     # a prompt continues a document; the empty prompt starts one right after an end of text
     ids = [eos] + tok.encode(args.prompt, add_special_tokens=False).ids if args.prompt else [eos]

@@ -32,7 +32,7 @@ def run(args) -> int:
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     lengths = sorted(set(args.lengths))
     checkpoints = {}
-    for ckpt in map(Checkpoint, args.checkpoints):
+    for ckpt in [Checkpoint(p, args.verify) for p in args.checkpoints]:
         ids = ckpt.documents(args.data, lengths[-1], args.num_docs, args.cache_dir)
         model = ckpt.load(device, dtype)
         result = ladder(model, ids, lengths, args.batch_size)

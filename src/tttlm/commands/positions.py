@@ -32,7 +32,7 @@ def run(args) -> int:
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     contexts = {L: {"num_docs": None, "checkpoints": {}} for L in sorted(set(args.context))}
-    for ckpt in map(Checkpoint, args.checkpoints):
+    for ckpt in [Checkpoint(p, args.verify) for p in args.checkpoints]:
         model = ckpt.load(device, dtype)
         for L, entry in contexts.items():
             ids = ckpt.documents(args.data, L, args.num_docs, args.cache_dir)

@@ -37,7 +37,7 @@ def run(args) -> int:
     from tttlm.eval.telemetry import model_telemetry
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    for ckpt in map(Checkpoint, args.checkpoints):
+    for ckpt in [Checkpoint(p, args.verify) for p in args.checkpoints]:
         name = ckpt.name
         model = ckpt.load(device, dtype)
         ids = ckpt.documents(args.data, args.context, args.num_docs, args.cache_dir)

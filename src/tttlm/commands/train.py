@@ -42,6 +42,7 @@ _HELP = {
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "grad_clip": "gradient clipping norm",
+    "max_nonfinite_steps": "a step with a non-finite loss or gradient is skipped; this many in a row stop the run",
     "seed": "seed of the model initialisation and the data order",
     "device": "auto, cpu or cuda",
     "dtype": "auto (bfloat16 autocast on GPU, float32 on CPU), float32 or bfloat16",

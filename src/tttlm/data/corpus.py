@@ -118,12 +118,15 @@ class Corpus:
             return path, files, "files"
         return path.parent, [path], "files"
 
+    def stamps(self) -> dict[str, list[int]]:
+        """{path relative to the root: [size in bytes, modification time in ns]} of every file."""
+        return {str(f.relative_to(self.root)): [(st := f.stat()).st_size, st.st_mtime_ns] for f in self.files}
+
     def fingerprint(self) -> str:
         """A hash of the source, its options and every file's path, size and modification time."""
         h = hashlib.sha256(json.dumps([self.source, self.kind, self.text_field, self.val_fraction]).encode())
-        for f in self.files:
-            st = f.stat()
-            h.update(f"{f.relative_to(self.root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        for name, (size, mtime) in self.stamps().items():
+            h.update(f"{name}\0{size}\0{mtime}\n".encode())
         return h.hexdigest()
 
     def split_of(self, doc_id: str) -> str:

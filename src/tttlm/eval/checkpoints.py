@@ -27,12 +27,14 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 class Checkpoint:
-    """One checkpoint directory (or the latest one of a run directory): its path, name, training settings."""
+    """One checkpoint directory (or the latest one of a run directory): its path, name, training settings.
+    Checked against its manifest on construction (sizes; SHA-256 too with hashes=True): a damaged one is a
+    CheckpointError naming the file before any work starts."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, hashes: bool = False):
         from tttlm.train.checkpoint import resolve_checkpoint
 
-        self.path = resolve_checkpoint(path)
+        self.path = resolve_checkpoint(path, hashes)
         train_file = self.path / "train.json"
         self.train = json.loads(train_file.read_text()) if train_file.is_file() else {}
 

@@ -33,6 +33,12 @@ def add_device(
     parser.add_argument("--dtype", default="auto" if auto_dtype else "float32", choices=choices, help=dtype_help)
 
 
+def add_verify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verify", action="store_true",
+                        help="also check every file's SHA-256 against the checkpoint's manifest (sizes are always "
+                             "checked)")
+
+
 def add_out(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for the JSON result and the PNG figure")
 
@@ -46,6 +52,7 @@ def add_documents(parser: argparse.ArgumentParser, num_docs: int, batch_size: bo
         help="corpus whose validation split is read (any source `tttlm data` accepts; default: the corpus "
         "each checkpoint was trained on, split as in training)",
     )
+    add_verify(parser)
     parser.add_argument("--cache-dir", default=None, help="token cache (default: the training run's, or ~/.cache)")
     parser.add_argument(
         "--num-docs",

@@ -9,6 +9,7 @@ restart, attention is block-diagonal, and the loss never predicts across a bound
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -103,6 +104,17 @@ class TTTLMPreTrainedModel(PreTrainedModel):
             module.init_parameters(self.config.initializer_range)
         else:
             super()._init_weights(module)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, verify_hashes: bool = False, **kwargs):
+        """transformers' from_pretrained, a local directory first checked against the manifest of a `tttlm train`
+        checkpoint (every file's size; SHA-256 too with verify_hashes): a CheckpointError names a damaged file
+        rather than the loader failing on it."""
+        from tttlm.train.manifest import verify
+
+        if pretrained_model_name_or_path is not None and Path(pretrained_model_name_or_path).is_dir():
+            verify(Path(pretrained_model_name_or_path), verify_hashes)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 class TTTLMModel(TTTLMPreTrainedModel):

@@ -45,6 +45,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    max_nonfinite_steps: int = 10  # steps with a non-finite loss or gradient are skipped; this many in a row stop
     seed: int = 0
     # hardware
     device: str = "auto"  # auto: cuda when available, else cpu
@@ -64,7 +65,7 @@ class TrainConfig:
     def check(self) -> None:
         """UserError naming the setting for any value out of range."""
         positive = ("vocab_size", "seq_len", "batch_size", "steps", "log_every", "eval_every", "eval_batches",
-                    "save_every", "keep_last")
+                    "save_every", "keep_last", "max_nonfinite_steps")
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

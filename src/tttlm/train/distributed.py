@@ -32,12 +32,35 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
-    def all_sum(self, value: float) -> float:
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the processes (one collective; the values themselves on one process)."""
         if not self.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return float(t.item())
+        return t.tolist()
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the processes, in place on its device: no host synchronisation under NCCL."""
+        if self.distributed:
+            dist.all_reduce(t)
+        return t
+
+    def first_error(self, message: str | None) -> str | None:
+        """The first process's error message of those that have one, on every process (None when none has)."""
+        if not self.distributed:
+            return message
+        messages = [None] * self.world_size
+        dist.all_gather_object(messages, message)
+        return next((m for m in messages if m is not None), None)
+
+    def broadcast(self, obj):
+        """The main process's obj (any picklable value), on every process."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def autocast(self):
         """bfloat16 autocast when the compute dtype is bfloat16 (GPU), else nothing."""
@@ -103,3 +126,16 @@ def grad_sync(model: torch.nn.Module, sync: bool):
     elif not sync and hasattr(model, "no_sync"):  # DDP
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """How a collective failed because another process is gone, in a few words, or None when `error` is not
+    such a failure: gloo sees the connection closed at once (a RuntimeError); NCCL's watchdog reports a timeout
+    or an aborted communicator (a DistError)."""
+    text = str(error)
+    for words in ("connection closed by peer", "connection reset by peer", "broken pipe"):
+        if isinstance(error, RuntimeError) and words in text.lower():
+            return words
+    if isinstance(error, dist.DistError):
+        return f"{type(error).__name__}: {text.splitlines()[0][:100] if text else ''}"
+    return None

@@ -40,9 +40,40 @@ def warmup_progress(step: int, cfg: TrainConfig) -> float:
     return 1.0 if cfg.warmup_steps == 0 else min(1.0, (step + 1) / cfg.warmup_steps)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False):
-    """AdamW (betas cfg.beta1/beta2) over param_groups and its LambdaLR schedule."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    """Fused AdamW (betas cfg.beta1/beta2) over param_groups, and its LambdaLR schedule. Fused on every device:
+    it is the form of AdamW that can skip a step on a flag held on the device (`SkipNonFinite`)."""
     groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
     return opt, sched
+
+
+class SkipNonFinite:
+    """Skips the optimizer step of any step whose loss or gradient norm is not finite, without a host
+    synchronisation: the flag is computed on the device and given to fused AdamW as `found_inf` (as torch.amp's
+    GradScaler does), which then leaves the parameters and its own state (moments, step count) as they were.
+    The schedule still advances: a skipped step counts as a step whose batch taught nothing.
+
+    The counts stay on the device, int64 [3]: skipped steps in all, the run of skipped steps ending at the last
+    step, and the longest such run since the last `read` (so that a check every few steps misses none).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, skipped: int = 0, streak: int = 0):
+        self.optimizer = optimizer
+        self.counts = torch.tensor([skipped, streak, streak], dtype=torch.int64, device=device)
+
+    def before_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Call between clipping and optimizer.step(); loss and grad_norm: scalar tensors, the same on every
+        process."""
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.optimizer.found_inf = bad.float()
+        skipped, streak, longest = self.counts.unbind()
+        streak = (streak + 1) * bad
+        self.counts = torch.stack([skipped + bad, streak, torch.maximum(longest, streak)])
+
+    def read(self) -> tuple[int, int, int]:
+        """(skipped in all, the current run, the longest run since the last read): a host synchronisation."""
+        skipped, streak, longest = self.counts.tolist()
+        self.counts[2] = self.counts[1]
+        return skipped, streak, longest
