@@ -124,6 +124,10 @@ def test_a_diverging_run_is_recorded(files, tmp_path):
     assert main(["experiment", str(files / "bad.toml"), "--out", str(out), "--work", str(tmp_path / "w")]) == 1
     r = json.loads((out / "bad" / "experiment.json").read_text())
     assert r["status"] == "failed" and "learning rate" in r["error"] and r["validation"] is None
+    assert main(["experiment", str(files / "bad.toml"), str(files / "tiny-lr1e-4.toml"), "--probe", "3", "--out",
+                 str(out), "--work", str(tmp_path / "w")]) == 1
+    rows = json.loads((out / "probe.json").read_text())["runs"]
+    assert "learning rate" in rows[0]["error"] and rows[1]["tokens_per_s"] > 0
 
 
 def test_recall_runs_one_process_per_mixer_and_merges(tmp_path):

@@ -35,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from tttlm.eval.checkpoints import resolve_device
     from tttlm.eval.experiment import probe, run_experiment
+    from tttlm.eval.results import environment
 
     if args.summary:
         from tttlm.eval.experiment_summary import summarize
@@ -48,12 +50,16 @@ def run(args: argparse.Namespace) -> int:
         rows = probe(args.configs, args.probe, args.work)
         print(f"{'experiment':40s} {'tokens/s':>10s} {'train min':>10s}")
         for r in rows:
-            print(f"{r['name']:40s} {r['tokens_per_s']:10,.0f} {r['train_minutes']:10.1f}")
+            if "error" in r:
+                print(f"{r['name']:40s} failed: {r['error']}")
+            else:
+                print(f"{r['name']:40s} {r['tokens_per_s']:10,.0f} {r['train_minutes']:10.1f}")
         out = Path(args.out) / "probe.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"steps": args.probe, "runs": rows}, indent=1) + "\n")
+        out.write_text(json.dumps({"steps": args.probe, "environment": environment(resolve_device("auto")),
+                                   "runs": rows}, indent=1) + "\n")
         print(f"wrote {out}")
-        return 0
+        return 1 if any("error" in r for r in rows) else 0
     results = [run_experiment(c, args.out, args.work) for c in args.configs]
     print(f"{'experiment':34s} {'status':7s} {'val loss':>9s} {'train tok/s':>12s} {'minutes':>8s}")
     for r in results:

@@ -21,7 +21,6 @@ OUT/corpus/. The checkpoint lives in a scratch directory, deleted at the end.
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import shutil
 import statistics
@@ -338,7 +337,8 @@ def _run_recall(spec: dict, out: Path, work: Path, log) -> dict:
 
 def probe(configs: list[str | Path], steps: int, work_root: str | Path, log=print) -> list[dict]:
     """Trains each lm experiment for `steps` steps only (no evaluation) to measure its speed: per config
-    {"name", "tokens_per_s", "train_minutes" (projected for the full run's steps, training only)}."""
+    {"name", "model", "seq_len", "tokens_per_s", "train_minutes" (projected for the full run's steps, training
+    only)}, or {"name", "error"} when its training failed."""
     from tttlm.train.metrics import read_metrics
     from tttlm.train.trainer import train
 
@@ -352,12 +352,18 @@ def probe(configs: list[str | Path], steps: int, work_root: str | Path, log=prin
         full = train_config(spec)
         cfg = train_config(spec, out_dir=str(work), steps=steps, warmup_steps=0, log_every=max(1, steps // 4),
                            eval_every=steps, eval_batches=1, save_every=steps, keep_last=1, tensorboard=False)
-        train(cfg, log=log)
-        speeds = [r["tokens_per_s"] for r in read_metrics(work) if "tokens_per_s" in r]
-        shutil.rmtree(work, ignore_errors=True)
+        try:
+            train(cfg, log=log)
+        except Exception as e:  # one configuration failing (out of memory, divergence) must not hide the others
+            traceback.print_exc()
+            rows.append({"name": spec["name"], "error": f"{type(e).__name__}: {e}"})
+            continue
+        finally:
+            speeds = [r["tokens_per_s"] for r in read_metrics(work) if "tokens_per_s" in r]
+            shutil.rmtree(work, ignore_errors=True)
         tok_s = statistics.median(speeds[1:] or speeds)
         minutes = full.steps * full.batch_size * full.seq_len / tok_s / 60
         rows.append({"name": spec["name"], "model": full.model, "seq_len": full.seq_len, "tokens_per_s": tok_s,
-                     "train_minutes": minutes if math.isfinite(minutes) else None})
+                     "train_minutes": minutes})
         log(f"{spec['name']}: {tok_s:,.0f} tokens/s; the full run's training would take {minutes:.1f} min")
     return rows
