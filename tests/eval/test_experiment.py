@@ -194,7 +194,7 @@ def _runs(kind: str) -> list[dict]:
 
 def test_committed_lm_runs_compare_like_with_like():
     """Same data, seed, optimiser, budget and evaluations for every run; the same tokens per step at 2k and
-    8k; the same lr grid for every mixer; parameter counts within 1% of each other."""
+    8k; the same lr grid for every mixer; parameter counts within 5% of each other (the five within 0.2%)."""
     from tttlm.eval.experiment import train_config
     from tttlm.models.presets import count_parameters, preset_config
 
@@ -206,7 +206,7 @@ def test_committed_lm_runs_compare_like_with_like():
     configs = [train_config(r) for r in runs]
     assert {c.batch_size * c.seq_len for c in configs} == {65536} and {c.seq_len for c in configs} == {2048, 8192}
     mixers = {c.model.split("-")[0] for c in configs}
-    assert mixers == {"transformer", "mamba2", "ttt_linear", "ttt_mlp", "mesa"}
+    assert mixers == {"transformer", "mamba2", "ttt_linear", "ttt_mlp", "mesa", "mamba"}
     grids = {m: sorted(r["lr"] for r in runs if r["model"].startswith(m + "-") and "lr" in r) for m in mixers}
     assert all(g == grids["transformer"] and len(g) >= 3 for g in grids.values())
     for r in runs:
@@ -215,7 +215,9 @@ def test_committed_lm_runs_compare_like_with_like():
             assert set(r["lr_from"]) == sweep, r["name"]
     counts = {c.model: count_parameters(preset_config(c.model, vocab_size=c.vocab_size, **c.model_overrides))
               for c in configs}
-    assert max(counts.values()) / min(counts.values()) < 1.01, counts
+    assert max(counts.values()) / min(counts.values()) < 1.05, counts
+    five = [n for m, n in counts.items() if not m.startswith("mamba-")]
+    assert max(five) / min(five) < 1.002, counts
     for m, n in counts.items():  # the counts the README and the configs' comments state
         assert f"{n:,d}" in (CONFIGS / "README.md").read_text(), m
 
