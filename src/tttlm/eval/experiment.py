@@ -132,7 +132,8 @@ def _cli(argv: list[str]) -> tuple[str, str | None]:
 def run_experiment(config: str | Path, out_root: str | Path, work_root: str | Path, log=print) -> dict:
     """Runs the experiment of file `config` (see the module docstring); results under out_root/<name>/, the
     checkpoint under work_root/<name>/ (emptied first, deleted after). Returns the experiment.json record,
-    whose "status" is "ok" or "failed" (an evaluation failed; the others still ran)."""
+    whose "status" is "ok" or "failed" (the training failed, its "error" says why; or an evaluation failed, the
+    others still ran)."""
     from tttlm.eval.results import write_result
 
     spec = load_spec(config)
@@ -250,7 +251,7 @@ def _run_lm(spec: dict, out_root: Path, out: Path, work: Path, log) -> dict:
             "seconds": train_seconds, "final_loss": result.get("loss"),
             # the first log interval holds compilation and warm-up: left out when there are others
             "tokens_per_s": statistics.median(speeds[1:] or speeds) if speeds else None,
-            "peak_mem_gb": max((r.get("peak_mem_gb", 0.0) for r in records), default=None),
+            "peak_mem_gb": max((r["peak_mem_gb"] for r in records if "peak_mem_gb" in r), default=None),
             "curve": [{k: r[k] for k in ("step", "tokens", "loss", "lr")} for r in records if "loss" in r],
             "val_curve": [{"step": r["step"], "tokens": r["step"] * cfg.batch_size * cfg.seq_len,
                            "val_loss": r["val_loss"]} for r in records if "val_loss" in r],
