@@ -1,10 +1,13 @@
 """Prepare a corpus: train (or load) a tokenizer and tokenize it into cached token shards.
 
 Training runs this themselves; running it first shows what the corpus holds. A second run on the same corpus
-and tokenizer finds the cache and only prints its numbers.
+and tokenizer finds the cache and only prints its numbers. For the `python` corpus (every .py file installed
+with this interpreter, exact duplicates removed) it also lists the packages it holds; --manifest writes that
+list (documents and bytes by package, distributions and versions, skipped files) as JSON, for any corpus.
 
 examples:
   tttlm data                                   # the Python standard library's .py files
+  tttlm data python --vocab-size 32000 --manifest python-corpus.json
   tttlm data 'notes/**/*.md' --vocab-size 8192
   tttlm data corpus.jsonl --text-field body --tokenizer my/tokenizer.json
 """
@@ -16,21 +19,30 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("corpus", nargs="?", default="stdlib",
-                        help="'stdlib' (default), a directory, a glob, a .txt/.jsonl/.parquet file, or a saved "
-                             "`datasets` dataset")
+                        help="'stdlib' (default), 'python' (every installed .py file), a directory, a glob, a "
+                             ".txt/.jsonl/.parquet file, or a saved `datasets` dataset")
     parser.add_argument("--text-field", default="text", help="field of .jsonl records / column holding the text")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out")
     parser.add_argument("--tokenizer", help="an existing tokenizer.json (default: train a byte-level BPE)")
     parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size of the trained tokenizer")
     parser.add_argument("--cache-dir", help="cache directory (default $TTTLM_CACHE or ~/.cache/tttlm)")
+    parser.add_argument("--manifest", metavar="JSON", help="write what the corpus holds, by package, to this file")
+
+
+_LISTED = 20  # largest packages printed; the manifest holds them all
 
 
 def run(args: argparse.Namespace) -> int:
-    from tttlm.data.corpus import Corpus
+    import json
+    import sysconfig
+    from pathlib import Path
+
+    from tttlm.data.corpus import PYTHON, Corpus
     from tttlm.data.shards import prepare_data
 
     corpus = Corpus(args.corpus, args.text_field, args.val_fraction)
-    print(f"corpus {corpus.source}: {len(corpus.files)} file(s) under {corpus.root}")
+    print(f"corpus {corpus.source}: {len(corpus.files)} file(s) under {corpus.root}"
+          + (f" and {sysconfig.get_paths()['purelib']}" if corpus.source == PYTHON else ""))
     data = prepare_data(corpus, tokenizer=args.tokenizer, vocab_size=args.vocab_size, cache_dir=args.cache_dir)
     m = data.meta
     print(f"shards: {data.path}")
@@ -41,4 +53,20 @@ def run(args: argparse.Namespace) -> int:
         print("no document fell in the validation split: it holds the last tokens of the corpus instead")
     print(f"tokenizer: {m['vocab_size']} tokens; unigram baseline on validation: {m['unigram_val_loss']:.4f} "
           f"nats/token")
+    if args.manifest or corpus.source == PYTHON:
+        manifest = corpus.manifest()
+        groups = manifest["groups"]
+        print(f"{manifest['documents']:,d} documents, {manifest['bytes'] / 1e6:.1f} MB kept of {manifest['files']:,d} "
+              f"files (skipped: {corpus.skipped.describe()}); largest groups:")
+        for g in groups[:_LISTED]:
+            print(f"  {g['name']:32s} {g['documents']:7,d} documents {g['bytes'] / 1e6:9.2f} MB  "
+                  f"{', '.join(g.get('distributions', []))}")
+        if len(groups) > _LISTED:
+            rest = groups[_LISTED:]
+            print(f"  ... {len(rest)} more: {sum(g['documents'] for g in rest):,d} documents, "
+                  f"{sum(g['bytes'] for g in rest) / 1e6:.2f} MB")
+        if args.manifest:
+            Path(args.manifest).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.manifest).write_text(json.dumps(manifest, indent=1) + "\n")
+            print(f"wrote {args.manifest}")
     return 0

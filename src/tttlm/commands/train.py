@@ -20,8 +20,9 @@ import os
 _HELP = {
     "model": "model preset {mixer}-{size}: mixers ttt_linear, ttt_mlp, mesa, transformer, mamba2, mamba; sizes "
              "tiny, small, 125m, 350m, 760m, 1.3b; or mesa-paper-{size} (default ttt_linear-tiny)",
-    "corpus": "'stdlib' (the Python standard library's .py files), a directory, a glob, a .txt/.jsonl/.parquet "
-              "file, or a saved `datasets` dataset",
+    "corpus": "'stdlib' (the Python standard library's .py files), 'python' (every .py file installed with the "
+              "interpreter, duplicates removed), a directory, a glob, a .txt/.jsonl/.parquet file, or a saved "
+              "`datasets` dataset",
     "text_field": "field of .jsonl records / column of parquet and datasets holding the text",
     "val_fraction": "fraction of documents held out for validation (by hash of their path)",
     "tokenizer": "an existing tokenizer.json (default: train a byte-level BPE on the corpus)",

@@ -3,6 +3,12 @@
 A corpus source is one of:
   "stdlib" (or None)   the Python standard library's own .py files (found through sysconfig; tests,
                        site-packages, IDLE and the codec / help-text tables left out), one document per file
+  "python"             every .py file installed with the running interpreter: its standard library (sysconfig's
+                       stdlib and platstdlib, site-packages inside them left out) and its site-packages (purelib,
+                       platlib), tests included; ids "stdlib/<path>" and "site-packages/<path>", so the split
+                       depends only on paths inside those folders. Exact duplicates (same bytes) are removed:
+                       the file first in id order is kept, the others counted. `Corpus.manifest()` lists the
+                       packages it holds.
   a directory          every file under it (recursively; hidden ones skipped), each read by its suffix;
                        a directory written by `datasets.Dataset.save_to_disk` is read as that dataset
   a glob pattern       "data/**/*.txt" (recursive)
@@ -17,8 +23,10 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.metadata
 import json
 import os
+import platform
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,9 +35,13 @@ from pathlib import Path
 from tttlm.errors import UserError
 
 STDLIB = "stdlib"
+PYTHON = "python"
 # tests, third-party packages, and modules that are data tables rather than code (codec maps, help texts)
 _STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo", "encodings",
                 "pydoc_data"}
+_SITE_DIRS = {"site-packages", "dist-packages"}
+# sysconfig paths of the python corpus, by the folder name its document ids start with
+_PYTHON_ROOTS = {"stdlib": ("stdlib", "platstdlib"), "site-packages": ("purelib", "platlib")}
 _DATASET_MARKERS = (("dataset_info.json", "state.json"), ("dataset_dict.json",))  # Dataset, DatasetDict
 _SNIFF = 8192  # bytes read to decide whether a file is binary
 
@@ -41,13 +53,14 @@ class SkipCounts:
     binary: int = 0
     not_utf8: int = 0
     empty: int = 0
+    duplicate: int = 0
 
     def total(self) -> int:
-        return self.binary + self.not_utf8 + self.empty
+        return self.binary + self.not_utf8 + self.empty + self.duplicate
 
     def describe(self) -> str:
         parts = [f"{n} {why}" for why, n in (("binary", self.binary), ("non-UTF-8", self.not_utf8),
-                                              ("empty", self.empty)) if n]
+                                              ("empty", self.empty), ("duplicate", self.duplicate)) if n]
         return ", ".join(parts) if parts else "none"
 
 
@@ -59,6 +72,45 @@ def _stdlib_files() -> tuple[Path, list[Path]]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in root.rglob("*.py") if not _STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1])]
     return root, sorted(files)
+
+
+def _python_files() -> list[tuple[str, Path]]:
+    """(id, path) of every .py file of the interpreter (see the module docstring), sorted by id."""
+    paths = sysconfig.get_paths()
+    found: dict[str, Path] = {}
+    for label, keys in _PYTHON_ROOTS.items():
+        for key in keys:
+            root = Path(paths[key])
+            if not root.is_dir():
+                continue
+            for f in root.rglob("*.py"):
+                parts = f.relative_to(root).parts
+                if "__pycache__" in parts or (label == "stdlib" and _SITE_DIRS.intersection(parts[:-1])):
+                    continue
+                if f.is_file():  # platstdlib is often stdlib itself: one id per file
+                    found.setdefault(f"{label}/{'/'.join(parts)}", f)
+    return sorted(found.items())
+
+
+def _package(doc_id: str) -> str:
+    """The group a document of the python corpus belongs to: "stdlib", or the top-level package (or module) it
+    comes from in site-packages."""
+    label, _, rest = doc_id.partition("/")
+    if label == "stdlib":
+        return label
+    top = rest.split("/", 1)[0]
+    return top[:-3] if top.endswith(".py") and "/" not in rest else top
+
+
+def _distributions() -> dict[str, list[str]]:
+    """Installed distributions ("name version") by the top-level names they provide."""
+    versions = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            versions.setdefault(name, f"{name} {dist.version}")
+    return {top: sorted({versions.get(d, d) for d in dists})
+            for top, dists in importlib.metadata.packages_distributions().items()}
 
 
 def _is_dataset_dir(path: Path) -> bool:
@@ -95,13 +147,19 @@ class Corpus:
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"the validation fraction must be in (0, 1), got {self.val_fraction}")
         self.source = STDLIB if self.source in (None, "", STDLIB) else str(self.source)
-        self.root, self.files, self.kind = self._resolve()
+        self.root, self.ids, self.files, self.kind = self._resolve()
+        self.dedupe = self.source == PYTHON
 
-    def _resolve(self) -> tuple[Path, list[Path], str]:
-        src = self.source
-        if src == STDLIB:
-            root, files = _stdlib_files()
-            return root, files, "files"
+    def _resolve(self) -> tuple[Path, list[str], list[Path], str]:
+        """The root folder, the files' ids (their paths relative to the root, unless the source names them),
+        the files, and the kind ("files" or "datasets") of the source."""
+        if self.source == PYTHON:
+            found = _python_files()
+            return Path(sysconfig.get_paths()["stdlib"]), [i for i, _ in found], [f for _, f in found], "files"
+        root, files, kind = (*_stdlib_files(), "files") if self.source == STDLIB else self._resolve_path(self.source)
+        return root, [f.relative_to(root).as_posix() for f in files], files, kind
+
+    def _resolve_path(self, src: str) -> tuple[Path, list[Path], str]:
         path = Path(src).expanduser()
         if any(c in src for c in "*?["):
             files = sorted(Path(p) for p in glob.glob(os.path.expanduser(src), recursive=True) if Path(p).is_file())
@@ -119,8 +177,10 @@ class Corpus:
         return path.parent, [path], "files"
 
     def stamps(self) -> dict[str, list[int]]:
-        """{path relative to the root: [size in bytes, modification time in ns]} of every file."""
-        return {str(f.relative_to(self.root)): [(st := f.stat()).st_size, st.st_mtime_ns] for f in self.files}
+        """{document id (the file's path relative to its root): [size in bytes, modification time in ns]} of every
+        file."""
+        files = zip(self.ids, self.files, strict=True)
+        return {doc_id: [(st := f.stat()).st_size, st.st_mtime_ns] for doc_id, f in files}
 
     def fingerprint(self) -> str:
         """A hash of the source, its options and every file's path, size and modification time."""
@@ -135,6 +195,7 @@ class Corpus:
     def documents(self) -> Iterator[tuple[str, str, str]]:
         """(split, doc_id, text) for every non-empty document, in a fixed order."""
         self.skipped, self.num_documents = SkipCounts(), 0
+        seen: set[bytes] = set()  # content hashes of the documents kept, when removing duplicates
         records = self._dataset_records() if self.kind == "datasets" else self._file_records()
         for doc_id, text in records:
             if text is None:
@@ -142,6 +203,12 @@ class Corpus:
             if not text.strip():
                 self.skipped.empty += 1
                 continue
+            if self.dedupe:
+                digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+                if digest in seen:
+                    self.skipped.duplicate += 1
+                    continue
+                seen.add(digest)
             self.num_documents += 1
             yield self.split_of(doc_id), doc_id, text
 
@@ -151,9 +218,37 @@ class Corpus:
             raise UserError(f"the corpus {self.source!r} is empty: {len(self.files)} file(s), no text documents "
                             f"(skipped: {self.skipped.describe()})")
 
+    def manifest(self) -> dict:
+        """What the corpus holds, from one pass over `documents()`: counts of files found, documents kept and
+        their UTF-8 bytes, by split and by group (python: "stdlib" and each top-level site-packages package,
+        with the distributions that provide it; other sources: the first folder of the document's path),
+        what was skipped and why, and the fingerprint."""
+        groups: dict[str, dict] = {}
+        splits = {s: {"documents": 0, "bytes": 0} for s in ("train", "val")}
+        for split, doc_id, text in self.documents():
+            name = _package(doc_id) if self.source == PYTHON else (doc_id.split("/", 1)[0] if "/" in doc_id else ".")
+            g = groups.setdefault(name, {"name": name, "documents": 0, "bytes": 0, "val_documents": 0})
+            size = len(text.encode())
+            g["documents"] += 1
+            g["bytes"] += size
+            g["val_documents"] += split == "val"
+            splits[split]["documents"] += 1
+            splits[split]["bytes"] += size
+        self.require_documents()
+        record = {"source": self.source, "fingerprint": self.fingerprint(), "val_fraction": self.val_fraction,
+                  "files": len(self.files), "documents": self.num_documents,
+                  "bytes": sum(s["bytes"] for s in splits.values()), "splits": splits, "skipped": vars(self.skipped)}
+        if self.source == PYTHON:
+            dists = _distributions()
+            for g in groups.values():
+                g["distributions"] = dists.get(g["name"], [])
+            record["python"] = platform.python_version()
+            record["paths"] = {k: sysconfig.get_paths()[k] for keys in _PYTHON_ROOTS.values() for k in keys}
+        record["groups"] = sorted(groups.values(), key=lambda g: (-g["bytes"], g["name"]))
+        return record
+
     def _file_records(self) -> Iterator[tuple[str, str | None]]:
-        for f in self.files:
-            rel = f.relative_to(self.root).as_posix()
+        for rel, f in zip(self.ids, self.files, strict=True):
             suffix = f.suffix.lower()
             if suffix == ".jsonl":
                 yield from self._jsonl(f, rel)
