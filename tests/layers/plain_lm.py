@@ -138,10 +138,69 @@ def ttt(m, x: Tensor, cfg, kind: str) -> Tensor:
     return linear(o, m.o_proj)
 
 
-def mesa(m, x: Tensor, cfg) -> Tensor:
+def cg(A: Tensor, b: Tensor, max_iter: int, tol: float | None) -> Tensor:
+    """Conjugate gradient for A x = b (A [D, D] symmetric positive definite) from the Jacobi guess b / diag(A):
+    at most max_iter steps, none once ||r|| <= tol ||r_0|| (tol None: all of them), none from an exact start."""
+    x = b / torch.diagonal(A)
+    r = b - A @ x
+    p, rr0 = r, r @ r
+    for _ in range(max_iter):
+        rr = r @ r
+        if rr == 0 or (tol is not None and rr <= tol * tol * rr0):
+            break
+        Ap = A @ p
+        alpha = rr / (p @ Ap)
+        x, r = x + alpha * p, r - alpha * Ap
+        p = r + (r @ r) / rr * p
+    return x
+
+
+class CGSolve(torch.autograd.Function):
+    """x = A^-1 b by `cg`, differentiated implicitly (Mesa's backward): y = A^-1 dx by `cg` with the same
+    limits, then db = y and dA = -y x^T."""
+
+    @staticmethod
+    def forward(ctx, A, b, max_iter, tol):
+        x = cg(A, b, max_iter, tol)
+        ctx.save_for_backward(A, x)
+        ctx.limits = max_iter, tol
+        return x
+
+    @staticmethod
+    def backward(ctx, dx):
+        A, x = ctx.saved_tensors
+        y = cg(A, dx, *ctx.limits)
+        return -torch.outer(y, x), y, None, None
+
+
+def exact_solve(A: Tensor, b: Tensor) -> Tensor:
+    """A [H, D, D], b [H, D] -> A^-1 b per head."""
+    return torch.linalg.solve(A, b)
+
+
+def cg_solve(max_iter: int, tol: float | None):
+    """A solve for `mesa_scan` that runs `cg` on each head's system, as Mesa's op does."""
+    return lambda A, b: torch.stack([CGSolve.apply(A[h], b[h], max_iter, tol) for h in range(len(b))])
+
+
+def mesa_scan(q, k, v, gamma, beta, lamb, h_kk, h_kv, solve=exact_solve):
+    """Mesa's recurrence on one sequence: q, k [T, H, D], v [T, H, Dv], forget gates gamma and strengths beta
+    [T, H], lamb [H, D], the state before the first token h_kk [H, D, D] (its symmetric part acts) and h_kv
+    [H, D, Dv]. H_t = gamma_t H_{t-1} + beta_t k k^T, G_t likewise with v, o_t = G_t^T solve(H_t + diag(lamb),
+    q_t). Returns o [T, H, Dv] and the last (H_t, G_t)."""
+    h_kk = (h_kk + h_kk.mT) / 2
+    out = []
+    for t in range(len(q)):
+        h_kk = gamma[t, :, None, None] * h_kk + beta[t, :, None, None] * k[t, :, :, None] * k[t, :, None, :]
+        h_kv = gamma[t, :, None, None] * h_kv + beta[t, :, None, None] * k[t, :, :, None] * v[t, :, None, :]
+        out.append(torch.einsum("hde,hd->he", h_kv, solve(h_kk + torch.diag_embed(lamb), q[t])))
+    return torch.stack(out), (h_kk, h_kv)
+
+
+def mesa(m, x: Tensor, cfg, solve=exact_solve) -> Tensor:
     """The Mesa layer: q, k through a convolution, SiLU and L2 norm; beta = sigmoid, forget gate gamma = sigmoid
-    (optionally capped by 1 - 0.0025 beta^2); H_t = gamma_t H_{t-1} + beta_t k k^T, G_t likewise with v, and the
-    exact o_t = G_t^T (H_t + diag(lambda))^-1 q_t, lambda = 0.25 + softplus; per-head RMSNorm, gate, projection."""
+    (optionally capped by 1 - 0.0025 beta^2); `mesa_scan` from zeros with lambda = 0.25 + softplus (the exact
+    solve unless told otherwise); per-head RMSNorm, gate, projection."""
     T, H = x.shape[0], cfg.num_attention_heads
 
     def unit(u: Tensor) -> Tensor:
@@ -154,17 +213,10 @@ def mesa(m, x: Tensor, cfg) -> Tensor:
     gamma = sigmoid(linear(x, m.forget_proj))
     if cfg.mesa_gate_cap:
         gamma = gamma * (1 - (1 - 0.9975) * beta**2)
-    lamb = 0.25 + softplus(m.lamb_param)
     D = q.shape[-1]
-    h_kk = x.new_zeros(H, D, D)
-    h_kv = x.new_zeros(H, D, v.shape[-1])
-    out = []
-    for t in range(T):
-        h_kk = gamma[t, :, None, None] * h_kk + beta[t, :, None, None] * k[t, :, :, None] * k[t, :, None, :]
-        h_kv = gamma[t, :, None, None] * h_kv + beta[t, :, None, None] * k[t, :, :, None] * v[t, :, None, :]
-        solved = torch.linalg.solve(h_kk + torch.diag_embed(lamb), q[t])
-        out.append(torch.einsum("hde,hd->he", h_kv, solved))
-    o = rms_norm(torch.stack(out), m.o_norm_weight, cfg.rms_norm_eps).reshape(T, -1)
+    o, _ = mesa_scan(q, k, v, gamma, beta, 0.25 + softplus(m.lamb_param), x.new_zeros(H, D, D),
+                     x.new_zeros(H, D, v.shape[-1]), solve)
+    o = rms_norm(o, m.o_norm_weight, cfg.rms_norm_eps).reshape(T, -1)
     if cfg.mesa_output_gate:
         o = o * silu(linear(x, m.gate_proj))
     return linear(o, m.o_proj)
@@ -273,9 +325,11 @@ def jitter(model, seed: int = 0, scale: float = 0.2):
     return model
 
 
-def make_model(variant: str, layers: int = 1, seed: int = 0):
-    """A float64 tiny model of the variant, its parameters jittered, in eval mode."""
-    mixer, overrides = VARIANTS[variant]
+def make_model(variant: str, layers: int = 1, seed: int = 0, **overrides):
+    """A float64 tiny model of the variant (config overrides on top of its own), its parameters jittered, in eval
+    mode."""
+    mixer, own = VARIANTS[variant]
     torch.manual_seed(seed)
-    model = build_model(f"{mixer}-tiny", vocab_size=61, num_hidden_layers=layers, **overrides).double().eval()
+    model = build_model(f"{mixer}-tiny", vocab_size=61, num_hidden_layers=layers, **{**own, **overrides})
+    model = model.double().eval()
     return jitter(model, seed)

@@ -23,9 +23,9 @@ def reference_rows(layer, cfg, x):
     return torch.stack([plain_lm.mixer(layer, row, cfg) for row in x])
 
 
-def mixer_of(variant: str, seed: int = 0):
+def mixer_of(variant: str, **overrides):
     """(the mixer of a one-block model of the variant, the model's config)"""
-    model = make_model(variant, seed=seed)
+    model = make_model(variant, **overrides)
     return model.model.layers[0].mixer, model.config
 
 
@@ -70,3 +70,21 @@ def test_gradients_match_reference(variant):
     for name, g, w in zip(["input", *params], got, want):
         assert w.abs().max() > 0, name  # every parameter reaches the output
         assert rel_err(g, w) <= GRAD_TOL, (variant, name, rel_err(g, w))
+
+
+def test_mesa_solver_settings():
+    """mesa_cg_max_iter limits every solve; mesa_cg_tol stops them early outside training only (the paper's
+    inference setting): each output is that of CG with those limits, and only 30 steps in training give the exact
+    solve's."""
+    x = inputs(2, 21, 64)
+    info = SeqInfo.contiguous(2, 21, 0, x.device)
+    for max_iter, tol, training in ((3, None, True), (30, 0.05, False), (30, 0.05, True)):
+        layer, cfg = mixer_of("mesa", mesa_cg_max_iter=max_iter, mesa_cg_tol=tol)
+        layer.train(training)
+        with torch.no_grad():
+            got = layer(x, info)
+            exact = reference_rows(layer, cfg, x)
+            solve = plain_lm.cg_solve(max_iter, None if training else tol)
+            want = torch.stack([plain_lm.mesa(layer, row, cfg, solve) for row in x])
+        assert rel_err(got, want) <= TOL, (max_iter, tol, training)
+        assert (rel_err(got, exact) <= TOL) == (max_iter == 30 and training), (max_iter, tol, training)

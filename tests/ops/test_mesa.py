@@ -8,6 +8,8 @@ from tttlm.ops.mesa import mesa, mesa_step
 from tttlm.ops.mesa.reference import mesa_ref
 from tttlm.ops.state import MesaState
 
+from ..layers.plain_lm import cg_solve, exact_solve, mesa_scan
+
 F64 = torch.float64
 
 
@@ -118,6 +120,83 @@ def test_gradient_equals_exact_solve_gradient():
         if name == "h_kk":
             got, want = got + got.mT, want + want.mT
         assert max_err(got, want) <= 1e-8 * (1 + want.abs().max().item()), name
+
+
+def plain_mesa(inputs, state, solve):
+    """mesa_scan (tests/layers/plain_lm.py: the recurrence token by token, each head's system solved by `solve`)
+    on every batch row: o [B,T,H,Dv] and the final MesaState."""
+    q, k, v, g, beta, lamb = inputs
+    rows = [mesa_scan(q[b], k[b], v[b], g[b].exp(), beta[b], lamb, state.h_kk[b], state.h_kv[b], solve)
+            for b in range(q.shape[0])]
+    return torch.stack([o for o, _ in rows]), MesaState(*(torch.stack(s) for s in zip(*(s for _, s in rows))))
+
+
+def grads_of(fn, inputs, state, weights):
+    """The gradients of sum(o * weights) for every input and both state tensors, and o, of o, _ = fn(args)."""
+    args = [t.clone().requires_grad_() for t in (*inputs, state.h_kk, state.h_kv)]
+    o, _ = fn(args[:6], MesaState(args[6], args[7]))
+    return o.detach(), torch.autograd.grad((o * weights).sum(), args)
+
+
+NAMES = "q k v g beta lamb h_kk h_kv".split()
+
+
+@pytest.mark.parametrize("cg_max_iter, cg_tol", [(12, None), (40, 1e-3)])
+def test_truncated_solves_at_head_dim_64(cg_max_iter, cg_tol):
+    """At the paper's sizes CG stops long before D steps (fewer steps than D, or at cg_tol): the forward and the
+    implicit backward (a second solve with the same limits) are those of CG from the Jacobi guess with the same
+    stopping rule, solved per query, and differ from the exact solve's by the truncation alone."""
+    inputs, state = make_inputs(B=2, T=20, H=2, D=64, Dv=16)
+    weights = torch.randn(2, 20, 2, 16, dtype=F64, generator=torch.Generator().manual_seed(1))
+    stats = {}
+
+    def op(args, s):
+        return mesa(*args, s, chunk_size=8, cg_max_iter=cg_max_iter, cg_tol=cg_tol, cg_stats=stats,
+                    backend="torch")
+
+    o, got = grads_of(op, inputs, state, weights)
+    o_cg, want = grads_of(lambda a, s: plain_mesa(a, s, cg_solve(cg_max_iter, cg_tol)), inputs, state, weights)
+    o_exact, exact = grads_of(lambda a, s: plain_mesa(a, s, exact_solve), inputs, state, weights)
+    assert stats["iterations"] < 64 and (cg_tol is None) == (stats["iterations"] == cg_max_iter)
+    assert max_err(o, o_cg) <= 1e-10 * o_cg.abs().max() < max_err(o, o_exact) <= 1e-2 * o_exact.abs().max()
+    for name, g, w, e in zip(NAMES, got, want, exact, strict=True):
+        scale = e.abs().max().item()
+        assert max_err(g, w) <= 1e-9 * scale, name
+        assert max_err(g, e) <= 5e-2 * scale, name  # the truncation's error, small beside the gradient itself
+        if name in ("q", "k", "lamb"):  # inputs of the solves: their gradients carry the backward's truncation
+            assert max_err(g, e) > 1e-7 * scale, name
+
+
+@pytest.mark.parametrize("step", [False, True], ids=["chunked", "step"])
+def test_non_symmetric_initial_h_kk(step):
+    """Only h_kk's symmetric part acts: a non-symmetric initial h_kk gives what its symmetric part gives, the final
+    h_kk is symmetric, and the gradient of h_kk is the symmetric one of the reference."""
+    T = 1 if step else 21
+    inputs, state = make_inputs(T=T)
+    skew = torch.randn(state.h_kk.shape, dtype=F64, generator=torch.Generator().manual_seed(2))
+    state = MesaState(state.h_kk + skew - skew.mT, state.h_kv)
+    weights = torch.randn(2, T, 3, 5, dtype=F64, generator=torch.Generator().manual_seed(1))
+    finals = {}
+
+    def op(args, s):
+        if step:
+            o, finals["op"] = mesa_step(*(a[:, 0] for a in args[:5]), args[5], s, cg_max_iter=40)
+            return o[:, None], None
+        o, finals["op"] = mesa(*args, s, chunk_size=8, cg_max_iter=40, output_final_state=True)
+        return o, None
+
+    def ref(args, s):
+        o, finals["ref"] = plain_mesa(args, s, exact_solve)
+        return o, None
+
+    o, got = grads_of(op, inputs, state, weights)
+    o_ref, want = grads_of(ref, inputs, state, weights)
+    sym = MesaState((state.h_kk + state.h_kk.mT) / 2, state.h_kv)
+    assert max_err(o, o_ref) <= 1e-10 and max_err(o, op(inputs, sym)[0]) <= 1e-12
+    assert max_err(finals["op"].h_kk, finals["ref"].h_kk) <= 1e-12
+    assert max_err(finals["op"].h_kk, finals["op"].h_kk.mT) <= 1e-14
+    for name, g, w in zip(NAMES, got, want, strict=True):
+        assert max_err(g, w) <= 1e-9 * (1 + w.abs().max().item()), name
 
 
 def test_gradcheck_step():

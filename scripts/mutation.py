@@ -1,0 +1,130 @@
+"""Mutation testing of one part of tttlm with mutmut (`pip install mutmut==3.8.1`): which small changes to the
+code (an operator, a constant, a dropped argument...) the tests that cover it let through.
+
+    python scripts/mutation.py layers                 # every mutant of src/tttlm/layers
+    python scripts/mutation.py train --sample 150     # a random sample of 150 of src/tttlm/train's mutants
+    python scripts/mutation.py ops --ref main         # the code and tests of the commit `main` instead
+
+The part's files and the tests run against its mutants are in PARTS (Triton kernel files are left out: their
+tests run under the slow interpreter). Each run works in a copy of the repository under --work (the working tree,
+or --ref's commit), on one process at low priority (nice 10): mutmut runs only the tests that reached the mutated
+function. Subprocesses (torchrun, the CLI) import the mutated package too (PYTHONPATH). It writes
+WORK/PART/result.json (counts, score, every survivor's diff) and prints the counts and the score:
+killed / (killed + survived + timeouts count as killed); mutants no test reaches are counted apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRITON = ["*triton*"]
+PARTS = {  # part: (files mutated, files left alone, tests)
+    "layers": (["src/tttlm/layers/*"], [], ["tests/layers", "tests/models"]),
+    "models": (["src/tttlm/models/*"], [], ["tests/models", "tests/layers"]),
+    "ops": (["src/tttlm/ops/*"], TRITON,
+            ["tests/ops/test_ttt_ops.py", "tests/ops/test_mesa.py", "tests/ops/test_selective_scan.py",
+             "tests/layers", "tests/models"]),
+    "train": (["src/tttlm/train/*"], [], ["tests/train"]),
+    "data": (["src/tttlm/data/*"], [], ["tests/data", "tests/train/test_trainer.py"]),
+}
+STATUS = re.compile(r"^\s+(\S+): (.+)$")
+
+
+def copy_tree(dest: Path, ref: str | None) -> None:
+    """The repository's files (tracked and new, not ignored) at ref, or as they are in the working tree."""
+    if ref is not None:
+        with tempfile.TemporaryFile() as f:
+            subprocess.run(["git", "-C", str(ROOT), "archive", ref], stdout=f, check=True)
+            f.seek(0)
+            with tarfile.open(fileobj=f) as tar:
+                tar.extractall(dest, filter="data")
+        return
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard"], capture_output=True,
+                            text=True, check=True).stdout.split()
+    for name in listed:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+
+
+def configure(work: Path, part: str) -> None:
+    mutate, skip, tests = PARTS[part]
+    config = {
+        "source_paths": ["src/"], "only_mutate": mutate, "do_not_mutate": skip,
+        "pytest_add_cli_args_test_selection": tests, "pytest_add_cli_args": ["-p", "no:cacheprovider"],
+        "also_copy": ["configs", "benchmarks", "docs", "scripts"], "process_isolation": "forkserver",
+    }
+    lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in config.items()]
+    with open(work / "pyproject.toml", "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def mutmut(work: Path, *args: str, capture: bool = False) -> str:
+    env = dict(os.environ, PYTHONPATH=str(work / "mutants" / "src"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "mutmut", *args], cwd=work, env=env,
+                          capture_output=capture, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"mutmut {' '.join(args)} failed ({proc.returncode})" +
+                         (f":\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}" if capture else ""))
+    return proc.stdout if capture else ""
+
+
+def statuses(work: Path) -> dict[str, str]:
+    out = mutmut(work, "results", "--all", "true", capture=True)
+    return {m.group(1): m.group(2) for line in out.splitlines() if (m := STATUS.match(line))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=sorted(PARTS))
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tttlm-mutation")
+    parser.add_argument("--ref", help="mutate and test this commit instead of the working tree")
+    parser.add_argument("--sample", type=int, help="run this many mutants drawn at random (seed 0)")
+    parser.add_argument("--resume", action="store_true", help="continue the run already in WORK/PART")
+    args = parser.parse_args()
+    work = args.work / args.part
+    if not args.resume:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        copy_tree(work, args.ref)
+        configure(work, args.part)
+        (work / "mutants" / "src").mkdir(parents=True)  # on PYTHONPATH from the start
+    names: list[str] = []
+    if args.sample:
+        mutmut(work, "run", "--max-children", "1", "no-such-mutant*")  # makes the mutants and the test map only
+        every = sorted(statuses(work))
+        names = sorted(random.Random(0).sample(every, min(args.sample, len(every))))
+        (work / "sample.json").write_text(json.dumps({"of": len(every), "names": names}))
+    elif (work / "sample.json").is_file():
+        names = json.loads((work / "sample.json").read_text())["names"]
+    mutmut(work, "run", "--max-children", "1", *names)
+    found = statuses(work)
+    if names:
+        found = {n: found[n] for n in names}
+    counts: dict[str, int] = {}
+    for status in found.values():
+        counts[status] = counts.get(status, 0) + 1
+    caught = counts.get("killed", 0) + counts.get("timeout", 0)
+    tested = caught + counts.get("survived", 0)
+    survivors = {n: mutmut(work, "show", n, capture=True) for n, s in sorted(found.items()) if s == "survived"}
+    result = {"part": args.part, "ref": args.ref, "mutants": len(found), "counts": counts,
+              "score": caught / tested if tested else None, "survivors": survivors}
+    (work / "result.json").write_text(json.dumps(result, indent=1))
+    print(f"{args.part}: {len(found)} mutants: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    print(f"score {caught}/{tested} = {result['score']:.1%}" if tested else "no mutant was tested")
+    print(f"survivors' diffs in {work / 'result.json'}")
+
+
+if __name__ == "__main__":
+    main()
