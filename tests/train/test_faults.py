@@ -298,6 +298,25 @@ def test_resuming_on_a_changed_corpus_or_tokenizer_is_refused(tmp_path, shared_t
                 f"exit 2: {err}", "the run directory untouched")
 
 
+@pytest.mark.parametrize("key, value", [("seq_len", 64), ("seed", 3), ("model_overrides", {"mini_batch_size": 4})],
+                         ids=["seq_len", "seed", "model_overrides"])
+def test_resuming_with_changed_settings_is_refused(tmp_path, trained, capsys, runs, reliability, key, value):
+    """A setting that fixes the model, the data or their order cannot change on resume: the refusal names the
+    setting with both values, and the run directory is left as it was."""
+    run, _ = copy_run(trained, tmp_path, runs)
+    s = {**trained[0], "out_dir": str(run), "steps": 12}
+    before = getattr(make_config(trained[0]), key)
+    s[key] = {**before, **value} if isinstance(value, dict) else value
+    kept = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, out, err = run_cli(["train", "--config", runs.toml(tmp_path / "changed.toml", s), "--resume"], capsys)
+    assert code == 2 and "resumed" not in out, (code, out)
+    assert err == (f"tttlm train: error: cannot resume from {run / 'step-000008'}: {key}={before!r} there, but "
+                   f"{key}={s[key]!r} now\n"), err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == kept
+    reliability("tttlm train --config run.toml --resume", f"{key} changed since the run started",
+                f"exit 2: {err}", "the run directory untouched")
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, text_dir, cache_dir, runs):
     """An uninterrupted 12-step run of 2 gloo processes: its settings."""

@@ -26,8 +26,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool = 
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warm-up over warmup_steps, then a cosine
-    from 1 to min_lr_ratio at the last step."""
+    """Multiplier of cfg.lr at optimizer step `step` (0-based): a linear warm-up to 1 at step warmup_steps - 1,
+    then a cosine from 1 at step warmup_steps to min_lr_ratio at step `steps` (one past the last step, which
+    runs just above the floor), and min_lr_ratio from there on."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     span = max(1, cfg.steps - cfg.warmup_steps)

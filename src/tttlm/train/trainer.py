@@ -316,6 +316,7 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
                 loss = rt.sum_(loss_sum) / n_targets
                 skip.before_step(loss, grad_norm)
+                lr = scheduler.get_last_lr()[0]  # this step's; the schedule moves on to the next step's below
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -330,7 +331,7 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
                 busy += time.perf_counter() - t0
                 last["step"] = step
                 if log_now:
-                    rec = {"step": step, "loss": float(loss), "lr": scheduler.get_last_lr()[0],
+                    rec = {"step": step, "loss": float(loss), "lr": lr,
                            "grad_norm": float(grad_norm), "skipped_steps": skipped, "tokens": counters["tokens"],
                            "tokens_per_s": steps_last * tokens_per_step / busy}
                     if rt.device.type == "cuda":
