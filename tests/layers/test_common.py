@@ -41,6 +41,23 @@ def test_rope_preserves_norms_and_relative_positions():
     assert torch.allclose(rope(q, pos).norm(), q.norm())
     dots = [(rope(q, torch.tensor([[a + 5]])) * rope(k, torch.tensor([[a]]))).sum() for a in (0, 7)]
     torch.testing.assert_close(dots[0], dots[1])
+    farther = (rope(q, torch.tensor([[6]])) * rope(k, torch.tensor([[0]]))).sum()
+    assert (farther - dots[0]).abs() > 1e-3  # the product does depend on the distance
+
+
+@pytest.mark.parametrize("theta", [10000.0, 100.0])
+def test_rope_rotates_each_pair_by_position_times_its_frequency(theta):
+    """Dims i and i + D/2 form a pair turned by the angle pos * theta^(-2i/D); position 0 turns nothing."""
+    D = 8
+    x = torch.randn(1, 2, 3, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    pos = torch.tensor([[0, 3]])
+    y = rope(x, pos, theta)
+    torch.testing.assert_close(y[:, 0], x[:, 0])
+    for i in range(D // 2):
+        angle = torch.tensor(3 * theta ** (-2 * i / D), dtype=torch.float64)
+        a, b = x[:, 1, :, i], x[:, 1, :, i + D // 2]
+        torch.testing.assert_close(y[:, 1, :, i], a * angle.cos() - b * angle.sin(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(y[:, 1, :, i + D // 2], b * angle.cos() + a * angle.sin(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp", "mesa"])
