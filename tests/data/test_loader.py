@@ -83,3 +83,30 @@ def test_sequence_longer_than_every_document_is_a_clear_error():
         PackedLoader(make_shard([10, 40, 20]), seq_len=64, batch_size=1)
     with pytest.raises(UserError, match="fewer than one batch"):
         PackedLoader(make_shard([10, 40, 20]), seq_len=32, batch_size=4)
+
+
+def test_each_epoch_reads_the_documents_in_its_own_seeded_order():
+    """Epoch e lays the documents out in the order np.random.default_rng([seed, e]).permutation(N) (a
+    checkpoint's position means the same data in any later version), cut into windows, the last partial one
+    dropped; the position after the last batch of an epoch, saved and restored, continues with the next epoch."""
+    lengths = [20, 35, 12, 28, 40, 17]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    shard = TokenShard(np.concatenate([np.full(n, d + 1) for d, n in enumerate(lengths)]).astype(np.uint16), offsets)
+    loader = PackedLoader(shard, seq_len=16, batch_size=2, seed=5)
+    assert loader.batches_per_epoch == sum(lengths) // 16 // 2 == 4
+    orders = []
+    for epoch in range(3):
+        orders.append(np.random.default_rng([5, epoch]).permutation(len(lengths)).tolist())
+        stream = np.concatenate([np.full(lengths[d], d + 1) for d in orders[-1]])[: 4 * 32]
+        ids = np.concatenate([b["input_ids"].numpy().reshape(-1) for b in take(loader, 4)])
+        assert (ids == stream).all(), epoch
+        assert loader.state_dict() == {"epoch": epoch, "index": 4, "seed": 5}
+        if epoch == 0:
+            resumed = PackedLoader(shard, seq_len=16, batch_size=2, seed=5)
+            resumed.load_state_dict(loader.state_dict())
+    assert len({tuple(o) for o in orders}) == 3
+    assert torch.equal(next(resumed)["input_ids"].reshape(-1), torch.from_numpy(
+        np.concatenate([np.full(lengths[d], d + 1) for d in orders[1]])[:32].astype(np.int64)))
+    assert resumed.state_dict() == {"epoch": 1, "index": 1, "seed": 5}
+    with pytest.raises(UserError, match="data seed is 5, this run's is 6"):
+        PackedLoader(shard, seq_len=16, batch_size=2, seed=6).load_state_dict(loader.state_dict())

@@ -47,25 +47,53 @@ def _finite(xs):
     return all(isinstance(x, (int, float)) and math.isfinite(x) for x in xs)
 
 
-def test_positions(runs):
+def _model_and_documents(path, length: int, num_docs: int):
+    """The checkpoint's model, and the first `length` tokens of the first `num_docs` validation documents of its
+    training corpus that hold that many, read as the library functions do."""
+    from tttlm.eval.documents import load_documents
+    from tttlm.train.checkpoint import load_pretrained
+
+    model, _, settings = load_pretrained(path)
+    ids = load_documents(settings["corpus"], path / "tokenizer.json", length, num_docs,
+                         val_fraction=settings["val_fraction"], cache_dir=settings["cache_dir"])
+    return model, ids
+
+
+def test_positions(runs, checkpoint):
+    """Each curve is `position_curve(token_losses(...))` of the checkpoint on the first 2 validation documents of
+    each context length."""
+    from tttlm.eval.positions import position_curve, token_losses
+
     data = load_json(runs["positions"] / "positions.json")
     assert data["kind"] == "positions" and set(data["contexts"]) == {"64", "128"}
     for L, entry in data["contexts"].items():
         assert entry["num_docs"] == 2 and len(entry["checkpoints"]) == 2
-        for curve in entry["checkpoints"].values():
+        for mixer in ("ttt_linear", "transformer"):
+            curve = entry["checkpoints"][f"{mixer}-run/step-000010"]
+            model, ids = _model_and_documents(checkpoint(mixer), int(L), 2)
+            want = position_curve(token_losses(model, ids))
             bins = curve["bins"]
-            assert bins[0][0] == 1 and bins[-1][1] == int(L) and len(bins) == len(curve["loss"])
-            assert _finite(curve["loss"]) and all(2.0 < x < 10.0 for x in curve["loss"])  # ~ln(300) untrained
-            assert curve["trained_context"] == 64
+            assert bins[0][0] == 1 and bins[-1][1] == int(L) and bins == want["bins"]
+            assert curve["loss"] == pytest.approx(want["loss"], rel=1e-6)
+            assert (curve["mean"], curve["last_decile"]) == pytest.approx((want["mean"], want["last_decile"]), rel=1e-6)
+            assert curve["trained_context"] == 64 and curve["num_docs"] == 2
 
 
-def test_ladder(runs):
+def test_ladder(runs, checkpoint):
+    """Each length's loss is the mean next-token loss of the first L tokens of the same 2 documents (those that
+    hold the longest length), read from their start."""
+    from tttlm.eval.positions import token_losses
+
     data = load_json(runs["ladder"] / "ladder.json")
-    for entry in data["checkpoints"].values():
+    for mixer in ("ttt_linear", "mesa"):
+        entry = data["checkpoints"][f"{mixer}-run/step-000010"]
         assert set(entry["lengths"]) == {"32", "64", "128"} and entry["trained_context"] == 64
-        for r in entry["lengths"].values():
-            assert math.isclose(r["perplexity"], math.exp(r["loss"]), rel_tol=1e-9) and 10 < r["perplexity"] < 2000
-            assert r["tokens"] == 2 * (int(next(k for k, v in entry["lengths"].items() if v is r)) - 1)
+        model, ids = _model_and_documents(checkpoint(mixer), 128, 2)
+        for L, r in entry["lengths"].items():
+            want = token_losses(model, ids[:, : int(L)]).double().mean().item()
+            assert r["loss"] == pytest.approx(want, rel=1e-6), (mixer, L)
+            assert math.isclose(r["perplexity"], math.exp(r["loss"]), rel_tol=1e-9)
+            assert r["tokens"] == 2 * (int(L) - 1)
 
 
 def test_telemetry(runs):
@@ -100,10 +128,17 @@ def test_recall(runs):
 
 
 def test_throughput(runs):
+    """The command measures each mixer's tiny preset at the vocabulary asked for (the timings' arithmetic is
+    tests/eval/test_functions.py's)."""
+    from tttlm.models import count_parameters, preset_config
+
     data = load_json(runs["throughput"] / "throughput.json")
     assert set(data["mixers"]) == set(FAST)
-    for m in data["mixers"].values():
-        assert m["params"] > 0 and m["train_tokens_per_s"] > 0
+    assert data["settings"] == {"size": "tiny", "train_batch": 1, "train_seq_len": 32, "new_tokens": 2, "repeats": 1,
+                                "dtype": "float32"}
+    for mixer, m in data["mixers"].items():
+        assert m["params"] == count_parameters(preset_config(f"{mixer}-tiny", vocab_size=128))
+        assert m["train_tokens_per_s"] > 0
         assert _finite(m["prefill_s"].values()) and _finite(m["decode_ms_per_token"].values())
         assert set(m["prefill_s"]) == {"16", "48"} and min(m["decode_ms_per_token"].values()) > 0
 

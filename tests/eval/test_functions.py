@@ -128,3 +128,45 @@ def test_write_result_turns_non_finite_into_null(tmp_path):
     data = json.loads(path.read_text())
     assert data["a"] == [1.0, None] and data["b"] == {"c": [None]} and data["non_finite"] == 2
     assert data["figure"] is None and [r["kind"] for r in read_results(tmp_path)] == ["positions"]
+
+
+class _Clock:
+    """time.perf_counter for tttlm.eval.throughput: every reading is `tick` seconds after the one before."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_throughput_arithmetic(model, monkeypatch):
+    """With a clock that moves 0.25 s between readings: training reports batch x length / 0.25 tokens per second
+    (and trains: the weights move), prefill 0.25 s, decoding 0.25 s / new_tokens per token; each decoded token is
+    one forward call of one token after the prefill and a warm-up token."""
+    import tttlm.eval.throughput as throughput
+
+    monkeypatch.setattr(throughput, "time", _Clock(0.25))
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        res = throughput.measure_model(model, contexts=[8, 24], train_batch=2, train_seq_len=12, new_tokens=5,
+                                       dtype=torch.float32, repeats=3)
+    finally:
+        hook.remove()
+        moved = any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        with torch.no_grad():  # the module's other tests read the same model
+            for p, b in zip(model.parameters(), before):
+                p.copy_(b)
+    assert moved
+    assert res["params"] == sum(p.numel() for p in model.parameters())
+    assert res["train_tokens_per_s"] == pytest.approx(2 * 12 / 0.25)
+    assert res["prefill_s"] == pytest.approx({8: 0.25, 24: 0.25})
+    assert res["decode_ms_per_token"] == pytest.approx({8: 250 / 5, 24: 250 / 5})
+    train_calls, rest = calls[:4], calls[4:]  # a warm-up step and 3 timed ones
+    assert train_calls == [(2, 12)] * 4 and not model.training
+    assert rest[:8] == [(1, 8)] * 4 + [(1, 24)] * 4  # prefill: a warm-up and 3 timed reads of each context
+    assert rest[8:] == [(1, 8)] + [(1, 1)] * 6 + [(1, 24)] + [(1, 1)] * 6
