@@ -4,6 +4,7 @@ code (an operator, a constant, a dropped argument...) the tests that cover it le
     python scripts/mutation.py layers                 # every mutant of src/tttlm/layers
     python scripts/mutation.py train --sample 150     # a random sample of 150 of src/tttlm/train's mutants
     python scripts/mutation.py ops --ref main         # the code and tests of the commit `main` instead
+    python scripts/mutation.py ops --rerun OLD.json   # again the survivors of an earlier run, with today's tests
 
 The part's files and the tests run against its mutants are in PARTS (Triton kernel files are left out: their
 tests run under the slow interpreter). Each run works in a copy of the repository under --work (the working tree,
@@ -92,7 +93,10 @@ def main() -> None:
     parser.add_argument("--ref", help="mutate and test this commit instead of the working tree")
     parser.add_argument("--sample", type=int, help="run this many mutants drawn at random (seed 0)")
     parser.add_argument("--resume", action="store_true", help="continue the run already in WORK/PART")
+    parser.add_argument("--rerun", type=Path, help="a result.json of an earlier run of the same part and code: run "
+                        "its survivors only and count its other mutants as they were")
     args = parser.parse_args()
+    earlier = json.loads(args.rerun.read_text()) if args.rerun else None
     work = args.work / args.part
     if not args.resume:
         shutil.rmtree(work, ignore_errors=True)
@@ -101,7 +105,12 @@ def main() -> None:
         configure(work, args.part)
         (work / "mutants" / "src").mkdir(parents=True)  # on PYTHONPATH from the start
     names: list[str] = []
-    if args.sample:
+    if earlier is not None:
+        names = sorted(earlier["survivors"])
+        if not names:
+            raise SystemExit(f"{args.rerun} has no survivors")
+        (work / "sample.json").write_text(json.dumps({"of": earlier["mutants"], "names": names}))
+    elif args.sample:
         mutmut(work, "run", "--max-children", "1", "no-such-mutant*")  # makes the mutants and the test map only
         every = sorted(statuses(work))
         names = sorted(random.Random(0).sample(every, min(args.sample, len(every))))
@@ -113,15 +122,18 @@ def main() -> None:
     if names:
         found = {n: found[n] for n in names}
     counts: dict[str, int] = {}
+    if earlier is not None:  # the earlier run's verdicts but for its survivors, which are counted again below
+        counts = dict(earlier["counts"], survived=0)
     for status in found.values():
         counts[status] = counts.get(status, 0) + 1
     caught = counts.get("killed", 0) + counts.get("timeout", 0)
     tested = caught + counts.get("survived", 0)
     survivors = {n: mutmut(work, "show", n, capture=True) for n, s in sorted(found.items()) if s == "survived"}
-    result = {"part": args.part, "ref": args.ref, "mutants": len(found), "counts": counts,
+    total = earlier["mutants"] if earlier is not None else len(found)
+    result = {"part": args.part, "ref": args.ref, "mutants": total, "counts": counts,
               "score": caught / tested if tested else None, "survivors": survivors}
     (work / "result.json").write_text(json.dumps(result, indent=1))
-    print(f"{args.part}: {len(found)} mutants: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    print(f"{args.part}: {total} mutants: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     print(f"score {caught}/{tested} = {result['score']:.1%}" if tested else "no mutant was tested")
     print(f"survivors' diffs in {work / 'result.json'}")
 

@@ -89,3 +89,19 @@ def test_model_collects_every_layers_op_inputs():
     for name in ("q", "k", "v", "eta", "token_scale"):
         torch.testing.assert_close(per_layer[1][name], want[name])
     assert build_model("transformer-tiny", vocab_size=32).mixer_op_inputs(ids) == [None, None]
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "mesa"])
+def test_op_inputs_of_a_packed_row(mixer):
+    """op_inputs with cu_seqlens gives the op what each document alone would: the op's output on the packed row
+    is the documents' outputs side by side."""
+    torch.manual_seed(0)
+    layer = build_model(f"{mixer}-tiny", vocab_size=32).model.layers[0].mixer
+    op = mesa if mixer == "mesa" else layer.op
+    bounds = [0, 7, 20, 33]
+    x = torch.randn(1, 33, 64)
+    inputs = layer.op_inputs(x, torch.tensor(bounds))
+    assert torch.equal(inputs["cu_seqlens"], torch.tensor(bounds))
+    packed, _ = op(**inputs)
+    alone = torch.cat([op(**layer.op_inputs(x[:, a:b]))[0] for a, b in zip(bounds, bounds[1:])], dim=1)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)

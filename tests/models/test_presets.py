@@ -1,7 +1,10 @@
-"""Presets, their parameter counts, `tttlm info`, and the errors for bad names and dimensions."""
+"""Presets, their parameter counts, `tttlm info`, initial values, and the errors for bad names and dimensions."""
+
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tttlm
 import tttlm.models
@@ -152,3 +155,27 @@ def test_info_prints_counts_beside_nominal_sizes(capsys):
     line = next(x for x in out.splitlines() if x.startswith("transformer-125m"))
     assert "125M" in line and f"{count_parameters(preset_config('transformer-125m')):,}" in line
     assert main(["info", "--sizes", "huge"]) == 2
+
+
+def test_initial_values_follow_the_papers():
+    """Mesa: lambda = 1 and forget gates 1 - logspace(-1, -3) across heads (or 0.5 with "zero"); Mamba2: step
+    sizes log-uniform over [1e-3, 0.1], decay rates uniform over [1, 16]; Mamba: delta's projection uniform
+    in +-R^-1/2, the step sizes as Mamba2's (1024 draws each, so the ranges are covered)."""
+    mesa = tttlm.build_model("mesa-tiny", vocab_size=11).model.layers[0].mixer
+    assert torch.equal(mesa.lamb(), torch.ones(4, 16))
+    torch.testing.assert_close(mesa.forget_proj.bias.sigmoid(), 1 - torch.logspace(-1, -3, 4))
+    zero = tttlm.build_model("mesa-tiny", vocab_size=11, mesa_forget_bias_init="zero").model.layers[0].mixer
+    assert torch.equal(zero.forget_proj.bias, torch.zeros(4))
+    torch.manual_seed(0)
+    mamba2 = tttlm.build_model("mamba2-tiny", vocab_size=11, hidden_size=512, num_attention_heads=8,
+                               mamba_headdim=1, mamba_d_state=2).model.layers[0].mixer
+    mamba = tttlm.build_model("mamba-tiny", vocab_size=11, hidden_size=512, num_attention_heads=8,
+                              mamba_d_state=2).model.layers[0].mixer
+    for dt in (F.softplus(mamba2.dt_bias), F.softplus(mamba.dt_bias)):
+        assert dt.numel() == 1024 and 1e-3 * 0.999 <= dt.min() < 1.2e-3 and 0.08 < dt.max() <= 0.1 * 1.001
+        assert 0.4 < (dt.log() < math.log(1e-2)).float().mean() < 0.6  # log-uniform: half below the middle
+    A = mamba2.A_log.exp()
+    assert 1 <= A.min() < 1.1 and 15.9 < A.max() <= 16 and 0.4 < (A < 8.5).float().mean() < 0.6
+    bound = mamba.dt_rank**-0.5
+    w = mamba.dt_proj.weight
+    assert w.abs().max() <= bound and w.min() < -0.99 * bound and w.max() > 0.99 * bound
