@@ -50,6 +50,29 @@ def test_mixers_agree_on_parameter_count(size):
         assert 0.8 <= counts["transformer"] / NOMINAL[size] <= 1.1
 
 
+# `tttlm info`'s counts (docs/fidelity.md quotes the 125M ones): every projection, bias, convolution and inner
+# weight of each mixer, counted once (tied embeddings)
+PARAMETERS = {
+    "tiny": {"ttt_linear": 2_160_104, "ttt_mlp": 2_174_952, "mesa": 2_152_944, "transformer": 2_154_816,
+             "mamba2": 2_153_648, "mamba": 2_178_880},
+    "125m": {"ttt_linear": 110_424_144, "ttt_mlp": 114_589_776, "mesa": 109_392_672, "transformer": 109_529_856,
+             "mamba2": 109_582_944, "mamba": 115_096_320},
+}
+
+
+def test_parameter_counts():
+    for size, counts in PARAMETERS.items():
+        assert {m: count_parameters(preset_config(f"{m}-{size}")) for m in MIXERS} == counts, size
+    assert count_parameters(preset_config("mesa-paper-125m")) == 109_725_072
+    # per block, the Transformer backbone's q and k projections replace the Mamba backbone's shared one and its
+    # output gate, and it has neither the two q/k convolutions (weights and biases) nor the pre-convolution (and its
+    # RMSNorm); Mesa's output gate (C x C) can be turned off
+    C, K = 64, 4
+    mamba_only = 2 * (C * K + C) + (C * K + C + C)
+    assert count_parameters(preset_config("ttt_linear-tiny", ttt_backbone="transformer")) == 2_160_104 - 2 * mamba_only
+    assert count_parameters(preset_config("mesa-tiny", mesa_output_gate=False)) == 2_152_944 - 2 * C * C
+
+
 def test_mamba_presets_are_the_mamba_papers_models():
     """The TTT paper's Mamba baseline: Mamba's 130M / 370M / 790M / 1.4B shapes (its vocabulary aside), mixer-only
     blocks, d_state 16, expand 2, dt rank ceil(C / 16)."""
