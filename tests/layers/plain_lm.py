@@ -302,15 +302,16 @@ def lm_loss(model, ids: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------- the models the tests compare
 # (preset mixer, overrides): every mixer, the TTT Transformer backbone, Mesa's gate cap without its output gate,
-# Mamba2 with two groups of heads sharing B and C and chunks shorter than the rows; RoPE's base off its default
+# Mamba2 with two groups of heads sharing B and C and chunks shorter than the rows; RoPE's base and the RMSNorms'
+# epsilon off their defaults in some
 VARIANTS = {
-    "ttt_linear": ("ttt_linear", {}),
+    "ttt_linear": ("ttt_linear", {"rms_norm_eps": 1e-3}),
     "ttt_linear-transformer": ("ttt_linear", {"ttt_backbone": "transformer", "rope_theta": 500.0}),
     "ttt_mlp": ("ttt_mlp", {"mini_batch_size": 8}),
-    "mesa": ("mesa", {}),
+    "mesa": ("mesa", {"rms_norm_eps": 1e-3}),
     "mesa-cap-no-gate": ("mesa", {"mesa_gate_cap": True, "mesa_output_gate": False}),
     "transformer": ("transformer", {"rope_theta": 500.0}),
-    "mamba2": ("mamba2", {"mamba_ngroups": 2, "mamba_chunk_size": 8}),
+    "mamba2": ("mamba2", {"mamba_ngroups": 2, "mamba_chunk_size": 8, "rms_norm_eps": 1e-3}),
     "mamba": ("mamba", {}),
 }
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tttlm.layers import SeqInfo, ShortConv, rope
-from tttlm.models import build_model
+from tttlm.layers import SeqInfo, ShortConv, TTTMixer, rope
+from tttlm.models import build_model, preset_config
 from tttlm.ops import mesa
 
 
@@ -105,3 +105,16 @@ def test_op_inputs_of_a_packed_row(mixer):
     packed, _ = op(**inputs)
     alone = torch.cat([op(**layer.op_inputs(x[:, a:b]))[0] for a, b in zip(bounds, bounds[1:])], dim=1)
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_layer_arguments_raise():
+    with pytest.raises(ValueError, match=r"inner must be one of \['linear', 'mlp'\], got 'rnn'"):
+        TTTMixer(preset_config("ttt_linear-tiny"), "rnn")
+    with pytest.raises(ValueError, match="conv kernel_size must be >= 1, got 0"):
+        ShortConv(8, 0)
+    conv = ShortConv(3, 1)  # width 1: a per-channel scale and bias, no state
+    conv.init_parameters(0.02)
+    x = torch.randn(2, 5, 3)
+    y, state = conv(x, SeqInfo.contiguous(2, 5, 0, x.device).pos)
+    torch.testing.assert_close(y, x * conv.weight[:, 0] + conv.bias)
+    assert state.shape == (2, 0, 3)

@@ -56,6 +56,21 @@ def test_packed_rows_match_reference(model):
 
 
 @torch.no_grad()
+def test_mesa_decoding_uses_the_solver_settings():
+    """Decoding token by token stops each solve as reading the whole row does (mesa_cg_max_iter, and outside
+    training mesa_cg_tol), and these settings do change the logits."""
+    ids = tokens(2, 12, seed=3)
+    exact = make_model("mesa", layers=2)(ids).logits
+    for settings in ({"mesa_cg_max_iter": 3}, {"mesa_cg_tol": 0.05}):
+        model = make_model("mesa", layers=2, **settings)
+        full = model(ids).logits
+        cache = model(ids[:, :4], use_cache=True).past_key_values
+        steps = [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(4, 12)]
+        assert rel_err(torch.cat(steps, dim=1), full[:, 4:]) <= TOL, settings
+        assert rel_err(full, exact) > 1e-3, settings
+
+
+@torch.no_grad()
 def test_decoding_matches_reference(model):
     """A prefill of 5 tokens, a continuation of 13 (across TTT's mini-batch boundary at 16), then one token at a
     time: every position's logits as the reference reads the whole row."""
