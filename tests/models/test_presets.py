@@ -182,15 +182,18 @@ def test_info_prints_counts_beside_nominal_sizes(capsys):
 
 def test_initial_values_follow_the_papers():
     """TTT: inner weights normal(initializer_range), its biases, LayerNorm bias and token-scale offset zero, its
-    LayerNorm weight one; Mesa: lambda = 1 and forget gates 1 - logspace(-1, -3) across heads (or 0.5 with
-    "zero"); Mamba2: step sizes log-uniform over [1e-3, 0.1], decay rates uniform over [1, 16]; Mamba: delta's
-    projection uniform in +-R^-1/2, the step sizes as Mamba2's (1024 draws each, so the ranges are covered)."""
+    LayerNorm weight one, its convolutions as torch's; Mesa: lambda = 1 and forget gates 1 - logspace(-1, -3)
+    across heads (or 0.5 with "zero"); Mamba2: step sizes log-uniform over [1e-3, 0.1], decay rates uniform over
+    [1, 16]; Mamba: delta's projection uniform in +-R^-1/2, the step sizes as Mamba2's (1024 draws each, so the
+    ranges are covered)."""
     torch.manual_seed(0)
     ttt = tttlm.build_model("ttt_mlp-tiny", vocab_size=11, initializer_range=0.05).model.layers[0].mixer
     for W in (ttt.W1, ttt.W2):
         assert abs(W.std().item() - 0.05) < 0.005 and abs(W.mean().item()) < 0.005
     assert all(torch.equal(b, torch.zeros_like(b)) for b in (ttt.b1, ttt.b2, ttt.ln_bias, ttt.token_scale_offset))
     assert torch.equal(ttt.ln_weight, torch.ones_like(ttt.ln_weight))
+    for t in (ttt.conv_q.weight, ttt.conv_q.bias):  # torch's Conv1d init: uniform in +-1/sqrt(width 4)
+        assert t.abs().max() <= 0.5 and t.min() < -0.4 and t.max() > 0.4
     mesa = tttlm.build_model("mesa-tiny", vocab_size=11).model.layers[0].mixer
     assert torch.equal(mesa.lamb(), torch.ones(4, 16))
     torch.testing.assert_close(mesa.forget_proj.bias.sigmoid(), 1 - torch.logspace(-1, -3, 4))
