@@ -46,6 +46,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bfloat16 autocast on GPU, float32 on CPU; or "float32", "bfloat16"
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
     activation_checkpointing: bool = False
+    compile: bool | None = None  # torch.compile of the model's blocks; None: on CUDA only (tttlm.fast)
     # bookkeeping
     out_dir: str = "runs/default"
     log_every: int = 10
