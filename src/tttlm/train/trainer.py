@@ -22,6 +22,8 @@ from tttlm.data.loader import PackedLoader, count_targets
 from tttlm.data.shards import PreparedData, TokenShard, prepare_data
 from tttlm.data.tokenizer import eos_id
 from tttlm.errors import UserError
+from tttlm.fast import fast_paths
+from tttlm.layers.common import to_device
 from tttlm.train import distributed
 from tttlm.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from tttlm.train.config import TrainConfig
@@ -101,7 +103,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
     cfg.check()
     rt = distributed.start(cfg.device, cfg.dtype)
     try:
-        return _train(cfg, rt, resume, log if rt.main else (lambda *a, **k: None))
+        with fast_paths(compile=cfg.compile):
+            return _train(cfg, rt, resume, log if rt.main else (lambda *a, **k: None))
     finally:
         distributed.stop()
 
@@ -162,8 +165,10 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
         if hasattr(model, "set_inner_lr_warmup"):
             model.set_inner_lr_warmup(warmup_progress(step, cfg))
         batch = next(loader)
-        ids, pos = batch["input_ids"].to(rt.device), batch["position_ids"].to(rt.device)
-        n_targets = rt.all_sum(count_targets(batch["position_ids"]))
+        # the ids go to the GPU without the host waiting for it; the positions stay on the CPU, where the model
+        # reads the documents' boundaries from them (also without waiting)
+        ids, pos = to_device(batch["input_ids"], rt.device), batch["position_ids"]
+        n_targets = rt.all_sum(count_targets(pos))
         loss_sum = torch.zeros((), device=rt.device)
         for i in range(accum):
             sl = slice(i * micro, (i + 1) * micro)
@@ -179,12 +184,13 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
         step += 1
         steps_last += 1
         counters["tokens"] += tokens_per_step
-        loss = rt.all_sum(float(loss_sum)) / n_targets
-        if not math.isfinite(loss):
-            raise RuntimeError(f"the training loss is {loss} at step {step}: lower the learning rate")
-        busy += time.perf_counter() - t0
-        last.update(step=step, loss=loss)
+        last["step"] = step
         if step % cfg.log_every == 0 or step == cfg.steps:
+            # the host waits for the GPU at logged steps only (a step whose loss is not finite shows there)
+            loss = rt.all_sum(float(loss_sum)) / n_targets
+            if not math.isfinite(loss):
+                raise RuntimeError(f"the training loss is {loss} at step {step}: lower the learning rate")
+            busy += time.perf_counter() - t0
             rec = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                    "tokens": counters["tokens"], "tokens_per_s": steps_last * tokens_per_step / busy}
             if rt.device.type == "cuda":
@@ -194,6 +200,8 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
             busy, steps_last = 0.0, 0
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        else:
+            busy += time.perf_counter() - t0
         if bar is not None:
             bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.steps:
