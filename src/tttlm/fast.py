@@ -24,6 +24,8 @@ import torch
 _settings: dict = {"compile": None, "kernels": True}
 # torch.compile's backend; tests on the CPU use "aot_eager" (tracing and autograd without code generation)
 BACKEND = "inductor"
+# devices of tttlm's own GPU paths; tests add "cpu" to run them under TRITON_INTERPRET=1
+KERNEL_DEVICES = ("cuda",)
 
 
 def _env_compile() -> bool | None:
@@ -71,7 +73,7 @@ def compile_enabled(device: torch.device) -> bool:
 
 def kernels_enabled(device: torch.device) -> bool:
     """Whether tttlm's own GPU paths run for tensors on `device` (CUDA only)."""
-    return device.type == "cuda" and _settings["kernels"]
+    return device.type in KERNEL_DEVICES and _settings["kernels"]
 
 
 def compiled(fn):
@@ -83,6 +85,15 @@ def compiled(fn):
 @functools.cache
 def _compiled(fn, backend: str):
     return torch.compile(fn, backend=backend, dynamic=True)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device`; a CPU tensor goes to a GPU through pinned memory, without the host waiting for the GPU."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def opaque(fn):

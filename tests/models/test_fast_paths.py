@@ -59,6 +59,25 @@ def test_compiled_model_equals_plain_model(mixer, tiny, tokens, monkeypatch):
             torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_kernels_in_the_model_equal_plain_model(tiny, tokens, monkeypatch):
+    """tttlm's GPU paths as the model calls them (the Mamba2 scan's kernels on packed documents, the fused
+    loss), run on the CPU by the Triton interpreter, against the plain model."""
+    model = tiny("mamba2", mamba_chunk_size=16).train()
+    ids = tokens(2, 40)
+    pos = torch.cat([torch.arange(n) for n in (7, 13, 2, 18, 20, 20)]).view(2, 40)
+    want_loss, want = _loss_and_grads(model, ids, position_ids=pos)
+    monkeypatch.setattr(fast, "KERNEL_DEVICES", ("cuda", "cpu"))
+    from tttlm.ops.ssd import triton_ssd
+
+    calls, kernels = [], triton_ssd.ssd_triton
+    monkeypatch.setattr(triton_ssd, "ssd_triton", lambda *a, **k: calls.append(1) or kernels(*a, **k))
+    loss, grads = _loss_and_grads(model, ids, position_ids=pos)
+    assert len(calls) == model.config.num_hidden_layers, "the scan's kernels did not run"
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_blocks_share_one_compilation(tiny, tokens, compiled_on_cpu):
     ids = tokens(2, 24)
     tiny("transformer", num_hidden_layers=2).train()(ids, labels=ids).loss.backward()

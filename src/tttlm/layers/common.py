@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import initialization as init
 
+from tttlm.fast import to_device
+
 
 @dataclass
 class SeqInfo:
@@ -59,15 +61,6 @@ class SeqInfo:
     def num_sequences(self) -> int:
         """N: rows of the recurrent states (B, or the number of packed documents)."""
         return self.pos.shape[0] if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
-
-
-def to_device(t: Tensor, device: torch.device) -> Tensor:
-    """t on `device`; a CPU tensor goes to a GPU through pinned memory, without the host waiting for the GPU."""
-    if t.device == device:
-        return t
-    if t.device.type == "cpu" and device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 class RMSNorm(nn.Module):

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from tttlm.fast import compiled, kernels_enabled
+from tttlm.fast import kernels_enabled, opaque, to_device
 
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 FLEX_BLOCK = 128  # FlexAttention's tile of queries and keys
@@ -58,7 +59,6 @@ def document_mask(cu_seqlens: Tensor, device: torch.device | str):
 
 def flex_document_mask(cu_seqlens: Tensor, device: torch.device):
     """`document_mask` on any device (FlexAttention's compiled kernels need CUDA; its eager form runs anywhere)."""
-    from torch.nn.attention.flex_attention import BlockMask
 
     cu = cu_seqlens.long()
     T = int(cu[-1])
@@ -75,9 +75,10 @@ def flex_document_mask(cu_seqlens: Tensor, device: torch.device):
 
     def indices(m: Tensor) -> tuple[Tensor, Tensor]:
         order = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True)  # tiles in order, first
-        return m.sum(-1, dtype=torch.int32)[None, None].to(device), order.to(torch.int32)[None, None].to(device)
+        counts = m.sum(-1, dtype=torch.int32)[None, None]
+        return to_device(counts, device), to_device(order.to(torch.int32)[None, None].contiguous(), device)
 
-    doc_on = doc.to(torch.int32).to(device)
+    doc_on = to_device(doc.to(torch.int32), device)
 
     def same_document_causal(b, h, q_idx, kv_idx):
         return (doc_on[q_idx] == doc_on[kv_idx]) & (q_idx >= kv_idx)
@@ -85,6 +86,11 @@ def flex_document_mask(cu_seqlens: Tensor, device: torch.device):
     return BlockMask.from_kv_blocks(
         *indices(partial), *indices(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=same_document_causal, seq_lengths=(T, T)
     )
+
+
+# FlexAttention compiled on its own for static shapes (a packed batch keeps its length from step to step), and
+# opaque to the compiled code around it (whose shapes are dynamic)
+_flex = opaque(torch.compile(flex_attention, dynamic=False))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = None, mask=None) -> Tensor:
@@ -104,9 +110,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = No
     T, S = q.shape[1], k.shape[1]
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, *, D]
     if cu_seqlens is not None and mask is not None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        return compiled(flex_attention)(qh, kh, vh, block_mask=mask).transpose(1, 2)
+        return _flex(qh, kh, vh, block_mask=mask).transpose(1, 2)
     if cu_seqlens is not None:
         # one causal call per document keeps the flash kernels (no [T, T] mask) and nothing crosses a boundary
         bounds = cu_seqlens.tolist()

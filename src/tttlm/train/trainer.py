@@ -22,8 +22,7 @@ from tttlm.data.loader import PackedLoader, count_targets
 from tttlm.data.shards import PreparedData, TokenShard, prepare_data
 from tttlm.data.tokenizer import eos_id
 from tttlm.errors import UserError
-from tttlm.fast import fast_paths
-from tttlm.layers.common import to_device
+from tttlm.fast import fast_paths, to_device
 from tttlm.train import distributed
 from tttlm.train.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from tttlm.train.config import TrainConfig
