@@ -96,10 +96,11 @@ def build(size: str = "125m", **overrides) -> GPT:
 
 
 def prepare(model: GPT, compile: bool) -> GPT:
-    """nanoGPT's `model = torch.compile(model)`; the compiled module keeps `config`."""
+    """nanoGPT's `model = torch.compile(model)`, with dynamic shapes (compiled once for every training shape, as
+    tttlm's blocks are); the compiled module keeps `config`."""
     if not compile:
         return model
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, dynamic=True)
     compiled.config = model.config
     return compiled
 

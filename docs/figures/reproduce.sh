@@ -21,7 +21,7 @@ LONG=${LONG:-32768}
 LADDER=${LADDER:-"512 1024 2048 4096 8192 16384"}
 TEL_CONTEXT=${TEL_CONTEXT:-2048}
 RECALL=${RECALL:-"--widths 64 --seq-lens 64 --pairs 4 16 --lrs 3e-3 1e-2 --steps 300 --batch-size 64 --vocab-size 256 --eval-examples 500"}
-SPEED=${SPEED:-"--contexts 512 2048 8192 32768 --train-batch 8 --train-seq-len 2048 --new-tokens 32 --repeats 2"}
+SPEED=${SPEED:-"--contexts 512 2048 8192 32768 --train-shapes 8x2048 --new-tokens 32 --repeats 2"}
 export TTTLM_CACHE=$RUN/cache TTTLM_COMPILE=${TTTLM_COMPILE:-0}
 T="python3 -m tttlm"
 mkdir -p "$RUN/logs" "$RUN/eval/long"
