@@ -26,7 +26,7 @@ import traceback
 
 import torch
 
-MIXERS = ("transformer", "ttt_linear", "mamba2", "mesa", "ttt_mlp")
+MIXERS = ("transformer", "ttt_linear", "mamba2", "mamba", "mesa", "ttt_mlp")
 PACKED = ("transformer", "ttt_linear", "mamba2")  # mixers with packed paths of their own in tttlm's fast paths
 OWN_SYNCS = ("mesa", "ttt_mlp")  # their ops wait for the GPU in places (not in this work's reach)
 DEVICE = "cuda"  # a CPU run (tests) checks this script's logic, without kernels or sync checks

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tttlm.eval.options import add_device, add_out, positive_int
 
-MIXERS = ("ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2")
+MIXERS = ("ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2", "mamba")
 NANOGPT = Path(__file__).resolve().parents[3] / "benchmarks" / "nanogpt.py"
 
 
