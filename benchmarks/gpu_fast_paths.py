@@ -57,6 +57,8 @@ def _worst(a: dict, b: dict) -> tuple[str, float]:
 
 
 def check_mixer(mixer: str, size: str, packed: bool, batch: int, seq_len: int) -> dict:
+    from torch._dynamo.utils import counters
+
     from tttlm.fast import fast_paths
     from tttlm.models import build_model
 
@@ -76,9 +78,11 @@ def check_mixer(mixer: str, size: str, packed: bool, batch: int, seq_len: int) -
         loss32, g32 = _run(model, ids, pos, autocast=False)
         loss16, g16 = _run(model, ids, pos, autocast=True)
     with fast_paths(compile=True, kernels=True):
+        graphs = counters["stats"]["unique_graphs"]
         start = time.perf_counter()
         _run(model, ids, pos, autocast=True)  # compiles
         first = time.perf_counter() - start
+        graphs = counters["stats"]["unique_graphs"] - graphs
         loss_f, g_f = _run(model, ids, pos, autocast=True)
         sync = _host_syncs(model, ids, pos) if DEVICE == "cuda" else None
     noise_loss = abs(loss16 - loss32) / abs(loss32)
@@ -88,7 +92,7 @@ def check_mixer(mixer: str, size: str, packed: bool, batch: int, seq_len: int) -
     worst = _worst(g_f, g16)
     ok = d_loss <= 2 * noise_loss + 1e-3 and d_grad <= 2 * noise_grad + 1e-3 and set(g_f) == set(g16)
     return dict(mixer=mixer, packed=packed, loss=loss_f, d_loss=d_loss, noise_loss=noise_loss, d_grad=d_grad,
-                noise_grad=noise_grad, worst=worst, first_step_s=first, sync=sync, ok=ok)
+                noise_grad=noise_grad, worst=worst, first_step_s=first, graphs=graphs, sync=sync, ok=ok)
 
 
 def _host_syncs(model, ids, pos) -> str | None:
@@ -143,10 +147,11 @@ def main(argv=None) -> int:
         sync_ok = r["sync"] is None or mixer in OWN_SYNCS
         failed |= not (r["ok"] and sync_ok)
         results.append((label, r))
+        syncs = "none" if r["sync"] is None else r["sync"] + ("" if sync_ok else " FAIL")
         print(f"{label}: {'PASS' if r['ok'] else 'FAIL'} loss {r['loss']:.4f}, d_loss {r['d_loss']:.1e} (noise "
               f"{r['noise_loss']:.1e}), d_grad {r['d_grad']:.1e} (noise {r['noise_grad']:.1e}), worst "
-              f"{r['worst'][0]} {r['worst'][1]:.1e}; first step {r['first_step_s']:.0f} s; host syncs: "
-              f"{'none' if r['sync'] is None else r['sync'] + ('' if sync_ok else ' FAIL')}", flush=True)
+              f"{r['worst'][0]} {r['worst'][1]:.1e}; first step {r['first_step_s']:.0f} s ({r['graphs']} graphs "
+              f"compiled); host syncs: {syncs}", flush=True)
     print("\n| model | batch | d_loss / noise | d_grad / noise | host syncs in a step |\n|---|---|---|---|---|")
     for label, r in results:
         print(f"| {label.split()[0]} | {label.split()[1]} | {r['d_loss']:.1e} / {r['noise_loss']:.1e} | "

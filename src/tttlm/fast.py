@@ -82,8 +82,17 @@ def compiled(fn):
     return _compiled(fn, BACKEND)
 
 
+# Compiled code per code object: one block forward serves every mixer kind, each in plain and packed batches,
+# training and evaluation; dynamo's default of 8 versions per code object would send the rest back to eager
+RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def _compiled(fn, backend: str):
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.cache_size_limit = max(config.cache_size_limit, RECOMPILE_LIMIT)
     return torch.compile(fn, backend=backend, dynamic=True)
 
 

@@ -85,6 +85,8 @@ def test_blocks_share_one_compilation(tiny, tokens, compiled_on_cpu):
     # another model of the same kind, deeper: every block reuses the code compiled for the first one
     tiny("transformer", num_hidden_layers=3, seed=1).train()(ids, labels=ids).loss.backward()
     assert counters["stats"]["unique_graphs"] == graphs
+    # every kind of block shares that code: dynamo must keep more than its default 8 versions of it
+    assert torch._dynamo.config.cache_size_limit >= fast.RECOMPILE_LIMIT
 
 
 def test_setting(monkeypatch):
