@@ -92,6 +92,21 @@ def test_document_mask_only_on_cuda_with_kernels():
             assert document_mask(cu, "cuda") is None
 
 
+def test_flex_attention_runs_compiled():
+    """The opaque FlexAttention call runs its compiled kernel (torch.compiler.disable of a compiled function
+    would run FlexAttention's unfused fallback, which holds the [T, T] scores), here on the CPU."""
+    import warnings
+
+    q, k, v = (x.float().transpose(1, 2) for x in _qkv(1, 256, 256, H=2, D=16))
+    cu = torch.tensor([0, 100, 101, 256])
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        got = attention_module._flex(q, k, v, flex_document_mask(cu, torch.device("cpu")))
+    assert not [w for w in caught if "without torch.compile" in str(w.message)]
+    want = attention_ref(*(x.double().transpose(1, 2) for x in (q, k, v)), cu_seqlens=cu).transpose(1, 2)
+    assert (got.double() - want).abs().max().item() < 1e-5
+
+
 @pytest.mark.skipif(not CUDA, reason="FlexAttention's compiled kernels need CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flex_attention_over_documents(dtype):

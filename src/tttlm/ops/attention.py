@@ -88,9 +88,15 @@ def flex_document_mask(cu_seqlens: Tensor, device: torch.device):
     )
 
 
-# FlexAttention compiled on its own for static shapes (a packed batch keeps its length from step to step), and
-# opaque to the compiled code around it (whose shapes are dynamic)
-_flex = opaque(torch.compile(flex_attention, dynamic=False))
+_flex_compiled = torch.compile(flex_attention, dynamic=False)
+
+
+@opaque
+def _flex(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
+    """FlexAttention compiled on its own, for static shapes (a packed batch keeps its length from step to step),
+    and opaque to the compiled code around it (whose shapes are dynamic). The compiled function is called from
+    here, not made opaque itself: `torch.compiler.disable` of a compiled function runs it uncompiled."""
+    return _flex_compiled(q, k, v, block_mask=mask)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = None, mask=None) -> Tensor:
@@ -110,7 +116,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = No
     T, S = q.shape[1], k.shape[1]
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, *, D]
     if cu_seqlens is not None and mask is not None:
-        return _flex(qh, kh, vh, block_mask=mask).transpose(1, 2)
+        return _flex(qh, kh, vh, mask).transpose(1, 2)
     if cu_seqlens is not None:
         # one causal call per document keeps the flash kernels (no [T, T] mask) and nothing crosses a boundary
         bounds = cu_seqlens.tolist()
