@@ -3,8 +3,9 @@
 # repository root: `bash docs/figures/reproduce.sh`. Small models are trained briefly, one after the other, on
 # the Python standard library (20% held out) at a short length, then every evaluation command runs on them;
 # the MQAR sweeps (one process per mixer, few CPU threads each) train their own models alongside. Everything
-# lands in $RUN; $RUN/eval/report.md gathers it. TTTLM_COMPILE=0: the TTT PyTorch path runs eagerly (compiling
-# its mini-batch step costs tens of seconds in every process, more than these minute-long runs gain).
+# lands in $RUN; $RUN/eval/report.md gathers it. TTTLM_COMPILE=0: the models run uncompiled (tttlm.fast; compiling
+# the blocks and the TTT PyTorch path's mini-batch step costs tens of seconds in every process, more than these
+# minute-long runs gain).
 # Every setting can be overridden from the environment (the CPU test of this script uses tiny ones).
 set -u
 RUN=${RUN:-runs/gpu-eval}

@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 
 from tttlm import fast
 
-MIXERS = ["ttt_linear", "mesa", "transformer", "mamba2"]  # TTT-MLP's layer is TTT-Linear's with another op
+MIXERS = ["ttt_linear", "mesa", "transformer", "mamba2", "mamba"]  # TTT-MLP's layer is TTT-Linear's with another op
 
 
 @pytest.fixture
