@@ -76,7 +76,7 @@ def evaluate(model, shard: TokenShard, seq_len: int, batch_size: int, micro: int
     total = count = 0.0
     for _ in range(min(batches, loader.batches_per_epoch)):
         batch = next(loader)
-        ids, pos = batch["input_ids"].to(rt.device), batch["position_ids"].to(rt.device)
+        ids, pos = to_device(batch["input_ids"], rt.device), batch["position_ids"]  # positions read on the host
         for s in range(0, ids.shape[0], micro):
             with rt.autocast():
                 out = model(input_ids=ids[s : s + micro], labels=ids[s : s + micro],
