@@ -47,10 +47,10 @@ def test_sum_and_gradients_match_the_spec(M, C, V, monkeypatch):
     h, w, t = make_case(M, C, V, seed=M)
     # the hidden states and the weight as the model holds them (float32) and the kernels read them (DTYPE)
     hd, wd = (x.to(DTYPE).to(F64) for x in (h, w))
-    ref_h, ref_w = hd.clone().requires_grad_(), wd.clone().requires_grad_()
-    ref = linear_cross_entropy_ref(ref_h, ref_w, t)
+    ref_h, ref_w = (x.to(DEV, copy=True).requires_grad_() for x in (hd, wd))  # float64, on the GPU there
+    ref = linear_cross_entropy_ref(ref_h, ref_w, t.to(DEV))
     ref.backward()
-    dev_h, dev_w = (x.to(DEV, torch.float32).requires_grad_() for x in (hd, wd))
+    dev_h, dev_w = (x.to(DEV, torch.float32, copy=True).requires_grad_() for x in (hd, wd))
     with torch.autocast(DEV, dtype=DTYPE, enabled=CUDA):
         loss = linear_cross_entropy(dev_h, dev_w, t.to(DEV))
     assert loss.dtype == torch.float32 and loss.shape == ()
@@ -59,7 +59,7 @@ def test_sum_and_gradients_match_the_spec(M, C, V, monkeypatch):
     assert rel_rmse(dev_h.grad, 2.5 * ref_h.grad) < TOL
     assert rel_rmse(dev_w.grad, 2.5 * ref_w.grad) < TOL
     assert dev_h.grad.dtype == dev_w.grad.dtype == torch.float32
-    assert dev_h.grad.cpu()[t == -100].eq(0).all()
+    assert dev_h.grad[t.to(DEV) == -100].eq(0).all()
 
 
 def test_losses_without_gradients():

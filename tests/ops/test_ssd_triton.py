@@ -47,17 +47,17 @@ def make_case(Bt, T, seed, H, P, G, N, **_):
 def run_both(inputs, cu=None, final=True, seed=0):
     """Kernel and spec on the same inputs; returns (outputs, gradients) of each under one random weighting."""
     with_h0 = cu is None
-    ref_in = [t.clone().requires_grad_() for t in inputs]
-    dev_in = [t.to(DEV, DTYPE if i in (0, 3, 4) else FLOAT).requires_grad_() for i, t in enumerate(inputs)]
-    y_ref, s_ref = ssd_ref(*ref_in[:5], initial_state=ref_in[5] if with_h0 else None, cu_seqlens=cu)
+    ref_in = [t.to(DEV, copy=True).requires_grad_() for t in inputs]  # float64, on the GPU there
+    dev_in = [t.to(DEV, DTYPE if i in (0, 3, 4) else FLOAT, copy=True).requires_grad_() for i, t in enumerate(inputs)]
+    y_ref, s_ref = ssd_ref(*ref_in[:5], initial_state=ref_in[5] if with_h0 else None, cu_seqlens=cu)  # cu on CPU
     y, s = ssd(*dev_in[:5], chunk_size=SIZES["chunk"], initial_state=dev_in[5] if with_h0 else None,
                cu_seqlens=None if cu is None else cu.to(DEV), output_final_state=final and with_h0,
                backend="triton")
     g = torch.Generator().manual_seed(seed + 1)
-    wy = torch.randn(y_ref.shape, generator=g, dtype=F64).to(DTYPE).to(F64)  # representable in y's dtype
-    ws = torch.randn(s_ref.shape, generator=g, dtype=F64)
+    wy = torch.randn(y_ref.shape, generator=g, dtype=F64).to(DTYPE).to(F64).to(DEV)  # representable in y's dtype
+    ws = torch.randn(s_ref.shape, generator=g, dtype=F64).to(DEV)
     loss_ref = (y_ref * wy).sum() + ((s_ref * ws).sum() if s is not None else 0)
-    loss = (y.to(F64).cpu() * wy).sum() + ((s.to(F64).cpu() * ws).sum() if s is not None else 0)
+    loss = (y.to(F64) * wy).sum() + ((s.to(F64) * ws).sum() if s is not None else 0)
     loss_ref.backward()
     loss.backward()
     pairs = [(y, y_ref)] + ([(s, s_ref)] if s is not None else [])
