@@ -39,5 +39,5 @@ class AttentionMixer(nn.Module):
                 k = torch.cat([cache.state[0], k], dim=1)
                 v = torch.cat([cache.state[1], v], dim=1)
             cache.state = (k, v)
-        o = attention(q, k, v, cu_seqlens=info.cu_seqlens)
+        o = attention(q, k, v, cu_seqlens=info.cu_seqlens, mask=info.attn_mask)
         return self.o_proj(o.reshape(B, T, C))

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import initialization as init
 
+from tttlm.fast import to_device
+
 
 @dataclass
 class SeqInfo:
@@ -24,10 +26,13 @@ class SeqInfo:
     pos: [B, T] int64, the index of each token inside its own sequence (0 at a document start; a call that
         continues a cache starts at the number of tokens the cache has seen).
     cu_seqlens: int64 [N+1] document boundaries of a packed batch (B == 1), or None.
+    attn_mask: the attention's document mask of a packed batch (`tttlm.ops.attention.document_mask`), built
+        once per batch for every layer, or None.
     """
 
     pos: Tensor
     cu_seqlens: Tensor | None = None
+    attn_mask: object | None = None
 
     @classmethod
     def contiguous(cls, batch: int, length: int, offset: int, device) -> SeqInfo:
@@ -36,12 +41,21 @@ class SeqInfo:
         return cls(pos.expand(batch, length), None)
 
     @classmethod
-    def packed(cls, cu_seqlens: Tensor) -> SeqInfo:
-        """One packed row with the documents of cu_seqlens [N+1]."""
+    def packed(cls, cu_seqlens: Tensor, device=None, attention: bool = False) -> SeqInfo:
+        """One packed row with the documents of cu_seqlens [N+1], for tensors on `device` (default: cu_seqlens'
+        own). cu_seqlens on the CPU gives everything without waiting for the GPU. attention: also build the
+        attention's document mask."""
+        device = cu_seqlens.device if device is None else torch.device(device)
         T = int(cu_seqlens[-1])
         t = torch.arange(T, device=cu_seqlens.device)
         doc = torch.searchsorted(cu_seqlens[1:], t, right=True)
-        return cls((t - cu_seqlens[doc])[None], cu_seqlens)
+        pos = (t - cu_seqlens[doc])[None]
+        mask = None
+        if attention:
+            from tttlm.ops.attention import document_mask
+
+            mask = document_mask(cu_seqlens, device)
+        return cls(to_device(pos, device), to_device(cu_seqlens, device), mask)
 
     @property
     def num_sequences(self) -> int:

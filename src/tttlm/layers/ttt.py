@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import initialization as init
 
+from tttlm.fast import opaque
 from tttlm.layers.common import RMSNorm, SeqInfo, ShortConv, check_heads, rope
 from tttlm.ops import TTTLinearState, TTTMLPState, ttt_linear, ttt_linear_step, ttt_mlp, ttt_mlp_step
 
@@ -109,8 +110,7 @@ class TTTMixer(nn.Module):
         return self.state_cls.start(*(p.to(cdt).expand(n, *p.shape) for p in self.inner_params()))
 
     def _project(self, x: Tensor, info: SeqInfo, cache) -> tuple[dict, dict]:
-        """The op's keyword arguments for x [B, T, C] (state from the cache or the learned start) and the new
-        convolution states."""
+        """The op's keyword arguments for x [B, T, C] but its state, and the new convolution states."""
         B, T, C = x.shape
         convs = {}
         if self.mamba_backbone:
@@ -128,9 +128,6 @@ class TTTMixer(nn.Module):
         eta = lr * torch.sigmoid(self.lr_proj(x).float())  # [B, T, H]
         i = torch.arange(1, self.mini_batch_size + 1, device=x.device, dtype=torch.float32)
         token_scale = torch.clamp_min(1.0 / i + self.token_scale_offset.float(), 0.0)
-        state = None if cache is None else cache.state
-        if state is None:
-            state = self.initial_state(info.num_sequences, x.dtype)
         kwargs = dict(
             q=q,
             k=k,
@@ -138,11 +135,18 @@ class TTTMixer(nn.Module):
             eta=eta,
             ln_weight=self.ln_weight,
             ln_bias=self.ln_bias,
-            state=state,
             mini_batch_size=self.mini_batch_size,
             token_scale=token_scale,
         )
         return kwargs, convs
+
+    @opaque
+    def _run(self, kw: dict, info: SeqInfo, state, output_final_state: bool, dtype: torch.dtype):
+        """The op over whole sequences, from `state` (None: the learned start of every sequence); the op's own
+        kernels run here, outside the compiled code around it."""
+        if state is None:
+            state = self.initial_state(info.num_sequences, dtype)
+        return self.op(**kw, state=state, cu_seqlens=info.cu_seqlens, output_final_state=output_final_state)
 
     def op_inputs(self, hidden_states: Tensor, cu_seqlens: Tensor | None = None) -> dict:
         """The keyword arguments this layer passes to its op (`tttlm.ops.ttt_linear` / `ttt_mlp`) for the
@@ -153,7 +157,8 @@ class TTTMixer(nn.Module):
         B, T, _ = hidden_states.shape
         info = SeqInfo.contiguous(B, T, 0, hidden_states.device) if cu_seqlens is None else SeqInfo.packed(cu_seqlens)
         kwargs, _ = self._project(hidden_states, info, None)
-        return {**kwargs, "cu_seqlens": info.cu_seqlens}
+        state = self.initial_state(info.num_sequences, hidden_states.dtype)
+        return {**kwargs, "state": state, "cu_seqlens": info.cu_seqlens}
 
     def forward(self, x: Tensor, info: SeqInfo, cache=None) -> Tensor:
         B, T, C = x.shape
@@ -166,13 +171,13 @@ class TTTMixer(nn.Module):
                 kw["eta"][:, 0],
                 kw["ln_weight"],
                 kw["ln_bias"],
-                kw["state"],
+                cache.state,
                 mini_batch_size=self.mini_batch_size,
                 token_scale=kw["token_scale"],
             )
             o = o[:, None]
         else:
-            o, state = self.op(**kw, cu_seqlens=info.cu_seqlens, output_final_state=cache is not None)
+            o, state = self._run(kw, info, None if cache is None else cache.state, cache is not None, x.dtype)
         if cache is not None:
             cache.state = state
             cache.conv.update(convs)

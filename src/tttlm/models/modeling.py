@@ -20,6 +20,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from tttlm.fast import compile_enabled, compiled, fast_paths, kernels_enabled
 from tttlm.layers import (
     AttentionMixer,
     Mamba2Mixer,
@@ -33,6 +34,7 @@ from tttlm.layers import (
 )
 from tttlm.models.cache import TTTLMCache
 from tttlm.models.config import TTTLMConfig
+from tttlm.ops.linear_cross_entropy import linear_cross_entropy
 
 # transformers 5.24 renamed the decoding cache of forward() and of its outputs from past_key_values to cache
 # (generate() passes and reads `cache`); forward takes either, and outputs carry the installed version's field
@@ -86,6 +88,11 @@ class TTTLMBlock(GradientCheckpointingLayer):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size) if mlp else None
 
     def forward(self, h: Tensor, info: SeqInfo, cache=None) -> Tensor:
+        if cache is None and compile_enabled(h.device):  # decoding stays eager: its cache changes every call
+            return compiled(TTTLMBlock._forward)(self, h, info)
+        return self._forward(h, info, cache)
+
+    def _forward(self, h: Tensor, info: SeqInfo, cache=None) -> Tensor:
         if self.pre_conv is not None:
             h = self.pre_conv(h, info, cache)
         h = h + self.mixer(self.mixer_norm(h), info, cache)
@@ -138,6 +145,8 @@ class TTTLMModel(TTTLMPreTrainedModel):
         h = inputs_embeds
         for i, block in enumerate(self.layers):
             h = block(h, info=info, cache=None if cache is None else cache.layers[i])
+        if cache is None and compile_enabled(h.device):
+            return compiled(RMSNorm.forward)(self.norm, h)
         return self.norm(h)
 
 
@@ -166,15 +175,16 @@ def _checked_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> Tensor:
     if B != 1:
         raise ValueError(f"with cu_seqlens, input_ids must be one packed row (B == 1), got B = {B}")
     cu = cu_seqlens.long()
-    bounds = cu.tolist()
+    bounds = cu.tolist()  # cu_seqlens on the CPU spares the host a wait for the GPU here
     if bounds[0] != 0 or bounds[-1] != T or any(b <= a for a, b in itertools.pairwise(bounds)):
         raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T = {T}, got {bounds}")
     return cu
 
 
 def _cu_seqlens_from_positions(position_ids: Tensor) -> Tensor | None:
-    """Document boundaries of rows whose positions restart at 0 (None when no row restarts). Every row start
-    is a document start as well: a row continuing a document from outside the batch starts a fresh state."""
+    """Document boundaries of rows whose positions restart at 0 (None when no row restarts), on position_ids'
+    device (the CPU: found without waiting for the GPU). Every row start is a document start as well: a row
+    continuing a document from outside the batch starts a fresh state."""
     if position_ids.dim() != 2 or not bool((position_ids[:, 1:] == 0).any()):
         return None
     starts = position_ids == 0
@@ -241,8 +251,9 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
         labels [B, T]: the loss predicts labels[t + 1] at position t (shifted here; -100 ignored; never across
             a document boundary); loss_reduction "mean", "sum" or "none" ([B, T] float32, 0 where ignored).
             With labels, logits are not computed (the loss is chunked so full float32 logits never exist).
-        cu_seqlens / position_ids: packed documents (see the module docstring). attention_mask may only be all
-            ones (padding would leak into recurrent states: pack instead).
+        cu_seqlens / position_ids: packed documents (see the module docstring); on the CPU (as the trainer
+            passes them) the documents are read without the host waiting for the GPU. attention_mask may only be
+            all ones (padding would leak into recurrent states: pack instead).
         use_cache / past_key_values (or cache, its name from transformers 5.24 on): decoding; with
             use_cache=True and no cache a TTTLMCache is created and returned. logits_to_keep: compute logits
             for the last n positions only (0: all).
@@ -282,15 +293,15 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
             cache = past_key_values if past_key_values is not None else TTTLMCache(self.config.num_hidden_layers)
 
         if cu_seqlens is not None:
-            cu = _checked_cu_seqlens(cu_seqlens.to(x.device), B, T)
+            cu = _checked_cu_seqlens(cu_seqlens, B, T)
         elif position_ids is not None and (cache is None or cache.seen_tokens == 0):
-            cu = _cu_seqlens_from_positions(position_ids.to(x.device))
+            cu = _cu_seqlens_from_positions(position_ids)
         else:
             cu = None
         if cu is not None:
             if cache is not None:
                 raise ValueError("packed batches (cu_seqlens / restarting position_ids) cannot use a decoding cache")
-            info = SeqInfo.packed(cu)
+            info = SeqInfo.packed(cu, x.device, attention=self.config.mixer == "transformer")
             x = x.reshape(1, B * T, -1)
         else:
             info = SeqInfo.contiguous(B, T, 0 if cache is None else cache.seen_tokens, x.device)
@@ -301,7 +312,7 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
 
         loss = logits = None
         if labels is not None:
-            loss = self._loss(h, labels, cu, loss_reduction)
+            loss = self._loss(h, labels, info.cu_seqlens, loss_reduction)
         else:
             logits = self.lm_head(h if not logits_to_keep else h[:, -logits_to_keep:])
         out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
@@ -314,6 +325,15 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
         if cu is not None:  # the token before a document start predicts nothing
             flat = targets.view(-1)
             flat[cu[1:-1] - 1] = -100
+        if kernels_enabled(h.device) and not (reduction == "none" and torch.is_grad_enabled()):
+            # the fused loss of every position, ignored ones included: no host sync to find the valid ones
+            out = linear_cross_entropy(
+                h.reshape(-1, C), self.lm_head.weight, targets.reshape(-1), reduction="none" if reduction == "none"
+                else "sum"
+            )
+            if reduction == "none":
+                return out.view(B, T)
+            return out if reduction == "sum" else out / (targets != -100).sum().clamp_min(1)
         valid = torch.nonzero(targets.reshape(-1) != -100).flatten()
         losses = chunked_cross_entropy(
             h.reshape(-1, C)[valid],
@@ -336,7 +356,8 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
             b.mixer.register_forward_pre_hook(lambda mod, args: captured.append(args[0])) for b in self.model.layers
         ]
         try:
-            self(input_ids, cu_seqlens=cu_seqlens)
+            with fast_paths(compile=False):  # the hooks see every layer's input as plain PyTorch runs it
+                self(input_ids, cu_seqlens=cu_seqlens)
         finally:
             for h in hooks:
                 h.remove()
