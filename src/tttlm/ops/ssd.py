@@ -72,8 +72,9 @@ def ssd(
         chunk_size: tokens per chunk.
         initial_state: [Bt, H, P, N] or None (zeros).
         cu_seqlens: int64 [N+1], documents packed in one row (Bt == 1): the state is reset to zero at every
-            document start. Packed calls take no initial state and return no final state.
-        output_final_state: also return the state after the last token, [Bt, H, P, N].
+            document start. Packed calls take no initial state.
+        output_final_state: also return the state after the last token, [Bt, H, P, N] (packed: after each
+            document's last token, [N, H, P, N]).
 
     Returns:
         y [Bt, T, H, P] in x's dtype, and the final state (float32; float64 for float64 x) or None.
@@ -83,8 +84,8 @@ def ssd(
     if cu_seqlens is not None:
         if Bt != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
             raise ValueError(f"with cu_seqlens, x must be one packed row (B == 1) and cu_seqlens run from 0 to T={T}")
-        if initial_state is not None or output_final_state:
-            raise ValueError("packed calls (cu_seqlens) take no initial_state and return no final state")
+        if initial_state is not None:
+            raise ValueError("packed calls (cu_seqlens) take no initial_state")
     _check_state(initial_state, Bt, H, P, N, "initial_state")
     cdt = _compute_dtype(x.dtype)
     L = chunk_size
@@ -135,7 +136,30 @@ def ssd(
     S_in = torch.stack(entering, dim=1)  # [Bt, nc, H, P, N]
     y_off = torch.einsum("bclhn,bchpn->bclhp", Ch, S_in) * (torch.exp(cs) * carried)[..., None]
     y = (y + y_off).reshape(Bt, nc * L, H, P)[:, :T].to(x.dtype)
+    if output_final_state and cu_seqlens is not None:
+        state = _document_end_states(cu_seqlens, L, seg[0], cs[0], xs[0], Bh[0], carried[0, ..., 0], S_in[0])
     return y, (state if output_final_state else None)
+
+
+def _document_end_states(
+    cu_seqlens: Tensor, L: int, seg: Tensor, cs: Tensor, xs: Tensor, Bh: Tensor, carried: Tensor, S_in: Tensor
+) -> Tensor:
+    """The state after each document's last token e of a packed row, in chunk c = e // L at l = e % L:
+    h_e = [state entering c belongs to the document] exp(cs_l) S_in[c] + sum_{j <= l, same document}
+    exp(cs_l - cs_j) dt_j x_j B_j^T. Arguments are ssd's per-chunk tensors of the one row ([nc, L, ...]).
+    Returns [N, H, P, N]."""
+    ends = cu_seqlens[1:] - 1
+    c, at = ends // L, ends % L
+    doc = torch.arange(ends.numel(), device=ends.device)
+    cs_c = cs[c]  # [N, L, H]
+    cs_end = cs_c[doc, at]  # [N, H]
+    # the chunk's tokens of the document (those after its end belong to the next one, or are padding with dt = 0);
+    # masked before exp: past the document's end cs_l - cs_j >= 0 could overflow
+    mine = (seg[c] == doc[:, None])[..., None]  # [N, L, 1]
+    w = torch.exp(torch.where(mine, cs_end[:, None] - cs_c, torch.full_like(cs_c, -math.inf)))
+    local = torch.einsum("nlh,nlhp,nlhs->nhps", w, xs[c], Bh[c])
+    carry = torch.exp(cs_end) * carried[c, at][:, None]  # [N, H]
+    return carry[..., None, None] * S_in[c] + local
 
 
 def ssd_step(
