@@ -43,6 +43,16 @@ class SeqInfo:
         doc = torch.searchsorted(cu_seqlens[1:], t, right=True)
         return cls((t - cu_seqlens[doc])[None], cu_seqlens)
 
+    def rows(self, x: Tensor) -> Tensor:
+        """The packed x [1, T, ...] laid out one document per row, [N, longest document, ...], zeros after each
+        document's end (a packed prefill's keys and values, for decoding)."""
+        cu = self.cu_seqlens
+        longest = int((cu[1:] - cu[:-1]).max())
+        doc = torch.searchsorted(cu[1:], torch.arange(x.shape[1], device=x.device), right=True)
+        out = x.new_zeros(cu.numel() - 1, longest, *x.shape[2:])
+        out[doc, self.pos[0]] = x[0]
+        return out
+
     @property
     def num_sequences(self) -> int:
         """N: rows of the recurrent states (B, or the number of packed documents)."""
@@ -112,8 +122,11 @@ class ShortConv(nn.Module):
         if self.bias is not None:
             init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: Tensor, pos: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x [B, T, C], pos [B, T], state [B, K-1, C] or None (zeros). Returns y [B, T, C], the new state."""
+    def forward(
+        self, x: Tensor, pos: Tensor, state: Tensor | None = None, cu_seqlens: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """x [B, T, C], pos [B, T], state [B, K-1, C] or None (zeros). Returns y [B, T, C] and the new state;
+        with cu_seqlens (x packed, B == 1) the state of each document, [N, K-1, C]."""
         B, T, C = x.shape
         K = self.kernel_size
         prev = x.new_zeros(B, K - 1, C) if state is None else state.to(x.dtype)
@@ -125,7 +138,12 @@ class ShortConv(nn.Module):
             y = y + xx[:, K - 1 - k : K - 1 - k + T] * self.weight[:, K - 1 - k] * keep[..., k - 1, None]
         if self.bias is not None:
             y = y + self.bias
-        return y.to(x.dtype), xx[:, T:]  # float32 weights must not promote x (autocast leaves mul alone)
+        y = y.to(x.dtype)  # float32 weights must not promote x (autocast leaves mul alone)
+        if cu_seqlens is None:
+            return y, xx[:, T:]
+        # each document's last K-1 inputs; those from before its start are never read (keep masks them by pos)
+        idx = cu_seqlens[1:, None] - (K - 1) + torch.arange(K - 1, device=x.device)  # [N, K-1]
+        return y, x[0, idx.clamp_min(0)]
 
 
 def check_heads(hidden_size: int, num_heads: int, what: str = "num_attention_heads") -> int:

@@ -26,7 +26,8 @@ class MesaMixer(nn.Module):
 
     Decoding cache: `cache.state` (MesaState: h_kk [B,H,D,D], h_kv [B,H,D,D]) and `cache.conv["q"]`,
     `cache.conv["k"]` [B, K-1, C]. CG runs `mesa_cg_max_iter` steps; outside training, `mesa_cg_tol` (if set)
-    stops it early.
+    stops it early, except on a static decoding cache (tttlm.models.decode), where the number of steps is fixed
+    so that the step never waits for the host: there it always runs `mesa_cg_max_iter` steps.
     """
 
     def __init__(self, config):
@@ -64,8 +65,8 @@ class MesaMixer(nn.Module):
         B, T, C = x.shape
         shape = (B, T, self.num_heads, self.head_dim)
         get = (lambda name: None) if cache is None else cache.conv.get
-        q, cq = self.conv_q(self.q_proj(x), info.pos, get("q"))
-        k, ck = self.conv_k(self.k_proj(x), info.pos, get("k"))
+        q, cq = self.conv_q(self.q_proj(x), info.pos, get("q"), info.cu_seqlens)
+        k, ck = self.conv_k(self.k_proj(x), info.pos, get("k"), info.cu_seqlens)
         q = F.normalize(F.silu(q).view(shape), dim=-1, eps=1e-6)
         k = F.normalize(F.silu(k).view(shape), dim=-1, eps=1e-6)
         v = self.v_proj(x).view(shape)
@@ -83,7 +84,7 @@ class MesaMixer(nn.Module):
             lamb=self.lamb(),
             state=state,
             cg_max_iter=self.cg_max_iter,
-            cg_tol=None if self.training else self.cg_tol,
+            cg_tol=None if self.training or (cache is not None and cache.static) else self.cg_tol,
         )
         return kwargs, {"q": cq, "k": ck}
 

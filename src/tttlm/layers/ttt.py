@@ -39,7 +39,7 @@ class PreConv(nn.Module):
         self.conv = ShortConv(config.hidden_size, config.conv_kernel, bias=True)
 
     def forward(self, h: Tensor, info: SeqInfo, cache=None) -> Tensor:
-        y, state = self.conv(self.norm(h), info.pos, None if cache is None else cache.conv.get("pre"))
+        y, state = self.conv(self.norm(h), info.pos, None if cache is None else cache.conv.get("pre"), info.cu_seqlens)
         if cache is not None:
             cache.conv["pre"] = state
         return h + y
@@ -115,8 +115,8 @@ class TTTMixer(nn.Module):
         convs = {}
         if self.mamba_backbone:
             qk = self.qk_proj(x)
-            q, convs["q"] = self.conv_q(qk, info.pos, None if cache is None else cache.conv.get("q"))
-            k, convs["k"] = self.conv_k(qk, info.pos, None if cache is None else cache.conv.get("k"))
+            q, convs["q"] = self.conv_q(qk, info.pos, None if cache is None else cache.conv.get("q"), info.cu_seqlens)
+            k, convs["k"] = self.conv_k(qk, info.pos, None if cache is None else cache.conv.get("k"), info.cu_seqlens)
         else:
             q, k = self.q_proj(x), self.k_proj(x)
         shape = (B, T, self.num_heads, self.head_dim)
