@@ -2,7 +2,9 @@
 different lengths in one batch equal each prompt read alone.
 
 On CPU the static path runs without a CUDA graph (decode="static": the graph path's logic, buffers updated in
-place, every row at its own position); on CUDA the same tests also run with the graph (decode="graph").
+place, every row at its own position), in float32; on CUDA the same tests also run with the graph
+(decode="graph"), in float64 (the float32 Triton prefill multiplies in tf32, which would blur the comparisons
+of packed and single prompts), and a bf16 test runs the GPU's own decode kernels under the graph.
 """
 
 import logging
@@ -16,6 +18,7 @@ from tttlm.models.modeling import CACHE_FIELD
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
+DTYPE = torch.float64 if CUDA else torch.float32
 MODES = ["static", "graph"] if CUDA else ["static"]
 TOL = 1e-4
 # every mixer, plus the TTT Transformer backbone and Mesa's forget-gate cap
@@ -39,7 +42,7 @@ def _left_padded(seqs, lengths):
 @torch.no_grad()
 def test_static_steps_equal_eager(mixer, overrides, mode, tiny, tokens):
     """Prefill 9 tokens, then 31 single-token steps (TTT's mini-batch offset crosses 16 and 32)."""
-    model = tiny(mixer, **overrides).to(DEV)
+    model = tiny(mixer, **overrides).to(DEV, DTYPE)
     ids = tokens(2, 40).to(DEV)
     eager, static = _cache(model, "eager"), _cache(model, mode)
     logits = {}
@@ -61,7 +64,7 @@ def test_static_steps_equal_eager(mixer, overrides, mode, tiny, tokens):
 def test_prompts_of_different_lengths(mixer, prefill, mode, tiny, tokens):
     """Four prompts of 7, 1, 14 and 20 tokens read in one call, then 14 steps of all rows together, equal each
     sequence read alone (TTT rows at different mini-batch offsets, crossing 16 and 32)."""
-    model = tiny(mixer).to(DEV)
+    model = tiny(mixer).to(DEV, DTYPE)
     lengths, steps = [7, 1, 14, 20], 14
     seqs = [tokens(1, n + steps, seed=i)[0].to(DEV) for i, n in enumerate(lengths)]
     cache = _cache(model, mode)
@@ -91,7 +94,7 @@ def test_prompts_of_different_lengths(mixer, prefill, mode, tiny, tokens):
 @torch.no_grad()
 def test_generate_left_padded_prompts(mixer, tiny, tokens):
     """generate() on left-padded prompts of different lengths gives each prompt's own greedy continuation."""
-    model = tiny(mixer).to(DEV)
+    model = tiny(mixer).to(DEV, DTYPE)
     lengths = [5, 9, 2]
     seqs = [tokens(1, n, seed=10 + i)[0].to(DEV) for i, n in enumerate(lengths)]
     ids, mask = _left_padded(seqs, lengths)
@@ -104,7 +107,7 @@ def test_generate_left_padded_prompts(mixer, tiny, tokens):
 @pytest.mark.parametrize("mixer", ["ttt_linear", "transformer"])
 def test_beam_search_on_static_cache(mixer, tiny, tokens):
     """Beam search reorders the static buffers' rows in place (the captured graph keeps its buffers)."""
-    model = tiny(mixer).to(DEV)
+    model = tiny(mixer).to(DEV, DTYPE)
     lengths = [9, 4]
     ids, mask = _left_padded([tokens(1, n, seed=20 + i)[0] for i, n in enumerate(lengths)], lengths)
     ids, mask = ids.to(DEV), mask.to(DEV)
@@ -118,7 +121,7 @@ def test_beam_search_on_static_cache(mixer, tiny, tokens):
 @torch.no_grad()
 def test_static_cache_reorders_rows(mixer, tiny, tokens):
     """reorder_cache moves every buffer's rows and the rows' positions, in place."""
-    model = tiny(mixer).to(DEV)
+    model = tiny(mixer).to(DEV, DTYPE)
     lengths = [5, 11, 8]
     seqs = [tokens(1, n + 1, seed=30 + i)[0].to(DEV) for i, n in enumerate(lengths)]
     ids, mask = _left_padded(seqs, lengths)
@@ -141,7 +144,7 @@ def test_static_cache_reorders_rows(mixer, tiny, tokens):
 def test_attention_buffers_grow(tiny, tokens, monkeypatch):
     """Attention's static buffers grow (and the step is captured again) when the positions run out."""
     monkeypatch.setattr(decode, "CAPACITY_STEP", 4)
-    model = tiny("transformer").to(DEV)
+    model = tiny("transformer").to(DEV, DTYPE)
     ids = tokens(2, 40).to(DEV)
     cache = _cache(model, MODES[-1])
     model(ids[:, :9], use_cache=True, **{CACHE_FIELD: cache})
@@ -180,6 +183,7 @@ def test_graph_bf16_small_model(mixer):
     noise, teacher-forced for 40 steps after a 100-token prompt, and greedy generate() gives the same tokens."""
     torch.manual_seed(0)
     model = build_model(f"{mixer}-small").to("cuda", torch.bfloat16).eval()
+    model.model.norm.weight.data.mul_(20)  # peaked logits: a random model's near-ties would make greedy fragile
     ids = torch.randint(0, model.config.vocab_size, (3, 140), device="cuda")
     logits = {}
     for mode in ("eager", "graph"):
@@ -188,8 +192,10 @@ def test_graph_bf16_small_model(mixer):
         out += [model(ids[:, t : t + 1], **{CACHE_FIELD: cache}).logits for t in range(100, 140)]
         logits[mode] = torch.cat(out, 1).float()
     err = (logits["graph"] - logits["eager"]).norm() / logits["eager"].norm()
-    assert err.item() <= 1e-2, err.item()
+    assert err.item() <= 2e-2, err.item()
     kw = dict(max_new_tokens=32, do_sample=False, pad_token_id=0)
-    graph = model.generate(ids[:, :100], **kw)
+    graph_cache = _cache(model, "auto")
+    graph = model.generate(ids[:, :100], **{CACHE_FIELD: graph_cache}, **kw)
     eager = model.generate(ids[:, :100], **{CACHE_FIELD: _cache(model, "eager")}, **kw)
-    assert (graph == eager).float().mean().item() >= 0.99
+    assert graph_cache.decoder.graph is not None
+    assert torch.equal(graph, eager)
