@@ -103,8 +103,9 @@ class ShortConv(nn.Module):
     """Causal depthwise convolution over time, kernel width K: y_t = sum_k w[:, K-1-k] * x_{t-k} (+ bias).
 
     A token never reads across a document start: the term x_{t-k} counts only when pos_t >= k. A decoding
-    state holds the K-1 previous inputs of each row ([B, K-1, C], zeros at a sequence start), so a call that
-    continues a sequence equals the whole sequence read at once.
+    state holds the K-1 previous inputs of each row ([B, K-1, C], zeros before the document's start), so a call
+    that continues a sequence equals the whole sequence read at once; one token per row (decoding) reads the
+    state without position masks, in a few kernels instead of 3K.
     """
 
     def __init__(self, channels: int, kernel_size: int, bias: bool = True):
@@ -131,6 +132,9 @@ class ShortConv(nn.Module):
         K = self.kernel_size
         prev = x.new_zeros(B, K - 1, C) if state is None else state.to(x.dtype)
         xx = torch.cat([prev, x], dim=1)  # [B, T+K-1, C]
+        if T == 1 and state is not None:
+            y = (xx * self.weight.T).sum(1, keepdim=True)
+            return (y if self.bias is None else y + self.bias).to(x.dtype), xx[:, 1:]
         y = x * self.weight[:, K - 1]
         # keep[..., k-1]: x_{t-k} lies in token t's document; computed once, multiplied in (fewer kernels)
         keep = (pos[..., None] >= torch.arange(1, K, device=pos.device)).to(x.dtype)  # [B, T, K-1]
@@ -141,9 +145,9 @@ class ShortConv(nn.Module):
         y = y.to(x.dtype)  # float32 weights must not promote x (autocast leaves mul alone)
         if cu_seqlens is None:
             return y, xx[:, T:]
-        # each document's last K-1 inputs; those from before its start are never read (keep masks them by pos)
+        # each document's last K-1 inputs, zeros before its start
         idx = cu_seqlens[1:, None] - (K - 1) + torch.arange(K - 1, device=x.device)  # [N, K-1]
-        return y, x[0, idx.clamp_min(0)]
+        return y, x[0, idx.clamp_min(0)] * (idx >= cu_seqlens[:-1, None])[..., None].to(x.dtype)
 
 
 def check_heads(hidden_size: int, num_heads: int, what: str = "num_attention_heads") -> int:

@@ -91,8 +91,8 @@ def decode_step(
         raise ValueError(f"input_ids has {B} rows but the cache holds {cache.positions.shape[0]}")
     if graph:
         if cache.decoder is None or not cache.decoder.matches(model):
-            cache.decoder = GraphStep(model, cache)
-        logits = cache.decoder(input_ids)
+            cache.decoder = GraphStep(model, cache.positions.shape[0], cache.positions.device)
+        logits = cache.decoder(cache, input_ids)
     else:
         logits = _step(model, cache, input_ids, inputs_embeds, logits_to_keep)
     cache.seen_tokens += T
@@ -114,18 +114,19 @@ def _autocast_state() -> tuple[bool, torch.dtype]:
 
 
 class GraphStep:
-    """One token per row of `model` on a static `cache`, captured in a CUDA graph.
+    """One token per row of `model` on a static cache of `batch` rows, captured in a CUDA graph.
 
     The first call runs the step eagerly (on a side stream, which also warms up the kernels) and captures it
-    for the next calls; each later call copies the ids into the graph's input buffer and replays it. Under
+    for the next calls; each later call copies the ids into the graph's input buffer and replays it (on the
+    same cache: the graph holds its buffers' addresses; the cache holds this object, not the reverse). Under
     autocast the step is captured with autocast's weight cache off (a cached cast would not be recorded).
     If the capture fails, the step keeps running eagerly on the same buffers (logged at debug level).
     """
 
-    def __init__(self, model, cache: TTTLMCache):
-        self.model, self.cache = model, cache
+    def __init__(self, model, batch: int, device: torch.device):
+        self.model = model
         self.autocast = _autocast_state()
-        self.ids = torch.zeros(cache.positions.shape[0], 1, dtype=torch.long, device=cache.positions.device)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None  # the graph's output buffer
         self.failed = False
@@ -133,30 +134,30 @@ class GraphStep:
     def matches(self, model) -> bool:
         return self.model is model and self.autocast == _autocast_state()
 
-    def _run(self) -> Tensor:
+    def _run(self, cache: TTTLMCache) -> Tensor:
         enabled, dtype = self.autocast
         with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
-            return _step(self.model, self.cache, self.ids, None, 1)
+            return _step(self.model, cache, self.ids, None, 1)
 
-    def __call__(self, input_ids: Tensor) -> Tensor:
+    def __call__(self, cache: TTTLMCache, input_ids: Tensor) -> Tensor:
         """input_ids [B, 1] -> logits [B, 1, V] (a copy: the graph's buffer is overwritten by the next call)."""
         self.ids.copy_(input_ids)
         if self.graph is not None:
             self.graph.replay()
             return self.logits.clone()
         if self.failed:
-            return self._run()
+            return self._run(cache)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            logits = self._run()
+            logits = self._run(cache)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self.logits = self._run()
+                self.logits = self._run(cache)
             self.graph = graph
         except Exception as e:  # noqa: BLE001 (whatever stops the capture, the eager step stays right)
             self.failed = True
-            _note(self.cache, f"the CUDA graph capture failed ({type(e).__name__}: {e})")
+            _note(cache, f"the CUDA graph capture failed ({type(e).__name__}: {e})")
         return logits
