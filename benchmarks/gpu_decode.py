@@ -10,7 +10,9 @@ The decode timing starts from a static cache filled with random values of the ri
 weights, gradient sums and mini-batch offsets; Mesa's statistics, h_kk made positive definite; Mamba2's SSM and
 convolution states; the Transformer's keys and values at `context` positions), not from a real prefill: a step's
 work does not depend on the values (Mesa's CG runs its fixed number of steps), and prefilling 64 rows of 32k
-tokens per mixer would cost minutes. Rows not reached before --budget seconds are recorded as skipped.
+tokens per mixer would cost minutes. Rows not reached before --budget seconds are recorded as skipped; the JSON
+is written again after every row, so a run stopped from outside keeps what it measured. TTT-MLP's prefill runs
+compiled unless TTTLM_COMPILE=0 (recorded in the JSON).
 
     python benchmarks/gpu_decode.py [--json OUT.json] [--mixers ...] [--contexts 2048 8192 32768]
         [--batches 1 64] [--steps 50] [--budget 240]
@@ -23,6 +25,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -110,6 +113,16 @@ def _measure(fn):
             torch.cuda.empty_cache()
 
 
+def _rounded(row: dict) -> dict:
+    out = dict(row)
+    for k in ("ms_per_token", "nograph_ms_per_token", "prefill_ms"):
+        if out.get(k) is not None:
+            out[k] = round(out[k], 4)
+    if out.get("tokens_per_s") is not None:
+        out["tokens_per_s"] = round(out["tokens_per_s"])
+    return out
+
+
 def _fmt(v, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
@@ -140,28 +153,40 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-repeats", type=int, default=2)
     p.add_argument("--no-prefill", action="store_true")
     p.add_argument("--budget", type=float, default=240.0, help="seconds; rows not started by then are skipped")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a quick check of the script (no graph)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_decode: needs a CUDA GPU", file=sys.stderr)
         return 2
+    graph = device.type == "cuda"
     deadline = time.monotonic() + args.budget
     torch.manual_seed(0)
     out = dict(
-        device=torch.cuda.get_device_name(),
+        device=torch.cuda.get_device_name(device) if graph else "cpu",
         date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         command=" ".join(["python benchmarks/gpu_decode.py", *argv]),
         torch=torch.__version__,
         size=args.size,
         dtype="bfloat16",
         decode_start="random static states of the right shapes, not a real prefill",
+        ttt_mlp_prefill_compiled=os.environ.get("TTTLM_COMPILE", "1") != "0",
         rows=[],
     )
+    rows = {}
+
+    def save(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        out["rows"] = [_rounded(rows[k]) for k in sorted(rows, key=lambda k: (args.mixers.index(k[0]), k[1], k[2]))]
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+
     print(f"{out['device']}, torch {out['torch']}, {args.size} presets, bf16; decode from random states", flush=True)
     models = {}
     for m in args.mixers:
-        with torch.device("cuda"):
+        with device:
             models[m] = build_model(f"{m}-{args.size}").to(torch.bfloat16).eval()
-    rows = {}
     with torch.no_grad():
         for B in sorted(args.batches):
             for L in args.contexts:
@@ -169,32 +194,23 @@ def main(argv=None) -> int:
                     row = rows.setdefault((m, L, B), dict(mixer=m, context=L, batch=B))
                     if time.monotonic() > deadline:
                         row["note"] = "skipped: time budget"
+                        save(row)
                         continue
-                    row.update(_measure(lambda m=m, L=L, B=B: time_decode(models[m], B, L, args.steps, True)))
-                    if B == 1 and args.nograph_steps and "error" not in row:
+                    row.update(_measure(lambda m=m, L=L, B=B: time_decode(models[m], B, L, args.steps, graph)))
+                    if B == 1 and graph and args.nograph_steps and "error" not in row:
                         res = _measure(lambda m=m, L=L: time_decode(models[m], 1, L, args.nograph_steps, False))
                         row["nograph_ms_per_token"] = res.get("ms_per_token")
-                    print(json.dumps(row), flush=True)
+                    save(row)
         for L in () if args.no_prefill else args.contexts:
             for m in sorted(args.mixers, key=PREFILL_ORDER.index):
                 row = rows.setdefault((m, L, 1), dict(mixer=m, context=L, batch=1))
                 if time.monotonic() > deadline:
                     row["prefill_note"] = "skipped: time budget"
+                    save(row)
                     continue
                 res = _measure(lambda m=m, L=L: dict(prefill_ms=time_prefill(models[m], L, args.prefill_repeats)))
                 row.update(res if "error" not in res else {"prefill_error": res["error"]})
-                print(json.dumps({k: row.get(k) for k in ("mixer", "context", "prefill_ms", "prefill_error")}),
-                      flush=True)
-    out["rows"] = [rows[k] for k in sorted(rows, key=lambda k: (args.mixers.index(k[0]), k[1], k[2]))]
-    for r in out["rows"]:
-        for k in ("ms_per_token", "nograph_ms_per_token", "prefill_ms"):
-            if r.get(k) is not None:
-                r[k] = round(r[k], 4)
-        if r.get("tokens_per_s") is not None:
-            r["tokens_per_s"] = round(r["tokens_per_s"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+                save(row)
     print_table(out["rows"], args.mixers, args.contexts, args.batches)
     return 0
 

@@ -1,7 +1,8 @@
-"""benchmarks/gpu_decode.py's pieces on CPU with tiny models (the script itself needs a GPU): the random
-static cache, decode and prefill timings, the table."""
+"""benchmarks/gpu_decode.py on CPU with tiny models (its numbers need a GPU): the random static cache, decode and
+prefill timings, the rows it writes and the table."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -38,3 +39,18 @@ def test_pieces_on_cpu(capsys):
     bench.print_table(rows, MIXERS, [40], [1])
     table = capsys.readouterr().out
     assert table.count("| 40 |") == len(MIXERS)
+
+
+def test_run_on_cpu(tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    argv = ["--device", "cpu", "--size", "tiny", "--contexts", "40", "--batches", "1", "3", "--steps", "1",
+            "--prefill-repeats", "1", "--json", str(out)]
+    assert _script().main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["command"] == "python benchmarks/gpu_decode.py " + " ".join(argv)
+    assert {"device", "date", "rows"} <= set(res)
+    rows = {(r["mixer"], r["context"], r["batch"]): r for r in res["rows"]}
+    assert set(rows) == {(m, 40, B) for m in MIXERS for B in (1, 3)}
+    for (_, _, B), r in rows.items():
+        assert r["ms_per_token"] > 0 and r["tokens_per_s"] > 0 and ("prefill_ms" in r) == (B == 1), r
+    assert capsys.readouterr().out.count("| 40 |") == len(MIXERS)
