@@ -4,7 +4,9 @@ Each mixer's preset (default 125m) with bf16 weights, under torch.no_grad():
 - decode: ms per generated token at batch 1 and tokens/s at batch 64 after a context of 2k, 8k and 32k tokens,
   through the CUDA graph of tttlm.models.decode (one copy of the new ids and one replay per token; greedy, each
   step's argmax is the next input), and at batch 1 the same static step without the graph;
-- prefill: the time of one forward call over a context of each length at batch 1 that builds the cache.
+- prefill: the time of one forward call over a context of each length at batch 1 that builds the cache;
+- the GPU kernels (and copies) one step launches, counted by the profiler at batch 1 after all timings: the
+  graph replays them one after another, so their number sets the floor of a step's time.
 
 The decode timing starts from a static cache filled with random values of the right shapes (TTT's inner
 weights, gradient sums and mini-batch offsets; Mesa's statistics, h_kk made positive definite; Mamba2's SSM and
@@ -82,6 +84,20 @@ def time_decode(model, batch: int, context: int, steps: int, graph: bool) -> dic
     return dict(ms_per_token=1e3 * seconds, tokens_per_s=batch / seconds, graph=captured)
 
 
+def kernels_per_step(model, context: int) -> int:
+    """GPU kernels and copies of one decode step at batch 1 without the graph, as the profiler records them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = random_cache(model, 1, context, 4)
+    tok = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+    decode.decode_step(model, cache, tok, graph=False)
+    _sync(model.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decode.decode_step(model, cache, tok, graph=False)
+        _sync(model.device)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def time_prefill(model, context: int, repeats: int) -> float:
     """Median ms of one forward over `context` random tokens (batch 1) that builds the decoding cache."""
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=model.device)
@@ -129,14 +145,16 @@ def _fmt(v, spec: str) -> str:
 
 def print_table(rows: list[dict], mixers, contexts, batches) -> None:
     big = max(batches)
-    print(f"\n| mixer | context | ms/token, batch 1 (graph) | without graph | tokens/s, batch {big} | prefill ms |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| mixer | context | ms/token, batch 1 (graph) | without graph | kernels per step | tokens/s, batch {big} "
+          "| prefill ms |")
+    print("|---|---|---|---|---|---|---|")
     by = {(r["mixer"], r["context"], r["batch"]): r for r in rows}
     for m in mixers:
         for L in contexts:
             one, many = by.get((m, L, 1), {}), by.get((m, L, big), {})
             print(f"| {m} | {L} | {_fmt(one.get('ms_per_token'), '.3f')} | "
-                  f"{_fmt(one.get('nograph_ms_per_token'), '.2f')} | {_fmt(many.get('tokens_per_s'), ',.0f')} | "
+                  f"{_fmt(one.get('nograph_ms_per_token'), '.2f')} | {_fmt(one.get('kernels_per_step'), 'd')} | "
+                  f"{_fmt(many.get('tokens_per_s'), ',.0f')} | "
                   f"{_fmt(one.get('prefill_ms'), '.1f')} |")
 
 
@@ -211,6 +229,13 @@ def main(argv=None) -> int:
                 res = _measure(lambda m=m, L=L: dict(prefill_ms=time_prefill(models[m], L, args.prefill_repeats)))
                 row.update(res if "error" not in res else {"prefill_error": res["error"]})
                 save(row)
+        # last: the profiler must not run before (or during) any timing or capture
+        for m in args.mixers if graph else ():
+            res = _measure(lambda m=m: dict(kernels_per_step=kernels_per_step(models[m], args.contexts[0])))
+            for L in args.contexts:
+                rows.setdefault((m, L, 1), dict(mixer=m, context=L, batch=1))["kernels_per_step"] = res.get(
+                    "kernels_per_step")
+            save(dict(mixer=m, **res))
     print_table(out["rows"], args.mixers, args.contexts, args.batches)
     return 0
 

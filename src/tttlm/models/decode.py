@@ -147,17 +147,19 @@ class GraphStep:
             return self.logits.clone()
         if self.failed:
             return self._run(cache)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            logits = self._run(cache)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self.logits = self._run(cache)
-            self.graph = graph
-        except Exception as e:  # noqa: BLE001 (whatever stops the capture, the eager step stays right)
-            self.failed = True
-            _note(cache, f"the CUDA graph capture failed ({type(e).__name__}: {e})")
+        with torch.cuda.device(self.ids.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self._run(cache)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                # thread_local: CUDA calls of other threads (a streamer's, say) do not break the capture
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.logits = self._run(cache)
+                self.graph = graph
+            except Exception as e:  # noqa: BLE001 (whatever stops the capture, the eager step stays right)
+                self.failed = True
+                _note(cache, f"the CUDA graph capture failed ({type(e).__name__}: {e})")
         return logits
