@@ -57,6 +57,25 @@ def test_static_steps_equal_eager(mixer, overrides, mode, tiny, tokens):
         assert static.decoder.graph is not None, "the step was not captured"
 
 
+@pytest.mark.parametrize("mode", MODES)
+@torch.no_grad()
+def test_mesa_runs_fixed_cg_steps(mode, tiny, tokens):
+    """On static buffers Mesa ignores mesa_cg_tol (the host would have to decide when to stop): after the same
+    prefill (which uses it), its steps equal the eager steps without a tolerance, not those with one."""
+    ids = tokens(2, 20).to(DEV)
+    logits = {}
+    for name in ("fixed", "tol", "static"):
+        model = tiny("mesa", mesa_cg_tol=0.5).to(DEV, DTYPE)
+        cache = _cache(model, mode if name == "static" else "eager")
+        model(ids[:, :9], use_cache=True, **{CACHE_FIELD: cache})
+        if name == "fixed":
+            for block in model.model.layers:
+                block.mixer.cg_tol = None
+        logits[name] = torch.cat([model(ids[:, t : t + 1], **{CACHE_FIELD: cache}).logits for t in range(9, 20)], 1)
+    assert (logits["static"] - logits["fixed"]).abs().max().item() <= TOL
+    assert (logits["static"] - logits["tol"]).abs().max().item() > 1e-2
+
+
 @pytest.mark.parametrize("mode", ["auto", *MODES])
 @pytest.mark.parametrize("prefill", ["left_padded", "cu_seqlens"])
 @pytest.mark.parametrize("mixer", MIXERS)

@@ -109,6 +109,12 @@ def _step(model, cache: TTTLMCache, input_ids: Tensor | None, inputs_embeds: Ten
     return model.lm_head(h[:, -keep:] if keep else h)
 
 
+def _weights_key(model) -> tuple:
+    """Where the first and the output weights live: model.to() (a new dtype or device) moves them all."""
+    first, out = next(model.parameters()), model.lm_head.weight
+    return first.data_ptr(), first.dtype, out.data_ptr()
+
+
 def _autocast_state() -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
@@ -125,6 +131,7 @@ class GraphStep:
 
     def __init__(self, model, batch: int, device: torch.device):
         self.model = model
+        self.weights = _weights_key(model)
         self.autocast = _autocast_state()
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -132,7 +139,8 @@ class GraphStep:
         self.failed = False
 
     def matches(self, model) -> bool:
-        return self.model is model and self.autocast == _autocast_state()
+        """Whether the graph still applies: same model, weights where they were, same autocast."""
+        return self.model is model and self.weights == _weights_key(model) and self.autocast == _autocast_state()
 
     def _run(self, cache: TTTLMCache) -> Tensor:
         enabled, dtype = self.autocast
