@@ -76,7 +76,7 @@ def test_mesa_runs_fixed_cg_steps(mode, tiny, tokens):
     assert (logits["static"] - logits["tol"]).abs().max().item() > 1e-2
 
 
-@pytest.mark.parametrize("mode", ["auto", *MODES])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("prefill", ["left_padded", "cu_seqlens"])
 @pytest.mark.parametrize("mixer", MIXERS)
 @torch.no_grad()
