@@ -199,10 +199,11 @@ def test_fallbacks_are_logged(tiny, tokens, caplog):
 @torch.no_grad()
 def test_graph_bf16_small_model(mixer):
     """The "small" preset in bf16 on the GPU's own kernels: the graph's logits equal the eager path's within bf16
-    noise, teacher-forced for 40 steps after a 100-token prompt, and greedy generate() gives the same tokens."""
+    noise, teacher-forced for 40 steps after a 100-token prompt; and every token of greedy generate() through the
+    graph is the eager full forward's argmax, up to bf16 near-ties."""
     torch.manual_seed(0)
     model = build_model(f"{mixer}-small").to("cuda", torch.bfloat16).eval()
-    model.model.norm.weight.data.mul_(20)  # peaked logits: a random model's near-ties would make greedy fragile
+    model.model.norm.weight.data.mul_(20)  # peaked logits: fewer near-ties in a random model's greedy choices
     ids = torch.randint(0, model.config.vocab_size, (3, 140), device="cuda")
     logits = {}
     for mode in ("eager", "graph"):
@@ -210,11 +211,13 @@ def test_graph_bf16_small_model(mixer):
         out = [model(ids[:, :100], use_cache=True, logits_to_keep=1, **{CACHE_FIELD: cache}).logits]
         out += [model(ids[:, t : t + 1], **{CACHE_FIELD: cache}).logits for t in range(100, 140)]
         logits[mode] = torch.cat(out, 1).float()
+        if mode == "graph":
+            assert cache.decoder.graph is not None, "the step was not captured"
     err = (logits["graph"] - logits["eager"]).norm() / logits["eager"].norm()
     assert err.item() <= 2e-2, err.item()
-    kw = dict(max_new_tokens=32, do_sample=False, pad_token_id=0)
-    graph_cache = _cache(model, "auto")
-    graph = model.generate(ids[:, :100], **{CACHE_FIELD: graph_cache}, **kw)
-    eager = model.generate(ids[:, :100], **{CACHE_FIELD: _cache(model, "eager")}, **kw)
-    assert graph_cache.decoder.graph is not None
-    assert torch.equal(graph, eager)
+    cache = _cache(model, "auto")
+    out = model.generate(ids[:, :100], max_new_tokens=32, do_sample=False, pad_token_id=0, **{CACHE_FIELD: cache})
+    assert cache.decoder.graph is not None
+    full = model(out[:, :-1]).logits[:, 99:].float()  # predicts out[:, 100:]
+    chosen = full.gather(-1, out[:, 100:, None])[..., 0]
+    assert (full.amax(-1) - chosen).max().item() <= 2e-2 * full.abs().max().item()

@@ -254,10 +254,10 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, C]")
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
-        if inputs_embeds is None and input_ids.dim() != 2 or inputs_embeds is not None and inputs_embeds.dim() != 3:
-            given = input_ids if inputs_embeds is None else inputs_embeds[..., 0]
+        given = input_ids if inputs_embeds is None else inputs_embeds[..., 0]  # [B, T]
+        if given.dim() != 2:
             raise ValueError(f"input_ids must have shape [B, T], got {list(given.shape)}")
-        B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        B, T = given.shape
         if labels is not None and labels.shape != (B, T):
             raise ValueError(f"labels must have shape [B, T] = [{B}, {T}], got {list(labels.shape)}")
         if cache is not None and past_key_values is not None:
