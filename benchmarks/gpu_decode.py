@@ -40,7 +40,7 @@ from tttlm.ops import MesaState
 
 CONTEXTS = (2048, 8192, 32768)
 BATCHES = (1, 64)
-PREFILL_ORDER = ("transformer", "ttt_linear", "mamba2", "mesa", "ttt_mlp")  # the slow PyTorch prefills last
+PREFILL_ORDER = ("transformer", "ttt_linear", "mamba", "mamba2", "mesa", "ttt_mlp")  # slow PyTorch prefills last
 
 
 def _sync(device: torch.device) -> None:

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from tttlm.data.loader import PackedLoader, count_targets
 from tttlm.data.shards import TokenShard
@@ -29,6 +30,26 @@ def test_windows_pack_documents_with_positions_restarting_at_each_start():
     starts = set(shard.offsets[:-1].tolist()) | set(range(0, n, 16))  # document and row starts
     assert set(np.flatnonzero(pos == 0).tolist()) == {s for s in starts if s < n}
     assert count_targets(batches[0]["position_ids"]) == 32 - len([s for s in starts if s < 32])
+
+
+def test_stream_windows_cut_the_same_stream_without_resets():
+    """resets=False (the TTT authors' handling): the same windows of the same concatenated stream, with positions
+    0..seq_len-1 in every row, so every token but a row's last has a target, across document boundaries too; no
+    document needs to reach seq_len."""
+    shard = make_shard([5, 17, 3, 40, 9, 26, 11])
+    kept, stream = (PackedLoader(shard, 16, 2, seed=4, resets=r) for r in (True, False))
+    targets = [0, 0]
+    for _ in range(kept.batches_per_epoch + 1):
+        a, b = next(kept), next(stream)
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(b["position_ids"], torch.arange(16).expand(2, 16))
+        targets[0] += count_targets(a["position_ids"])
+        targets[1] += count_targets(b["position_ids"])
+    assert targets[1] == (kept.batches_per_epoch + 1) * 2 * 15 > targets[0]
+    short = make_shard([5, 7, 3, 9] * 4)
+    with pytest.raises(UserError, match="longer than every document"):
+        PackedLoader(short, 16, 2)
+    assert next(PackedLoader(short, 16, 2, resets=False))["input_ids"].shape == (2, 16)
 
 
 def test_deterministic_for_a_seed_and_resumable_mid_epoch():

@@ -6,8 +6,8 @@ import torch
 from tttlm.models import TTTLMCache
 from tttlm.models.modeling import CACHE_FIELD
 
-MIXERS = ["ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2"]
-RECURRENT = ["ttt_linear", "ttt_mlp", "mesa", "mamba2"]
+MIXERS = ["ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2", "mamba"]
+RECURRENT = ["ttt_linear", "ttt_mlp", "mesa", "mamba2", "mamba"]
 # every mixer, plus the TTT Transformer backbone and Mesa's forget-gate cap
 VARIANTS = [(m, {}) for m in MIXERS] + [
     ("ttt_mlp", {"ttt_backbone": "transformer"}),

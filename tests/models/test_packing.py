@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-MIXERS = ["ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2"]
+MIXERS = ["ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2", "mamba"]
 VARIANTS = [(m, {}) for m in MIXERS] + [("ttt_linear", {"ttt_backbone": "transformer"})]
 LENGTHS = [7, 13, 2, 18]  # two rows of 20 tokens when packed by position ids
 

@@ -1,8 +1,10 @@
 """Presets, their parameter counts, `tttlm info`, and the errors for bad names and dimensions."""
 
 import pytest
+import torch
 
 import tttlm
+import tttlm.models
 from tttlm.cli import main
 from tttlm.models import MIXERS, NOMINAL, SIZES, count_parameters, preset_config
 
@@ -37,9 +39,65 @@ def test_paper_configurations():
 @pytest.mark.parametrize("size", list(SIZES))
 def test_mixers_agree_on_parameter_count(size):
     counts = {m: count_parameters(preset_config(f"{m}-{size}")) for m in MIXERS}
-    assert max(counts.values()) / min(counts.values()) <= 1.05, counts
+    matched = [c for m, c in counts.items() if m != "mamba"]
+    assert max(matched) / min(matched) <= 1.05, counts
+    # Mamba keeps its own paper's depths, a few percent above TTT-Linear as in the TTT paper's comparison
+    assert 1.0 <= counts["mamba"] / counts["ttt_linear"] <= 1.05, counts
     if NOMINAL[size]:
         assert 0.8 <= counts["transformer"] / NOMINAL[size] <= 1.1
+
+
+def test_mamba_presets_are_the_mamba_papers_models():
+    """The TTT paper's Mamba baseline: Mamba's 130M / 370M / 790M / 1.4B shapes (its vocabulary aside), mixer-only
+    blocks, d_state 16, expand 2, dt rank ceil(C / 16)."""
+    shapes = {"125m": (768, 24), "350m": (1024, 48), "760m": (1536, 48), "1.3b": (2048, 48)}
+    for size, (width, layers) in shapes.items():
+        c = preset_config(f"mamba-{size}")
+        assert (c.hidden_size, c.num_hidden_layers, c.mamba_d_state, c.mamba_expand) == (width, layers, 16, 2)
+        assert c.mamba_dt_rank is None and c.conv_kernel == 4 and c.tie_word_embeddings
+    assert preset_config("mamba2-125m").mamba_d_state == 128
+    model = tttlm.build_model("mamba-tiny", vocab_size=11)
+    block = model.model.layers[0]
+    assert block.mlp is None and block.mixer.dt_rank == 4 and block.mixer.A_log.shape == (128, 16)
+    A = -block.mixer.A_log.exp()
+    assert torch.allclose(A, -torch.arange(1.0, 17.0).expand(128, 16))  # S4D-real
+    dt = torch.nn.functional.softplus(block.mixer.dt_bias)
+    assert 1e-3 <= dt.min() and dt.max() <= 1e-1
+    # the output projection's init shrinks with the depth: 1/sqrt(fan_in) / sqrt(layers)
+    assert block.mixer.out_proj.weight.abs().max() <= 128**-0.5 / len(model.model.layers) ** 0.5
+    assert "model.layers.0.mixer.A_log" in model.no_weight_decay_names()
+
+
+def test_mesa_paper_presets():
+    """MesaNet's reference layer's choices at the paper sizes: head dim 128, no output gate, forget bias at zero;
+    the SwiGLU width keeps the Transformer's parameter count."""
+    for size in ("125m", "350m", "760m", "1.3b"):
+        c = preset_config(f"mesa-paper-{size}")
+        assert c.hidden_size // c.num_attention_heads == 128
+        assert (c.mesa_output_gate, c.mesa_forget_bias_init, c.mesa_gate_cap) == (False, "zero", False)
+        ratio = count_parameters(c) / count_parameters(preset_config(f"transformer-{size}"))
+        assert abs(ratio - 1) <= 0.01, (size, ratio)
+    assert preset_config("mesa-125m").mesa_output_gate  # the mesa presets keep theirs
+    assert "mesa-paper-125m" in tttlm.models.preset_names()
+    with pytest.raises(ValueError, match="no paper variant of mixer 'mamba'"):
+        preset_config("mamba-paper-125m")
+    with pytest.raises(ValueError, match="paper sizes"):
+        preset_config("mesa-paper-tiny")
+
+
+def test_mesa_options_change_the_layer(tiny, tokens):
+    ids = tokens(1, 12)
+    base = tiny("mesa")
+    no_gate = tiny("mesa", mesa_output_gate=False, mesa_forget_bias_init="zero")
+    mixer = no_gate.model.layers[0].mixer
+    assert mixer.gate_proj is None and torch.equal(mixer.forget_proj.bias, torch.zeros(4))
+    assert base.model.layers[0].mixer.forget_proj.bias.sigmoid().min() > 0.89
+    gate = sum(p.numel() for p in base.model.layers[0].mixer.gate_proj.parameters())
+    assert count_parameters(base.config) - count_parameters(no_gate.config) == gate * 2
+    with torch.no_grad():
+        assert torch.isfinite(no_gate(ids).logits).all()
+    with pytest.raises(ValueError, match="mesa_forget_bias_init"):
+        tttlm.build_model("mesa-tiny", mesa_forget_bias_init="ones")
 
 
 def test_overrides_use_transformers_names():

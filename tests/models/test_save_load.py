@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import tttlm
 from tttlm.models import TTTLMConfig, TTTLMForCausalLM
 
-MIXERS = ["ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2"]
+MIXERS = ["ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2", "mamba"]
 
 
 @pytest.mark.parametrize("mixer", MIXERS)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from tttlm.layers import TTTMixer
 
-MIXERS = ["ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2"]
+MIXERS = ["ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2", "mamba"]
 
 
 @pytest.mark.parametrize("mixer", MIXERS)

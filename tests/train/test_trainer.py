@@ -106,6 +106,37 @@ def test_weight_decay_skips_norms_biases_and_inner_initial_weights():
     assert not any(names[id(p)].endswith(("W0", "norm.weight")) for p in decay["params"])
 
 
+def test_weight_decay_all_decays_every_parameter():
+    """The TTT authors' set (weight_decay_all): one decayed group holding every parameter, inner ones included."""
+    from tttlm.models import build_model
+    from tttlm.train.optim import make_optimizer
+
+    model = build_model("ttt_linear-tiny", vocab_size=300)
+    n = len(list(model.parameters()))
+    default, _ = make_optimizer(model, make_config(model="ttt_linear-tiny"))
+    authors, _ = make_optimizer(model, make_config(model="ttt_linear-tiny", weight_decay_all=True))
+    assert 0 < len(default.param_groups[0]["params"]) < n
+    assert [len(g["params"]) for g in authors.param_groups] == [n, 0]
+    assert authors.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_stream_windows_and_weight_decay_all_from_the_command_line(tmp_path, text_dir, cache_dir):
+    """--stream-windows trains and validates on windows without document resets: every token but a window's last
+    is a target (the default run has fewer, a document start in a window has none before it)."""
+    from tttlm.cli import main
+
+    s = settings(text_dir, cache_dir, tmp_path / "run", steps=2, eval_every=2, save_every=2, seq_len=128)
+    toml(tmp_path / "run.toml", s)
+    assert main(["train", "--config", str(tmp_path / "run.toml"), "--stream-windows", "--weight-decay-all"]) == 0
+    saved = load_pretrained(tmp_path / "run")[2]
+    assert saved["stream_windows"] and saved["weight_decay_all"]
+    val = [r for r in read_metrics(tmp_path / "run") if "val_tokens" in r][-1]
+    assert val["val_tokens"] == s["eval_batches"] * s["batch_size"] * (s["seq_len"] - 1)
+    reset = train(make_config(settings(text_dir, cache_dir, tmp_path / "reset", steps=1, eval_every=1,
+                                       seq_len=128)), log=lambda *_: None)
+    assert reset["val_tokens"] < val["val_tokens"]
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, text_dir, cache_dir):
     s = settings(text_dir, cache_dir, tmp_path / "full", steps=16, save_every=4, eval_every=8)
     full = toml(tmp_path / "full.toml", s)

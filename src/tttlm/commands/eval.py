@@ -1,7 +1,7 @@
 """Validation loss and perplexity of a checkpoint.
 
-By default the corpus, validation fraction and sequence length are those the checkpoint was trained with; the
-tokenizer is always the checkpoint's own.
+By default the corpus, validation fraction, sequence length and document handling (resets at document starts,
+or --stream-windows) are those the checkpoint was trained with; the tokenizer is always the checkpoint's own.
 
 examples:
   tttlm eval runs/quickstart                  # the latest checkpoint of a run
@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", help="field / column holding the text (default: the training one)")
     parser.add_argument("--val-fraction", type=float, help="fraction of documents held out (default: training's)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the training length)")
+    parser.add_argument("--stream-windows", action=argparse.BooleanOptionalAction, default=None,
+                        help="windows of the concatenated stream, no resets at document starts (default: as trained)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     parser.add_argument("--batches", type=int, default=50, help="batches evaluated (fewer if the split is small)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -45,8 +47,11 @@ def run(args: argparse.Namespace) -> int:
     if not seq_len:
         raise ValueError("the checkpoint does not record its sequence length: pass --seq-len")
     data = prepare_data(corpus, tokenizer=str(path / "tokenizer.json"), cache_dir=args.cache_dir)
-    result = evaluate(model, data.split("val"), seq_len, args.batch_size, args.batch_size, args.batches, rt)
+    stream = trained.get("stream_windows", False) if args.stream_windows is None else args.stream_windows
+    result = evaluate(model, data.split("val"), seq_len, args.batch_size, args.batch_size, args.batches, rt,
+                      resets=not stream)
     print(f"{path}: validation loss {result['val_loss']:.4f} nats/token, perplexity {result['val_ppl']:.2f} "
-          f"({result['val_tokens']:,d} tokens of {corpus.source}, sequence length {seq_len}); unigram baseline "
+          f"({result['val_tokens']:,d} tokens of {corpus.source}, sequence length {seq_len}"
+          f"{', stream windows' if stream else ''}); unigram baseline "
           f"{data.meta['unigram_val_loss']:.4f}")
     return 0

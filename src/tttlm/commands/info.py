@@ -17,12 +17,14 @@ def add_arguments(parser) -> None:
         "--mixers",
         nargs="*",
         default=None,
-        help="mixers to show (default: all: ttt_linear ttt_mlp mesa transformer mamba2)",
+        help="mixers to show (default: all: ttt_linear ttt_mlp mesa transformer mamba2 mamba; mesa also shows its "
+        "mesa-paper presets)",
     )
 
 
 def run(args) -> int:
     from tttlm.models import MIXERS, NOMINAL, SIZES, count_parameters, preset_config
+    from tttlm.models.presets import PAPER_SIZES, PAPER_VARIANTS
 
     sizes = args.sizes or list(SIZES)
     mixers = args.mixers or list(MIXERS)
@@ -35,15 +37,18 @@ def run(args) -> int:
     print(f"{'preset':<20} {'nominal':>8} {'params':>14} {'vs nominal':>10}  width x layers, heads, mlp")
     for s in sizes:
         counts = {}
-        for m in mixers:
-            cfg = preset_config(f"{m}-{s}")
-            n = counts[m] = count_parameters(cfg)
+        names = [f"{m}-{s}" for m in mixers]
+        names += [f"{m}-paper-{s}" for m in mixers if m in PAPER_VARIANTS and s in PAPER_SIZES]
+        for name in names:
+            c = preset_config(name)
+            n = counts[name] = count_parameters(c)
             nominal = NOMINAL[s]
             nom = "-" if nominal is None else _human(nominal)
             ratio = "-" if nominal is None else f"{n / nominal:.3f}"
-            c = cfg
             shape = f"{c.hidden_size} x {c.num_hidden_layers}, {c.num_attention_heads}, {c.intermediate_size}"
-            print(f"{m + '-' + s:<20} {nom:>8} {n:>14,} {ratio:>10}  {shape}")
+            if c.mixer == "mamba":
+                shape = f"{c.hidden_size} x {c.num_hidden_layers}, no MLP"
+            print(f"{name:<20} {nom:>8} {n:>14,} {ratio:>10}  {shape}")
         if len(counts) > 1:
             spread = max(counts.values()) / min(counts.values()) - 1
             print(f"{'':<20} {'':>8} spread across mixers at {s}: {100 * spread:.1f}%")

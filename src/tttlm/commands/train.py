@@ -18,8 +18,8 @@ import json
 import os
 
 _HELP = {
-    "model": "model preset {mixer}-{size}: mixers ttt_linear, ttt_mlp, mesa, transformer, mamba2; sizes tiny, "
-             "small, 125m, 350m, 760m, 1.3b (default ttt_linear-tiny)",
+    "model": "model preset {mixer}-{size}: mixers ttt_linear, ttt_mlp, mesa, transformer, mamba2, mamba; sizes "
+             "tiny, small, 125m, 350m, 760m, 1.3b; or mesa-paper-{size} (default ttt_linear-tiny)",
     "corpus": "'stdlib' (the Python standard library's .py files), a directory, a glob, a .txt/.jsonl/.parquet "
               "file, or a saved `datasets` dataset",
     "text_field": "field of .jsonl records / column of parquet and datasets holding the text",
@@ -27,7 +27,7 @@ _HELP = {
     "tokenizer": "an existing tokenizer.json (default: train a byte-level BPE on the corpus)",
     "vocab_size": "vocabulary size of the trained tokenizer",
     "cache_dir": "where tokenizers and token shards are cached (default $TTTLM_CACHE or ~/.cache/tttlm)",
-    "seq_len": "tokens per training sequence (documents are packed, boundaries kept)",
+    "seq_len": "tokens per training sequence (documents are packed, boundaries kept unless --stream-windows)",
     "batch_size": "sequences per optimizer step, over all processes",
     "micro_batch_size": "sequences per forward pass and process (gradient accumulation makes up the rest)",
     "steps": "optimizer steps",
@@ -35,6 +35,10 @@ _HELP = {
     "min_lr_ratio": "final learning rate as a fraction of the peak (cosine decay)",
     "warmup_steps": "linear warm-up steps",
     "weight_decay": "AdamW weight decay (never on norms, biases, lambda or the inner loop's initial weights)",
+    "weight_decay_all": "weight decay on every parameter, as the TTT authors (default: none on norms, biases, "
+                        "lambda or the inner loop's initial weights)",
+    "stream_windows": "train on windows of the concatenated token stream with no resets at document starts (states, "
+                      "convolutions and attention flow across documents), as the TTT authors",
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "grad_clip": "gradient clipping norm",

@@ -6,7 +6,9 @@ window is dropped. A batch is `batch_size` consecutive windows (the global batch
 each rank takes its own contiguous slice of rows, so the global batch is the same for any world size.
 Boundaries travel as position_ids that restart at 0 at every document start (and at every row start, since a
 document cut by a window boundary continues as a fresh sequence), which is what TTTLMForCausalLM reads to
-reset its states and mask the loss.
+reset its states and mask the loss. With resets=False (the TTT authors' data handling) the positions run
+0..seq_len-1 in every row: a window is one sequence, documents flow into each other (separated by the EOS
+tokens that frame them) and the loss predicts across their boundaries.
 """
 
 from __future__ import annotations
@@ -24,18 +26,20 @@ class PackedLoader:
     batch_size: rows of the global batch; b = batch_size // world_size rows go to this rank.
     `state_dict()` / `load_state_dict()` save and restore the position (epoch, batch index).
     require_full_length: a UserError when no document reaches seq_len (the model would never see a context
-    that long: a likely mistake); off for validation.
+    that long: a likely mistake); off for validation, and moot without resets.
+    resets: position_ids restart at document starts (default); False: they run 0..seq_len-1 in every row.
     """
 
     def __init__(self, shard: TokenShard, seq_len: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, split: str = "train", require_full_length: bool = True):
+                 rank: int = 0, world_size: int = 1, split: str = "train", require_full_length: bool = True,
+                 resets: bool = True):
         if seq_len < 2:
             raise UserError(f"the sequence length must be at least 2, got {seq_len}")
         if batch_size < 1 or batch_size % world_size:
             raise UserError(f"the batch size ({batch_size} sequences) must be a positive multiple of the number "
                             f"of processes ({world_size})")
         longest = int(shard.lengths.max(initial=0))
-        if require_full_length and longest < seq_len:
+        if require_full_length and resets and longest < seq_len:
             raise UserError(f"the sequence length {seq_len} is longer than every document of the {split} split "
                             f"(the longest has {longest} tokens): choose a sequence length <= {longest}")
         self.windows = shard.num_tokens // seq_len
@@ -44,6 +48,7 @@ class PackedLoader:
                             f"{batch_size} x {seq_len}: lower the batch size or sequence length")
         self.shard, self.seq_len, self.batch_size = shard, seq_len, batch_size
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        self.resets = resets
         self.batches_per_epoch = self.windows // batch_size
         self.epoch, self.index = 0, 0
         self._order_epoch = None
@@ -95,8 +100,12 @@ class PackedLoader:
         first = self.index * self.batch_size + self.rank * rows
         windows = [self._window(first + r) for r in range(rows)]
         self.index += 1
-        return {"input_ids": torch.from_numpy(np.stack([w[0] for w in windows])),
-                "position_ids": torch.from_numpy(np.stack([w[1] for w in windows]))}
+        ids = torch.from_numpy(np.stack([w[0] for w in windows]))
+        if self.resets:
+            pos = torch.from_numpy(np.stack([w[1] for w in windows]))
+        else:
+            pos = torch.arange(self.seq_len).expand(rows, self.seq_len).clone()
+        return {"input_ids": ids, "position_ids": pos}
 
 
 def count_targets(position_ids: torch.Tensor) -> int:

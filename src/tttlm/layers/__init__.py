@@ -6,6 +6,7 @@ Every mixer has forward(x, info: SeqInfo, cache=None) -> [B, T, C]; `cache` is o
 
 from tttlm.layers.attention import AttentionMixer
 from tttlm.layers.common import RMSNorm, SeqInfo, ShortConv, SwiGLU, rope
+from tttlm.layers.mamba import MambaMixer
 from tttlm.layers.mamba2 import Mamba2Mixer
 from tttlm.layers.mesa import MesaMixer
 from tttlm.layers.ttt import PreConv, TTTMixer
@@ -13,6 +14,7 @@ from tttlm.layers.ttt import PreConv, TTTMixer
 __all__ = [
     "AttentionMixer",
     "Mamba2Mixer",
+    "MambaMixer",
     "MesaMixer",
     "PreConv",
     "RMSNorm",

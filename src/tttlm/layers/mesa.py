@@ -2,7 +2,8 @@
 values with a short causal convolution + SiLU on q and k, L2-normalised q and k, an input strength
 beta = sigmoid(.), a log forget gate g = logsigmoid(.) per head, the regulariser lamb = 0.25 + softplus(.) per
 head and dim, the op `tttlm.ops.mesa` (the least-squares readout solved by CG), a per-head RMSNorm and an
-output gate."""
+output gate silu(x W_g) (config.mesa_output_gate; MesaNet's reference layer has it off by default).
+docs/fidelity.md lists where this layer and its defaults differ from the paper's reference layer."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tttlm.layers.common import SeqInfo, ShortConv, check_heads
 from tttlm.ops import mesa, mesa_step
 
 LAMB_MIN = 0.25
-GATE_CAP = 0.9975  # the paper's cap on the forget gate of repeated inputs: gamma * (1 - (1 - cap) * beta^2)
+GATE_CAP = 0.9975  # the optional cap on the forget gate of repeated inputs: gamma * (1 - (1 - cap) * beta^2)
 
 
 class MesaMixer(nn.Module):
@@ -37,6 +38,7 @@ class MesaMixer(nn.Module):
         self.cg_max_iter = config.mesa_cg_max_iter
         self.cg_tol = config.mesa_cg_tol
         self.gate_cap = config.mesa_gate_cap
+        self.forget_bias_init = config.mesa_forget_bias_init
         self.q_proj = nn.Linear(C, C, bias=False)
         self.k_proj = nn.Linear(C, C, bias=False)
         self.v_proj = nn.Linear(C, C, bias=False)
@@ -46,15 +48,18 @@ class MesaMixer(nn.Module):
         self.forget_proj = nn.Linear(C, H, bias=True)
         self.lamb_param = nn.Parameter(torch.empty(H, self.head_dim))
         self.o_norm_weight = nn.Parameter(torch.ones(self.head_dim))
-        self.gate_proj = nn.Linear(C, C, bias=False)
+        self.gate_proj = nn.Linear(C, C, bias=False) if config.mesa_output_gate else None
         self.o_proj = nn.Linear(C, C, bias=False)
         self.eps = config.rms_norm_eps
 
     def init_parameters(self, std: float) -> None:
         init.constant_(self.lamb_param, math.log(math.expm1(1.0 - LAMB_MIN)))  # lamb = 1 at the start
-        # forget gates start slow, spread over heads between 0.9 and 0.999 (half-lives of ~7 to ~700 tokens)
-        gamma = 1 - torch.logspace(-1, -3, self.num_heads)
-        init.copy_(self.forget_proj.bias, torch.log(gamma / (1 - gamma)))
+        if self.forget_bias_init == "spread":
+            # forget gates start slow, spread over heads between 0.9 and 0.999 (half-lives of ~7 to ~700 tokens)
+            gamma = 1 - torch.logspace(-1, -3, self.num_heads)
+            init.copy_(self.forget_proj.bias, torch.log(gamma / (1 - gamma)))
+        else:  # "zero": the reference layer's generic init, gates near 0.5
+            init.zeros_(self.forget_proj.bias)
         init.ones_(self.o_norm_weight)
 
     def lamb(self) -> Tensor:
@@ -117,5 +122,7 @@ class MesaMixer(nn.Module):
             cache.conv.update(convs)
         of = o.float()
         of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps) * self.o_norm_weight.float()
-        o = of.to(x.dtype).reshape(B, T, C) * F.silu(self.gate_proj(x))
+        o = of.to(x.dtype).reshape(B, T, C)
+        if self.gate_proj is not None:
+            o = o * F.silu(self.gate_proj(x))
         return self.o_proj(o)

@@ -21,7 +21,17 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from tttlm.layers import AttentionMixer, Mamba2Mixer, MesaMixer, PreConv, RMSNorm, SeqInfo, SwiGLU, TTTMixer
+from tttlm.layers import (
+    AttentionMixer,
+    Mamba2Mixer,
+    MambaMixer,
+    MesaMixer,
+    PreConv,
+    RMSNorm,
+    SeqInfo,
+    SwiGLU,
+    TTTMixer,
+)
 from tttlm.models import decode
 from tttlm.models.cache import TTTLMCache
 from tttlm.models.config import TTTLMConfig
@@ -31,8 +41,10 @@ from tttlm.models.config import TTTLMConfig
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 # parameters that weight decay must leave alone besides every vector (norm weights, biases, A_log, D, ...):
-# the inner loop's initial weights and LayerNorm, its token-scale offset, and Mesa's regulariser
+# the inner loop's initial weights and LayerNorm, its token-scale offset, Mesa's regulariser, and Mamba's A
+# (a matrix there, exempt in its reference code)
 _NO_DECAY_NAMES = {
+    "A_log",
     "W0",
     "b0",
     "W1",
@@ -56,11 +68,14 @@ def make_mixer(config: TTTLMConfig) -> nn.Module:
         return AttentionMixer(config)
     if m == "mamba2":
         return Mamba2Mixer(config)
+    if m == "mamba":
+        return MambaMixer(config)
     raise ValueError(f"unknown mixer {m!r}")
 
 
 class TTTLMBlock(GradientCheckpointingLayer):
-    """h + mixer(RMSNorm(h)), then h + SwiGLU(RMSNorm(h)); TTT on the Mamba backbone adds a pre-conv first."""
+    """h + mixer(RMSNorm(h)), then h + SwiGLU(RMSNorm(h)); TTT on the Mamba backbone adds a pre-conv first, and
+    Mamba's blocks are the mixer alone (no MLP), as in its paper's models."""
 
     def __init__(self, config: TTTLMConfig):
         super().__init__()
@@ -68,14 +83,15 @@ class TTTLMBlock(GradientCheckpointingLayer):
         self.pre_conv = PreConv(config) if ttt_mamba else None
         self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mixer = make_mixer(config)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        mlp = config.mixer != "mamba"
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if mlp else None
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size) if mlp else None
 
     def forward(self, h: Tensor, info: SeqInfo, cache=None) -> Tensor:
         if self.pre_conv is not None:
             h = self.pre_conv(h, info, cache)
         h = h + self.mixer(self.mixer_norm(h), info, cache)
-        return h + self.mlp(self.mlp_norm(h))
+        return h if self.mlp is None else h + self.mlp(self.mlp_norm(h))
 
 
 class TTTLMPreTrainedModel(PreTrainedModel):
@@ -382,6 +398,6 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
 
     def no_weight_decay_names(self) -> set[str]:
         """Names of the parameters that weight decay must skip: every vector (norm weights, biases, Mamba2's
-        A_log / D / dt_bias), the TTT inner loop's initial weights (W0, b0 or W1, b1, W2, b2), its LayerNorm
-        and token-scale offset, and Mesa's regulariser parameter."""
+        A_log / D / dt_bias, Mamba's D / dt_bias), Mamba's A_log, the TTT inner loop's initial weights (W0, b0
+        or W1, b1, W2, b2), its LayerNorm and token-scale offset, and Mesa's regulariser parameter."""
         return {n for n, p in self.named_parameters() if p.dim() < 2 or n.rsplit(".", 1)[-1] in _NO_DECAY_NAMES}

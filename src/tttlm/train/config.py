@@ -37,6 +37,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    # the TTT authors' choices, off by default: weight decay on every parameter (norms, biases and the inner
+    # loop's initial weights too), and training windows cut from the concatenated token stream with no state,
+    # convolution or attention reset at document starts (docs/fidelity.md)
+    weight_decay_all: bool = False
+    stream_windows: bool = False
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0

@@ -9,12 +9,14 @@ import torch
 from tttlm.train.config import TrainConfig
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
     """Two AdamW groups: decayed matrices, and everything the model names in `no_weight_decay_names()` (norms,
     biases, the TTT inner loop's initial weights, Mesa's lambda; every vector when the model has no such
-    method)."""
+    method). decay_all: every parameter in the decayed group (the TTT authors' set), the other one empty."""
     named = dict(model.named_parameters())
-    if hasattr(model, "no_weight_decay_names"):
+    if decay_all:
+        skip = set()
+    elif hasattr(model, "no_weight_decay_names"):
         skip = set(model.no_weight_decay_names())
     else:
         skip = {n for n, p in named.items() if p.dim() < 2}
@@ -40,7 +42,7 @@ def warmup_progress(step: int, cfg: TrainConfig) -> float:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False):
     """AdamW (betas cfg.beta1/beta2) over param_groups and its LambdaLR schedule."""
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            fused=fused or None)
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_all)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
     return opt, sched

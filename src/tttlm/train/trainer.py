@@ -58,17 +58,18 @@ def build(cfg: TrainConfig, data: PreparedData):
 
 
 @torch.no_grad()
-def evaluate(model, shard: TokenShard, seq_len: int, batch_size: int, micro: int, batches: int, rt: Runtime) -> dict:
+def evaluate(model, shard: TokenShard, seq_len: int, batch_size: int, micro: int, batches: int, rt: Runtime,
+             resets: bool = True) -> dict:
     """Mean next-token loss over the first `batches` global batches of `batch_size` sequences of a split (in
-    document order), each process taking its rows `micro` at a time. Returns {"val_loss", "val_ppl",
-    "val_tokens"}."""
+    document order), each process taking its rows `micro` at a time; resets=False reads the windows as training
+    does with stream_windows. Returns {"val_loss", "val_ppl", "val_tokens"}."""
     windows = shard.num_tokens // seq_len
     batch_size = min(batch_size, windows - windows % rt.world_size)
     if batch_size < rt.world_size:
         raise UserError(f"the validation split has {shard.num_tokens} tokens, too few for {rt.world_size} "
                         f"sequence(s) of {seq_len}")
     loader = PackedLoader(shard, seq_len, batch_size, shuffle=False, rank=rt.rank, world_size=rt.world_size,
-                          split="val", require_full_length=False)
+                          split="val", require_full_length=False, resets=resets)
     was_training = model.training
     model.eval()
     total = count = 0.0
@@ -129,7 +130,7 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
     data = prepare(cfg, rt, log)
     train_shard, val_shard = data.split("train"), data.split("val")
     loader = PackedLoader(train_shard, cfg.seq_len, cfg.batch_size, seed=cfg.seed, rank=rt.rank,
-                          world_size=rt.world_size)
+                          world_size=rt.world_size, resets=not cfg.stream_windows)
     model = build(cfg, data).to(rt.device)
     if cfg.activation_checkpointing:
         model.checkpoint_activations()
@@ -197,7 +198,8 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
         if bar is not None:
             bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            val = evaluate(wrapped, val_shard, cfg.seq_len, cfg.batch_size, micro, cfg.eval_batches, rt)
+            val = evaluate(wrapped, val_shard, cfg.seq_len, cfg.batch_size, micro, cfg.eval_batches, rt,
+                           resets=not cfg.stream_windows)
             metrics.write({"step": step, **val})
             last.update(val)
             if bar is not None:
