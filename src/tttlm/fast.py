@@ -6,7 +6,8 @@ compile: torch.compile of the model's blocks (each block's code is compiled once
     PyTorch code), True (on any device) or False; the environment variable TTTLM_COMPILE=0 / 1 sets the default,
     and `tttlm train` / `tttlm throughput` take --compile / --no-compile.
 kernels: tttlm's own GPU paths on CUDA tensors (FlexAttention over the documents of a packed batch, the Mamba2
-    scan's Triton kernels, the fused linear + cross-entropy loss); on by default. Turning them off (with compile
+    scan's Triton kernels, the fused linear + cross-entropy loss, decoding's attention over a static cache); on
+    by default. Turning them off (with compile
     off) gives the plain PyTorch model, which the GPU check compares the fast paths against. Op-level backends
     chosen by the ops themselves (TTT-Linear's and Mesa's kernels) stay as they are.
 

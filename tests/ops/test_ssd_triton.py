@@ -1,5 +1,6 @@
 """The Mamba2 scan's Triton kernels against the token-by-token float64 spec: outputs, final states and the
-gradients of every input, for rows with initial states, packed documents, and a sequence split in two.
+gradients of every input, for rows with initial states, packed documents (each document's final state), and a
+sequence split in two.
 
 On CUDA in bf16 at the 125m preset's sizes; on CPU under TRITON_INTERPRET=1 (tests/conftest.py) in float64 with
 small heads and chunks of 16 tokens. Inputs are rounded to the kernel dtype and the spec runs on those values.
@@ -50,9 +51,12 @@ def run_both(inputs, cu=None, final=True, seed=0):
     ref_in = [t.to(DEV, copy=True).requires_grad_() for t in inputs]  # float64, on the GPU there
     dev_in = [t.to(DEV, DTYPE if i in (0, 3, 4) else FLOAT, copy=True).requires_grad_() for i, t in enumerate(inputs)]
     y_ref, s_ref = ssd_ref(*ref_in[:5], initial_state=ref_in[5] if with_h0 else None, cu_seqlens=cu)  # cu on CPU
+    if cu is not None:  # a packed call's final states: each document's own
+        bounds = cu.tolist()
+        s_ref = torch.cat([ssd_ref(*(t if t.dim() == 1 else t[:, a:b] for t in ref_in[:5]))[1]
+                           for a, b in zip(bounds, bounds[1:])])
     y, s = ssd(*dev_in[:5], chunk_size=SIZES["chunk"], initial_state=dev_in[5] if with_h0 else None,
-               cu_seqlens=None if cu is None else cu.to(DEV), output_final_state=final and with_h0,
-               backend="triton")
+               cu_seqlens=None if cu is None else cu.to(DEV), output_final_state=final, backend="triton")
     g = torch.Generator().manual_seed(seed + 1)
     wy = torch.randn(y_ref.shape, generator=g, dtype=F64).to(DTYPE).to(F64).to(DEV)  # representable in y's dtype
     ws = torch.randn(s_ref.shape, generator=g, dtype=F64).to(DEV)

@@ -81,7 +81,7 @@ class MambaMixer(nn.Module):
         T = x.shape[1]
         N, R = self.d_state, self.dt_rank
         xs, z = self.in_proj(x).chunk(2, dim=-1)
-        xs, conv_state = self.conv(xs, info.pos, None if cache is None else cache.conv.get("x"))
+        xs, conv_state = self.conv(xs, info.pos, None if cache is None else cache.conv.get("x"), info.cu_seqlens)
         xs = F.silu(xs)
         dt, B, C = torch.split(self.x_proj(xs), [R, N, N], dim=-1)
         delta = self.dt_proj(dt)  # [Bt, T, E]; the op adds dt_bias and applies softplus in float32

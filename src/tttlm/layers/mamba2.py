@@ -61,7 +61,7 @@ class Mamba2Mixer(nn.Module):
         Bt, T, _ = x.shape
         E, GN = self.d_inner, self.ngroups * self.d_state
         z, xbc, dt = torch.split(self.in_proj(x), [E, E + 2 * GN, self.nheads], dim=-1)
-        xbc, conv_state = self.conv(xbc, info.pos, None if cache is None else cache.conv.get("xbc"))
+        xbc, conv_state = self.conv(xbc, info.pos, None if cache is None else cache.conv.get("xbc"), info.cu_seqlens)
         xs, B, C = torch.split(F.silu(xbc), [E, GN, GN], dim=-1)
         xs = xs.reshape(Bt, T, self.nheads, self.headdim)
         B = B.reshape(Bt, T, self.ngroups, self.d_state)

@@ -40,7 +40,7 @@ class PreConv(nn.Module):
         self.conv = ShortConv(config.hidden_size, config.conv_kernel, bias=True)
 
     def forward(self, h: Tensor, info: SeqInfo, cache=None) -> Tensor:
-        y, state = self.conv(self.norm(h), info.pos, None if cache is None else cache.conv.get("pre"))
+        y, state = self.conv(self.norm(h), info.pos, None if cache is None else cache.conv.get("pre"), info.cu_seqlens)
         if cache is not None:
             cache.conv["pre"] = state
         return h + y
@@ -115,8 +115,8 @@ class TTTMixer(nn.Module):
         convs = {}
         if self.mamba_backbone:
             qk = self.qk_proj(x)
-            q, convs["q"] = self.conv_q(qk, info.pos, None if cache is None else cache.conv.get("q"))
-            k, convs["k"] = self.conv_k(qk, info.pos, None if cache is None else cache.conv.get("k"))
+            q, convs["q"] = self.conv_q(qk, info.pos, None if cache is None else cache.conv.get("q"), info.cu_seqlens)
+            k, convs["k"] = self.conv_k(qk, info.pos, None if cache is None else cache.conv.get("k"), info.cu_seqlens)
         else:
             q, k = self.q_proj(x), self.k_proj(x)
         shape = (B, T, self.num_heads, self.head_dim)
@@ -163,7 +163,8 @@ class TTTMixer(nn.Module):
     def forward(self, x: Tensor, info: SeqInfo, cache=None) -> Tensor:
         B, T, C = x.shape
         kw, convs = self._project(x, info, cache)
-        if cache is not None and cache.state is not None and T == 1:
+        state = None if cache is None else cache.state
+        if state is not None and T == 1:
             o, state = self.step_op(
                 kw["q"][:, 0],
                 kw["k"][:, 0],
@@ -171,13 +172,13 @@ class TTTMixer(nn.Module):
                 kw["eta"][:, 0],
                 kw["ln_weight"],
                 kw["ln_bias"],
-                cache.state,
+                state,
                 mini_batch_size=self.mini_batch_size,
                 token_scale=kw["token_scale"],
             )
             o = o[:, None]
         else:
-            o, state = self._run(kw, info, None if cache is None else cache.state, cache is not None, x.dtype)
+            o, state = self._run(kw, info, state, cache is not None, x.dtype)
         if cache is not None:
             cache.state = state
             cache.conv.update(convs)

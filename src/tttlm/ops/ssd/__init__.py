@@ -59,9 +59,10 @@ def ssd(
         chunk_size: tokens per chunk.
         initial_state: [Bt, H, P, N] or None (zeros).
         cu_seqlens: int64 [N+1], documents packed in one row (Bt == 1): the state is reset to zero at every
-            document start. Packed calls take no initial state and return no final state. Its values are
-            checked off the GPU only (reading them there would make the host wait).
-        output_final_state: also return the state after the last token, [Bt, H, P, N].
+            document start. Packed calls take no initial state. Its values are checked off the GPU only
+            (reading them there would make the host wait).
+        output_final_state: also return the state after the last token, [Bt, H, P, N] (packed: after each
+            document's last token, [N, H, P, N], as a prefill of prompts of different lengths hands to decoding).
         backend: None picks the Triton kernels for CUDA tensors (while `tttlm.fast` allows them) at chunk sizes
             they support, else PyTorch; "triton" or "torch" forces one.
 
@@ -75,8 +76,8 @@ def ssd(
             raise ValueError(f"with cu_seqlens [N+1], x must be one packed row (B == 1), got B = {Bt}")
         if not cu_seqlens.is_cuda and (int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T):
             raise ValueError(f"cu_seqlens must run from 0 to T={T}")
-        if initial_state is not None or output_final_state:
-            raise ValueError("packed calls (cu_seqlens) take no initial_state and return no final state")
+        if initial_state is not None:
+            raise ValueError("packed calls (cu_seqlens) take no initial_state")
     check_state(initial_state, Bt, H, P, N, "initial_state")
     kwargs = dict(chunk_size=chunk_size, initial_state=initial_state, cu_seqlens=cu_seqlens,
                   output_final_state=output_final_state)

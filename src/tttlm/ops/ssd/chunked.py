@@ -76,4 +76,38 @@ def ssd_chunked(
     S_in = torch.stack(entering, dim=1)  # [Bt, nc, H, P, N]
     y_off = torch.einsum("bclhn,bchpn->bclhp", Ch, S_in) * (torch.exp(cs) * carried)[..., None]
     y = (y + y_off).reshape(Bt, nc * L, H, P)[:, :T].to(x.dtype)
+    if output_final_state and cu_seqlens is not None:
+        state = document_end_states(x, dt, A, B, cu_seqlens, S_in[0], L)
     return y, (state if output_final_state else None)
+
+
+def document_end_states(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, cu_seqlens: Tensor, S_in: Tensor, chunk_size: int
+) -> Tensor:
+    """The state after each document's last token of a packed row (both paths of `ssd` end with it).
+
+    x [1, T, H, P], dt [1, T, H], A [H], B [1, T, G, N] as `ssd` takes them; cu_seqlens [D+1]; S_in
+    [chunks, H, P, N] the state entering each chunk of `chunk_size` tokens (float32, or float64). Document d ends
+    at e = cu_seqlens[d+1] - 1, in chunk c = e // L at l = e % L; with cs the log decay summed from the chunk start,
+        h_e = [d is open at the chunk start] exp(cs_l) S_in[c] + sum_{j <= l in d} exp(cs_l - cs_j) dt_j x_j B_j^T.
+    Returns [D, H, P, N] in S_in's dtype (differentiable w.r.t. every input, S_in included).
+    """
+    H = x.shape[2]
+    T, L = x.shape[1], chunk_size
+    cdt = S_in.dtype
+    cu = cu_seqlens.to(x.device)
+    ends = cu[1:] - 1
+    c, at = ends // L, ends % L
+    t = c[:, None] * L + torch.arange(L, device=x.device)  # [D, L]: the tokens of each document's last chunk
+    mine = (t >= cu[:-1, None]) & (t <= ends[:, None])
+    t = t.clamp_max(T - 1)  # tokens past T are no document's
+    dtc = dt[0, t].to(cdt) * mine[..., None]  # [D, L, H]
+    cs = torch.cumsum(dtc * A.to(cdt), dim=1)
+    doc = torch.arange(ends.numel(), device=x.device)
+    cs_end = cs[doc, at]  # [D, H]
+    # masked before exp: past the document's end cs_l - cs_j may be positive and overflow
+    w = torch.exp(torch.where(mine[..., None], cs_end[:, None] - cs, torch.full_like(cs, -math.inf)))
+    xs = x[0, t].to(cdt) * dtc[..., None]  # [D, L, H, P]
+    local = torch.einsum("dlh,dlhp,dlhn->dhpn", w, xs, heads(B[0, t].to(cdt), H))
+    carried = cu[:-1] <= (c * L - 1).clamp_min(0)  # the document began before its last chunk (or is the first)
+    return (torch.exp(cs_end) * carried[:, None])[..., None, None] * S_in[c] + local

@@ -12,8 +12,10 @@ then `_chunk_dstate_kernel` and `_dstate_passing_kernel` give each chunk's gradi
 `_chunk_dbc_kernel` those of B and C per group (its heads summed in the program: no atomics, deterministic).
 
 Packed documents (cu_seqlens) come as each token's document index: terms that cross a document start are
-masked, so the state restarts from zero there. Products of 16-bit B and C run on the tensor cores in their
-dtype; every other product takes float32 operands (tf32 on the GPU) with float32 sums.
+masked, so the state restarts from zero there. Each document's final state is read from the state entering its
+last chunk (`chunked.document_end_states`), which the forward then returns too; its gradient joins each chunk's
+own before the backward's pass over chunks. Products of 16-bit B and C run on the tensor cores in their dtype;
+every other product takes float32 operands (tf32 on the GPU) with float32 sums.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tttlm.ops.ssd.chunked import document_end_states
 from tttlm.ops.ttt_linear.triton_parts import new
 
 CHUNK_SIZES = (16, 32, 64, 128)
@@ -365,7 +368,9 @@ def _states(x, dt, A, B, seg, init, d: _Dims, final: bool):
 
 class _SSDFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, init, seg, chunk_size, final):
+    def forward(ctx, x, dt, A, B, C, init, seg, chunk_size, final, entering):
+        """y, the final state (with `final`) and the state entering every chunk [Bt, nc, H, P, N] (with
+        `entering`: what each packed document's final state is read from)."""
         d = _Dims(x, B, chunk_size)
         states, _, fin = _states(x, dt, A, B, seg, init, d, final)
         y = new((d.Bt, d.T, d.H, d.P), x.dtype, x.device)
@@ -376,10 +381,10 @@ class _SSDFn(torch.autograd.Function):
         ctx.save_for_backward(x, dt, A, B, C, init, seg)
         ctx.chunk_size = chunk_size
         ctx.set_materialize_grads(False)
-        return y, fin
+        return y, fin, (states if entering else None)
 
     @staticmethod
-    def backward(ctx, dy, dfinal):
+    def backward(ctx, dy, dfinal, dentering):
         x, dt, A, B, C, init, seg = ctx.saved_tensors
         d = _Dims(x, B, ctx.chunk_size)
         dy = torch.zeros_like(x) if dy is None else _rows(dy)
@@ -389,6 +394,8 @@ class _SSDFn(torch.autograd.Function):
         _chunk_dstate_kernel[grid](
             dy, dt, A, C, seg, dstates, **d.shape(), **_strides(y=dy, d=dt, c=C), HAS_SEG=seg is not None, **d.tiles(),
         )
+        if dentering is not None:  # the entering states' gradient from outside joins each chunk's own before the pass
+            dstates += dentering
         PN = d.P * d.N
         dinit = new((d.Bt, d.H, d.P, d.N), d.F, x.device) if init is not None else None
         _dstate_passing_kernel[(d.Bt * d.H, triton.cdiv(PN, STATE_BLOCK))](
@@ -410,7 +417,7 @@ class _SSDFn(torch.autograd.Function):
             **_strides(x=x, d=dt, b=B, c=C, y=dy), HAS_SEG=seg is not None, **tiles,
         )
         dA = da.sum((0, 2)).to(A.dtype)
-        return dx, ddt.to(dt.dtype), dA, dB.to(B.dtype), dC.to(C.dtype), dinit, None, None, None
+        return dx, ddt.to(dt.dtype), dA, dB.to(B.dtype), dC.to(C.dtype), dinit, None, None, None, None
 
 
 def ssd_triton(x, dt, A, B, C, *, chunk_size=64, initial_state=None, cu_seqlens=None, output_final_state=False):
@@ -422,4 +429,10 @@ def ssd_triton(x, dt, A, B, C, *, chunk_size=64, initial_state=None, cu_seqlens=
         seg = torch.searchsorted(cu_seqlens[1:].contiguous(), torch.arange(T, device=x.device), right=True)
         seg = seg.to(torch.int32)[None].contiguous()
     init = None if initial_state is None else initial_state.to(_Dims(x, B, chunk_size).F).contiguous()
-    return _SSDFn.apply(_rows(x), dt, A.contiguous(), _rows(B), _rows(C), init, seg, chunk_size, output_final_state)
+    packed_final = output_final_state and seg is not None
+    x, B = _rows(x), _rows(B)
+    y, final, entering = _SSDFn.apply(x, dt, A.contiguous(), B, _rows(C), init, seg, chunk_size,
+                                      output_final_state and not packed_final, packed_final)
+    if packed_final:
+        final = document_end_states(x, dt, A, B, cu_seqlens, entering[0], chunk_size)
+    return y, final
