@@ -7,7 +7,8 @@ checkout), timed in the same run as the reference. Training runs forward + backw
 ids at each --train-shapes BxT (after --warmup steps, which include torch.compile's work; the median of
 --repeats steps kept). Utilisation counts 6 N + 12 L C T FLOPs per token (the attention term for attention
 models only; tttlm.eval.throughput) against the bf16 matmul peak measured once at the start. Prefill reads
-each --contexts length at batch 1; decoding generates --new-tokens tokens one call each after that context.
+each --contexts length at batch 1; decoding generates --new-tokens tokens one call each after that context
+(on CUDA through the captured CUDA graph of tttlm.models.decode, as generate() does).
 --profile prints the top kernels of one training step per mixer and shape. Writes throughput.json (after
 every mixer) and throughput.png. Measure on an otherwise idle machine.
 """
@@ -134,7 +135,7 @@ def run(args) -> int:
         settings = {
             "size": args.size, "train_shapes": [f"{B}x{T}" for B, T in shapes], "contexts": args.contexts,
             "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup, "dtype": dtype_name,
-            "compile": compile_enabled(device),
+            "compile": compile_enabled(device), "decode": "graph" if device.type == "cuda" else "eager",
         }
         title = f"{args.size} models, {dtype_name}, {env['device_name']}"
         mixers, path = {}, None

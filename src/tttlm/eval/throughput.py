@@ -1,8 +1,8 @@
-"""Throughput and latency of whole models: training tokens per second (forward, backward, fused AdamW step) at
-one or more batch shapes, with model FLOPs utilisation and peak memory; prefill time of a context of L tokens;
-and the time per generated token after a context of L tokens (decoding with the model's cache, one token per
-call). On CUDA every timing is bracketed by torch.cuda.synchronize(); a shape that does not fit in memory is
-recorded as None.
+"""Throughput and latency of whole models: training tokens per second (forward, backward, fused AdamW step) at one or
+more batch shapes, with model FLOPs utilisation and peak memory; prefill time of a context of L tokens; and the
+time per generated token after a context of L tokens (decoding with the model's cache, one token per call: on CUDA
+the step replayed from its CUDA graph, tttlm.models.decode). On CUDA every timing is bracketed by
+torch.cuda.synchronize(); a shape that does not fit in memory is recorded as None.
 
 Model FLOPs per token (PaLM's appendix B, as nanoGPT counts them): 6 N for the parameters' matrix products in
 the forward and backward passes, N the parameter count with tied embeddings counted once (as the output
@@ -168,7 +168,8 @@ def prefill_seconds(model, context: int, dtype: torch.dtype, repeats: int = 3) -
 @torch.no_grad()
 def decode_seconds_per_token(model, context: int, new_tokens: int, dtype: torch.dtype) -> float:
     """Mean seconds per generated token (batch 1, one forward call per token with the cache, greedy) after
-    prefilling `context` random tokens; the first decoded token is a warm-up and not counted."""
+    prefilling `context` random tokens; the first decoded token is a warm-up (on CUDA it captures the step's
+    CUDA graph) and not counted."""
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
     cache = TTTLMCache(model.config.num_hidden_layers)  # updated in place by every call
