@@ -9,7 +9,10 @@ bf16 stays within twice that, plus 1e-3 (relative, for the loss and for the grad
 together). Plain rows (B = 2) and, for the mixers with their own packed paths, documents packed by position ids
 (restarting; the model reads them on the host). Then one more step runs under
 torch.cuda.set_sync_debug_mode("error"): any operation that makes the host wait for the GPU fails it, and is
-named. Ops outside this work (Mesa's, TTT-MLP's) still wait in places; they are reported, not failed.
+named. Ops outside this work (Mesa's, TTT-MLP's) still wait in places; they are reported, not failed. Last, on
+plain rows, decoding after the compiled steps: one row's last 16 tokens read one at a time through
+tttlm.models.decode (a captured CUDA graph on static buffers) after a prefill of the rest, whose bf16 logits must
+stay within twice bf16's own error of the plain forward's (plain bf16 against float32), plus 1e-3.
 
     python benchmarks/gpu_fast_paths.py [--size 125m] [--mixers ...] [--budget 150]
 
@@ -85,14 +88,45 @@ def check_mixer(mixer: str, size: str, packed: bool, batch: int, seq_len: int) -
         graphs = counters["stats"]["unique_graphs"] - graphs
         loss_f, g_f = _run(model, ids, pos, autocast=True)
         sync = _host_syncs(model, ids, pos) if DEVICE == "cuda" else None
+        decode = None if packed else _decode(model, ids[:1])
     noise_loss = abs(loss16 - loss32) / abs(loss32)
     noise_grad = _rel(g16, g32)
     d_loss = abs(loss_f - loss16) / abs(loss32)
     d_grad = _rel(g_f, g16)
     worst = _worst(g_f, g16)
     ok = d_loss <= 2 * noise_loss + 1e-3 and d_grad <= 2 * noise_grad + 1e-3 and set(g_f) == set(g16)
+    if decode is not None:
+        ok &= decode["d"] <= 2 * decode["noise"] + 1e-3 and (decode["captured"] or DEVICE != "cuda")
     return dict(mixer=mixer, packed=packed, loss=loss_f, d_loss=d_loss, noise_loss=noise_loss, d_grad=d_grad,
-                noise_grad=noise_grad, worst=worst, first_step_s=first, graphs=graphs, sync=sync, ok=ok)
+                noise_grad=noise_grad, worst=worst, first_step_s=first, graphs=graphs, sync=sync, decode=decode,
+                ok=ok)
+
+
+def _decode(model, row, steps: int = 16) -> dict:
+    """Decoding after compiled steps: row [1, T] read as a prefill of T - steps tokens and `steps` single tokens
+    through tttlm.models.decode (the CUDA graph on CUDA), in bf16, against the plain forward. Returns {"d": its
+    logits' relative difference from the plain bf16 forward's, "noise": plain bf16 against float32,
+    "captured": whether the step ran from a CUDA graph}."""
+    from tttlm.fast import fast_paths
+    from tttlm.models import TTTLMCache
+
+    P = row.shape[1] - steps
+    model.eval()
+    try:
+        with torch.no_grad():
+            with fast_paths(compile=False, kernels=False):
+                full32 = model(row).logits[:, P - 1 :].double()
+                with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                    full16 = model(row).logits[:, P - 1 :].double()
+            cache = TTTLMCache(model.config.num_hidden_layers)
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                out = [model(row[:, :P], use_cache=True, past_key_values=cache, logits_to_keep=1).logits]
+                out += [model(row[:, t : t + 1], past_key_values=cache).logits for t in range(P, row.shape[1])]
+    finally:
+        model.train()
+    got = torch.cat(out, 1).double()
+    return {"d": float((got - full16).norm() / full32.norm()), "noise": float((full16 - full32).norm() / full32.norm()),
+            "captured": cache.decoder is not None and cache.decoder.graph is not None}
 
 
 def _host_syncs(model, ids, pos) -> str | None:
@@ -112,6 +146,12 @@ def _host_syncs(model, ids, pos) -> str | None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return None
+
+
+def _decoded(d: dict | None) -> str:
+    if d is None:
+        return "-"
+    return f"{d['d']:.1e} / {d['noise']:.1e}{'' if d['captured'] else ' (no graph)'}"
 
 
 def main(argv=None) -> int:
@@ -151,11 +191,13 @@ def main(argv=None) -> int:
         print(f"{label}: {'PASS' if r['ok'] else 'FAIL'} loss {r['loss']:.4f}, d_loss {r['d_loss']:.1e} (noise "
               f"{r['noise_loss']:.1e}), d_grad {r['d_grad']:.1e} (noise {r['noise_grad']:.1e}), worst "
               f"{r['worst'][0]} {r['worst'][1]:.1e}; first step {r['first_step_s']:.0f} s ({r['graphs']} graphs "
-              f"compiled); host syncs: {syncs}", flush=True)
-    print("\n| model | batch | d_loss / noise | d_grad / noise | host syncs in a step |\n|---|---|---|---|---|")
+              f"compiled); host syncs: {syncs}; decode after compile: {_decoded(r['decode'])}", flush=True)
+    print("\n| model | batch | d_loss / noise | d_grad / noise | host syncs in a step | decode after compile / noise |"
+          "\n|---|---|---|---|---|---|")
     for label, r in results:
         print(f"| {label.split()[0]} | {label.split()[1]} | {r['d_loss']:.1e} / {r['noise_loss']:.1e} | "
-              f"{r['d_grad']:.1e} / {r['noise_grad']:.1e} | {'none' if r['sync'] is None else r['sync']} |")
+              f"{r['d_grad']:.1e} / {r['noise_grad']:.1e} | {'none' if r['sync'] is None else r['sync']} | "
+              f"{_decoded(r['decode'])} |")
     print("\nfast paths:", "FAIL" if failed else "PASS", flush=True)
     return 1 if failed else 0
 
