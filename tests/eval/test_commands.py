@@ -102,6 +102,7 @@ def test_recall(runs):
 def test_throughput(runs):
     data = load_json(runs["throughput"] / "throughput.json")
     assert set(data["mixers"]) == set(FAST)
+    assert data["settings"]["decode"] == "eager"  # on CUDA "graph"
     for m in data["mixers"].values():
         assert m["params"] > 0 and set(m["train"]) == {"1x32", "2x16"}
         for r in m["train"].values():
