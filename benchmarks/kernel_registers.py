@@ -193,7 +193,8 @@ def ttt_mlp_launches(H: int, D: int) -> None:
 
 
 def ssd_launches() -> None:
-    """The Mamba2 scan's forward and backward, rows with states and a packed row, at the 125m preset's heads."""
+    """The Mamba2 scan's forward and backward, rows with states and a packed row (with the gradient of the states
+    entering its chunks, as its documents' final states give), at the 125m preset's heads."""
     from tttlm.ops.ssd import triton_ssd
 
     ctx = types.SimpleNamespace(set_materialize_grads=lambda flag: None, chunk_size=64)
@@ -204,11 +205,11 @@ def ssd_launches() -> None:
     B, C = (torch.randn(Bt, T, G, N, dtype=torch.bfloat16) for _ in range(2))
     h0 = torch.zeros(Bt, H, P, N)
     fn = triton_ssd._SSDFn
-    fn.forward(ctx, x, dt, A, B, C, h0, None, 64, True)
-    fn.backward(ctx, torch.randn_like(x), torch.randn_like(h0))
+    fn.forward(ctx, x, dt, A, B, C, h0, None, 64, True, False)
+    fn.backward(ctx, torch.randn_like(x), torch.randn_like(h0), None)
     seg = torch.zeros(1, T, dtype=torch.int32)
-    fn.forward(ctx, x[:1], dt[:1], A, B[:1], C[:1], None, seg, 64, False)
-    fn.backward(ctx, torch.randn_like(x[:1]), None)
+    fn.forward(ctx, x[:1], dt[:1], A, B[:1], C[:1], None, seg, 64, False, True)
+    fn.backward(ctx, torch.randn_like(x[:1]), None, torch.randn(1, T // 64, H, P, N))
 
 
 def linear_ce_launches() -> None:
