@@ -7,10 +7,14 @@ checkout), timed in the same run as the reference. Training runs forward + backw
 ids at each --train-shapes BxT (after --warmup steps, which include torch.compile's work; the median of
 --repeats steps kept). Utilisation counts 6 N + 12 L C T FLOPs per token (the attention term for attention
 models only; tttlm.eval.throughput) against the bf16 matmul peak measured once at the start. Prefill reads
-each --contexts length at batch 1; decoding generates --new-tokens tokens one call each after that context
+a context of each --seq-len at batch 1; decoding generates --new-tokens tokens one call each after that context
 (on CUDA through the captured CUDA graph of tttlm.models.decode, as generate() does).
 --profile prints the top kernels of one training step per mixer and shape. Writes throughput.json (after
 every mixer) and throughput.png. Measure on an otherwise idle machine.
+
+examples:
+  tttlm throughput --size small --out-dir out/
+  tttlm throughput --size 125m --train-shapes 16x2048 4x8192 --seq-len --mixers transformer nanogpt --out-dir out/
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from tttlm.eval.options import add_device, add_out, positive_int
+from tttlm.eval.options import add_device, add_out_dir, add_seq_len, positive_int
 
 MIXERS = ("ttt_linear", "ttt_mlp", "mesa", "transformer", "mamba2", "mamba")
 NANOGPT = Path(__file__).resolve().parents[3] / "benchmarks" / "nanogpt.py"
@@ -36,22 +40,23 @@ def train_shape(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--size", default="small", help="preset size (default small; see `tttlm info`)")
+    parser.add_argument("--size", default="small", help="preset size (see `tttlm info`)")
     parser.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=(*MIXERS, "nanogpt"),
-                        help="mixers (default all; nanogpt: the reference GPT of benchmarks/nanogpt.py)")
+                        help="mixers (nanogpt: the reference GPT of benchmarks/nanogpt.py)")
     parser.add_argument("--train-shapes", type=train_shape, nargs="+", default=[(8, 2048)], metavar="BxT",
-                        help="training batch shapes, batch x sequence length (8x2048)")
-    parser.add_argument("--contexts", type=positive_int, nargs="*", default=[512, 2048, 8192],
-                        help="context lengths for prefill and decode (512 2048 8192; none: training only)")
-    parser.add_argument("--new-tokens", type=positive_int, default=32, help="decoded tokens per measurement (32)")
-    parser.add_argument("--repeats", type=positive_int, default=3, help="timed repeats, median kept (3)")
-    parser.add_argument("--warmup", type=positive_int, default=2, help="untimed training steps first (2)")
+                        help="training batch shapes, sequences x tokens per sequence (default: 8x2048)")
+    add_seq_len(parser, [512, 2048, 8192], "context lengths of prefill and decode (none: training only)",
+                deprecated=("--contexts",), nargs="*")
+    parser.add_argument("--new-tokens", type=positive_int, default=32, help="decoded tokens per measurement")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed repeats, median kept")
+    parser.add_argument("--warmup", type=positive_int, default=2, help="untimed training steps first")
     parser.add_argument("--vocab-size", type=positive_int, default=None, help="vocabulary (default: the preset's)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the models (default: on CUDA only)")
+                        help="torch.compile the models' blocks; --no-compile runs them as plain PyTorch, as "
+                             "TTTLM_COMPILE=0 does (default: on CUDA only)")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one training step")
-    add_device(parser, "compute dtype under autocast (default auto: bfloat16 on CUDA, else float32)", auto_dtype=True)
-    add_out(parser)
+    add_device(parser, "compute dtype, under autocast", dtype_default="auto")
+    add_out_dir(parser)
 
 
 def _nanogpt():
@@ -122,8 +127,8 @@ def run(args) -> int:
     from tttlm.fast import compile_enabled, fast_paths
 
     device = resolve_device(args.device)
-    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    dtype = resolve_dtype(dtype_name)
+    dtype = resolve_dtype(args.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
     overrides = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
     shapes = [tuple(s) for s in args.train_shapes]
     env = environment(device)
@@ -133,7 +138,7 @@ def run(args) -> int:
         print(f"{env['device_name']}: bf16 matmul peak {peak / 1e12:.0f} TFLOP/s (measured)", flush=True)
     with fast_paths(compile=args.compile):
         settings = {
-            "size": args.size, "train_shapes": [f"{B}x{T}" for B, T in shapes], "contexts": args.contexts,
+            "size": args.size, "train_shapes": [f"{B}x{T}" for B, T in shapes], "contexts": args.seq_len,
             "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup, "dtype": dtype_name,
             "compile": compile_enabled(device), "decode": "graph" if device.type == "cuda" else "eager",
         }
@@ -143,7 +148,7 @@ def run(args) -> int:
             try:
                 model, loss_of, attention = _build(mixer, args.size, overrides, device)
                 res = measure_model(
-                    model, shapes=shapes, contexts=[] if mixer == "nanogpt" else sorted(set(args.contexts)),
+                    model, shapes=shapes, contexts=[] if mixer == "nanogpt" else sorted(set(args.seq_len)),
                     new_tokens=args.new_tokens, dtype=dtype, repeats=args.repeats, warmup=args.warmup,
                     profile=args.profile, peak_flops=peak, loss_of=loss_of, attention=attention,
                 )
@@ -161,7 +166,7 @@ def run(args) -> int:
                 torch.cuda.empty_cache()
             # written after every mixer, so that a run cut short keeps the mixers it finished
             data = {"settings": settings, "environment": env, "mixers": mixers}
-            path = write_result(args.out, "throughput", "throughput", data, plot_throughput(mixers, title))
+            path = write_result(args.out_dir, "throughput", "throughput", data, plot_throughput(mixers, title))
     _print_table(mixers, shapes)
     print(f"wrote {path}")
     return 0

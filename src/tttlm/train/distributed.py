@@ -76,15 +76,18 @@ def start(device: str = "auto", dtype: str = "auto") -> Runtime:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
+    if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but no GPU is visible")
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
+            raise ValueError(f"device {device!r} was asked for but no GPU is visible")
+        if device != "cuda" and world > 1:
+            raise ValueError(f"device {device!r}: under torchrun each process takes the GPU of its LOCAL_RANK: pass "
+                             f"cuda")
+        dev = torch.device("cuda", local) if device == "cuda" else torch.device(device)
+        torch.cuda.set_device(dev)
     elif device == "cpu":
         dev = torch.device("cpu")
     else:
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     if dtype == "auto":
