@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="an existing tokenizer.json (default: train a byte-level BPE)")
     parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size of the trained tokenizer")
     parser.add_argument("--cache-dir", help="cache directory (default $TTTLM_CACHE or ~/.cache/tttlm)")
-    parser.add_argument("--manifest", metavar="JSON", help="write what the corpus holds, by package, to this file")
+    parser.add_argument("--manifest", metavar="JSON",
+                        help="write what the corpus holds, by package, to this file (default: none)")
 
 
 _LISTED = 20  # largest packages printed; the manifest holds them all

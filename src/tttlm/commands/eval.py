@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                help="batches scored, 0: every full batch of the split (default: training's; fewer if the split is "
                     "smaller)")
     add_device(parser, "compute dtype, under autocast (default: the training run's)", dtype_default=None)
-    parser.add_argument("--cache-dir", help="cache directory (default $TTTLM_CACHE or ~/.cache/tttlm)")
+    parser.add_argument("--cache-dir", help="token cache (default: the training run's, else $TTTLM_CACHE or "
+                                            "~/.cache/tttlm)")
     add_verify(parser)
     add_out_dir(parser, required=False, help="also write eval.json here, for `tttlm report` (default: print only)")
 
@@ -66,8 +67,8 @@ def _score(path, args, rt) -> dict:
     if batch < 1 or batches < 0:
         raise ValueError("--batch-size must be positive and --eval-batches >= 0")
     micro, _ = split_batch(batch, args.micro_batch_size or trained.get("micro_batch_size"), 1)
-    data = prepare_data(corpus, tokenizer=str(path / "tokenizer.json"), cache_dir=args.cache_dir,
-                        log=lambda *_: None)
+    data = prepare_data(corpus, tokenizer=str(path / "tokenizer.json"),
+                        cache_dir=args.cache_dir or trained["cache_dir"], log=lambda *_: None)
     stream = trained.get("stream_windows", False) if args.stream_windows is None else args.stream_windows
     shard = data.split("val")
     result = evaluate(model, shard, seq_len, batch, micro, batches or shard.num_tokens, rt, resets=not stream)

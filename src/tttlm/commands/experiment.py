@@ -28,8 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--work-dir", deprecated=("--work",), default="runs/experiments", metavar="DIR",
                help="scratch directory for checkpoints (each run's subfolder is emptied and deleted)")
     parser.add_argument("--probe", type=positive_int, metavar="STEPS",
-                        help="only train each file STEPS steps and print tokens/s and the projected minutes")
-    parser.add_argument("--summary", metavar="DIR", help="instead of running: write DIR/summary.md from its results")
+                        help="only train each file STEPS steps and print tokens/s and the projected minutes "
+                             "(default: run in full)")
+    parser.add_argument("--summary", metavar="DIR",
+                        help="instead of running: write DIR/summary.md from its results (default: run the files)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
         nargs="+",
         metavar="DIR",
         help="instead of training: combine the recall.json of sweeps run apart (e.g. one process per mixer) into "
-             "--out-dir",
+             "--out-dir (default: train the sweep)",
     )
     add_device(parser)
     add_out_dir(parser)

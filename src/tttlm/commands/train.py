@@ -124,12 +124,13 @@ def _override(text: str) -> tuple[str, object]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tttlm.train.config import FIELDS
 
-    parser.add_argument("--config", metavar="TOML", help="a TOML file of settings (see configs/)")
+    parser.add_argument("--config", metavar="TOML", help="a TOML file of settings (see configs/; default: none)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out-dir")
     for name, f in FIELDS.items():
         if name == "model_overrides":
             parser.add_argument("--set", dest="model_overrides", action="append", type=_override, metavar="FIELD=VALUE",
-                                help="override a model config field, e.g. --set num_hidden_layers=4 (repeatable)")
+                                help="override a model config field, e.g. --set num_hidden_layers=4 (repeatable; "
+                                     "default: the preset's values)")
             continue
         flag = "--" + name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else f.type.__name__

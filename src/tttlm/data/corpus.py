@@ -14,9 +14,10 @@ A corpus source is one of:
   a glob pattern       "data/**/*.txt" (recursive)
   a file               .jsonl (one document per line, its `text_field`), .parquet (the `text_field` column),
                        anything else is one plain-text document
-  "hf:NAME[:CONFIG[:SPLIT]]"  a dataset of the Hugging Face Hub (or a local dataset directory `load_dataset`
-                       reads), streamed row by row through `datasets.load_dataset(..., streaming=True)`; SPLIT
-                       defaults to "train" and may end in "[:N]" to read its first N rows only; ids "SPLIT:ROW"
+  "hf:NAME[:CONFIG[:SPLIT]]"  a dataset of the Hugging Face Hub, or a local directory of data files or
+                       written by save_to_disk, streamed row by row (`datasets.load_dataset(..., streaming=True)`);
+                       SPLIT defaults to "train" and may end in "[:N]" to read its first N rows only; ids
+                       "SPLIT:ROW"
 Binary and non-UTF-8 files are skipped and counted. A document goes to the validation split when the hash of
 its id (a path relative to the corpus root, plus a line or row number) falls below `val_fraction`, so the split
 never depends on order, machine or file system. With `val_source`, every document of `source` trains and every
@@ -385,7 +386,11 @@ class Corpus:
             raise UserError(f"{self.source} is read with `datasets`; install it: pip install datasets") from None
         name, config, split, limit = parse_hub(self.source)
         try:
-            ds = datasets.load_dataset(name, config, split=split, streaming=True)
+            if _is_dataset_dir(self.root):  # written by save_to_disk, which load_dataset refuses
+                ds = datasets.load_from_disk(str(self.root))
+                ds = (ds[split] if isinstance(ds, datasets.DatasetDict) else ds).to_iterable_dataset()
+            else:
+                ds = datasets.load_dataset(name, config, split=split, streaming=True)
         except Exception as e:  # unknown name, config or split, or no network: one line, not a traceback
             raise UserError(f"cannot stream {self.source}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") \
                 from None

@@ -96,8 +96,6 @@ class TrainConfig:
             raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0 < self.decay_fraction <= 1:
             raise UserError(f"decay_fraction must be in (0, 1], got {self.decay_fraction!r}")
-        if self.init_from is not None and self.model_overrides:
-            raise UserError("a model loaded with init_from keeps its architecture: drop the model_overrides (--set)")
         if self.compile not in (None, True, False):
             raise UserError(f"compile must be true, false or unset (auto: on CUDA), got {self.compile!r}")
         if self.parallel not in ("ddp", "fsdp"):

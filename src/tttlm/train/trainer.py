@@ -16,7 +16,6 @@ The host waits for the device only where it logs, validates or saves, never in e
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -258,8 +257,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
 
 def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
     out = Path(cfg.out_dir)
-    if cfg.wandb and importlib.util.find_spec("wandb") is None:
-        raise UserError("--wandb needs Weights & Biases: pip install wandb")
+    if cfg.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--wandb needs Weights & Biases: pip install wandb") from None
     _check_writable(out, rt)
     for warning in cfg.warnings():
         log(f"warning: {warning}")
