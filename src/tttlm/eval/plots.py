@@ -210,6 +210,26 @@ def plot_recall(best: list[dict], chance: float | None = None) -> plt.Figure:
     return fig
 
 
+def figure_of(result: dict) -> plt.Figure | None:
+    """The figure of a result JSON (tttlm.eval.results) as its command draws it, from the JSON alone; None for
+    a kind without one."""
+    kind = result["kind"]
+    if kind == "positions":
+        return plot_positions(result["contexts"])
+    if kind == "ladder":
+        return plot_ladder(result["checkpoints"])
+    if kind == "telemetry":
+        return plot_telemetry(result["layers"])
+    if kind == "recall":
+        from tttlm.eval.recall import chance_accuracy
+
+        return plot_recall(result["best"], result.get("chance") or chance_accuracy(result["settings"]["vocab_size"]))
+    if kind == "throughput":
+        s, env = result["settings"], result["environment"]
+        return plot_throughput(result["mixers"], f"{s['size']} models, {s['dtype']}, {env['device_name']}")
+    return None
+
+
 def plot_throughput(mixers: dict, title: str) -> plt.Figure:
     """Training tokens/s per mixer (a bar per training shape), prefill ms and decode ms/token against the
     context length."""

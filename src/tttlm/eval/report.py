@@ -82,8 +82,7 @@ def _ladder(r: dict) -> list[str]:
 
 def _telemetry(r: dict) -> list[str]:
     out = [
-        f"Checkpoint {r['checkpoint']} ({r['mixer']}), {r['num_docs']} documents of "
-        f"{r.get('seq_len', r.get('context'))} tokens.",  # "context" in results written before the rename
+        f"Checkpoint {r['checkpoint']} ({r['mixer']}), {r['num_docs']} documents of {r['seq_len']} tokens.",
         "",
     ]
     ttt = [layer for layer in r["layers"] if layer["mixer"].startswith("ttt")]
@@ -167,8 +166,9 @@ def _throughput(r: dict) -> list[str]:
             *[_num(None if pre.get(L) is None else 1e3 * pre[L], 3) for L in lengths],
             *[_num(dec.get(L), 3) for L in lengths],
         ])  # fmt: skip
+    compiled = "not recorded" if s["compile"] is None else s["compile"]
     head = (
-        f"{s['size']} models, {s['dtype']}, compiled: {s['compile']}; training tokens/s and model FLOPs "
+        f"{s['size']} models, {s['dtype']}, compiled: {compiled}; training tokens/s and model FLOPs "
         f"utilisation (%) at batch x length {', '.join(shapes)}; prefill and decode at batch 1 "
         f"({s['new_tokens']} decoded tokens); n/a: out of memory or failed:"
     )
