@@ -218,7 +218,7 @@ def _run_lm(spec: dict, out_root: Path, out: Path, work: Path, log) -> dict:
     cfg = train_config(spec, **forced)
     shutil.rmtree(work, ignore_errors=True)
 
-    corpus = Corpus(cfg.corpus, cfg.text_field, cfg.val_fraction)
+    corpus = Corpus(cfg.corpus, cfg.text_field, cfg.val_fraction, val_source=cfg.val_corpus)
     data = prepare_data(corpus, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, cache_dir=cfg.cache_dir, log=log)
     manifest = out_root / "corpus" / f"{Path(corpus.source).name}-{corpus.fingerprint()[:12]}.json"
     if not manifest.is_file():

@@ -176,7 +176,12 @@ def _flops(model, n_params: int, seq_len: int, rt: Runtime) -> tuple[float, floa
 
     c = model.config
     per_token = flops_per_token(n_params, c.num_hidden_layers, c.hidden_size, seq_len, c.mixer == "transformer")
-    return per_token, peak_matmul_flops(rt.device) if rt.main else None  # only the main process logs
+    if not rt.main:  # only the main process logs
+        return per_token, None
+    peak = peak_matmul_flops(rt.device)
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()  # the measurement's matrices, before the model's activations need the room
+    return per_token, peak
 
 
 def _log_line(rec: dict, steps: int) -> str:
