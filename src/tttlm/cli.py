@@ -50,8 +50,8 @@ def _deprecating(cls: type) -> type:
     class Deprecating(cls):
         def __call__(self, parser, namespace, values, option_string=None):
             if option_string in self.old_spellings:
-                print(f"{parser.prog}: {option_string} is deprecated and goes in a future release: use "
-                      f"{self.old_spellings[option_string]}", file=sys.stderr)
+                _say(f"{parser.prog}: {option_string} is deprecated and goes in a future release: use "
+                     f"{self.old_spellings[option_string]}")
             super().__call__(parser, namespace, values, option_string)
 
     Deprecating.__name__ = f"Deprecating{cls.__name__}"
@@ -92,18 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write: the processes of a torchrun job share the stream, and print's separate
+    write of the newline let two processes' lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args._run(args)
     except (UserError, ValueError, FileNotFoundError) as e:
-        print(f"tttlm {args.command}: error: {e}", file=sys.stderr)
+        _say(f"tttlm {args.command}: error: {e}")
         return 2
     except RunStopped as e:
-        print(f"tttlm {args.command}: {'' if e.status == PREEMPTED else 'error: '}{e}", file=sys.stderr)
+        _say(f"tttlm {args.command}: {'' if e.status == PREEMPTED else 'error: '}{e}")
         return e.status
     except KeyboardInterrupt:
-        print(f"tttlm {args.command}: interrupted", file=sys.stderr)
+        _say(f"tttlm {args.command}: interrupted")
         return 130
     except BrokenPipeError:  # `tttlm info | head`: the reader left, which is no error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
