@@ -1,5 +1,5 @@
-"""benchmarks/kernel_registers.py compiles every Triton kernel of the TTT ops for the H100 on this (GPU-less)
-machine."""
+"""benchmarks/kernel_registers.py compiles every Triton kernel of tttlm (the TTT and Mesa ops', the Mamba2 scan's,
+the fused loss's) for the H100 on this (GPU-less) machine."""
 
 import os
 import subprocess
@@ -60,5 +60,15 @@ def test_reports_every_mesa_kernel():
                "_mesa_step_kernel"}
     for heads in ("2×16", "1×128"):
         assert kernels <= {r[1] for r in rows if r[0] == heads}, heads
+    for r in rows:
+        assert 0 < int(r[4]) <= 255, r
+
+
+def test_reports_every_ssd_and_fused_loss_kernel():
+    rows = report("--ops", "ssd,linear_ce")
+    ssd = {"_chunk_state_kernel", "_state_passing_kernel", "_chunk_scan_kernel", "_chunk_dstate_kernel",
+           "_dstate_passing_kernel", "_chunk_dx_kernel", "_chunk_dbc_kernel"}
+    assert ssd <= {r[1] for r in rows if r[0] == "ssd 24×64"}
+    assert {r[1] for r in rows if r[0] == "loss"} == {"_ce_rows_kernel"}
     for r in rows:
         assert 0 < int(r[4]) <= 255, r

@@ -3,8 +3,9 @@
 # repository root: `bash docs/figures/reproduce.sh`. Small models are trained briefly, one after the other, on
 # the Python standard library (20% held out) at a short length, then every evaluation command runs on them;
 # the MQAR sweeps (one process per mixer, few CPU threads each) train their own models alongside. Everything
-# lands in $RUN; $RUN/eval/report.md gathers it. TTTLM_COMPILE=0: the TTT PyTorch path runs eagerly (compiling
-# its mini-batch step costs tens of seconds in every process, more than these minute-long runs gain).
+# lands in $RUN; $RUN/eval/report.md gathers it. TTTLM_COMPILE=0: the models run uncompiled (tttlm.fast; compiling
+# the blocks and the TTT PyTorch path's mini-batch step costs tens of seconds in every process, more than these
+# minute-long runs gain).
 # Every setting can be overridden from the environment (the CPU test of this script uses tiny ones).
 set -u
 RUN=${RUN:-runs/gpu-eval}
@@ -21,7 +22,7 @@ LONG=${LONG:-32768}
 LADDER=${LADDER:-"512 1024 2048 4096 8192 16384"}
 TEL_CONTEXT=${TEL_CONTEXT:-2048}
 RECALL=${RECALL:-"--widths 64 --seq-lens 64 --pairs 4 16 --lrs 3e-3 1e-2 --steps 300 --batch-size 64 --vocab-size 256 --eval-examples 500"}
-SPEED=${SPEED:-"--contexts 512 2048 8192 32768 --train-batch 8 --train-seq-len 2048 --new-tokens 32 --repeats 2"}
+SPEED=${SPEED:-"--contexts 512 2048 8192 32768 --train-shapes 8x2048 --new-tokens 32 --repeats 2"}
 export TTTLM_CACHE=$RUN/cache TTTLM_COMPILE=${TTTLM_COMPILE:-0}
 T="python3 -m tttlm"
 mkdir -p "$RUN/logs" "$RUN/eval/long"

@@ -29,9 +29,9 @@ def runs(tmp_path_factory, checkpoint):
                             "--eval-examples", "16", "--mixers", m]
             for m in FAST
         },
-        "throughput": ["throughput", "--size", "tiny", "--contexts", "16", "48", "--train-batch", "1",
-                       "--train-seq-len", "32", "--new-tokens", "2", "--repeats", "1", "--vocab-size", "128",
-                       "--mixers", *FAST],
+        "throughput": ["throughput", "--size", "tiny", "--contexts", "16", "48", "--train-shapes", "1x32",
+                       "2x16", "--new-tokens", "2", "--repeats", "1", "--warmup", "1", "--vocab-size", "128",
+                       "--profile", "--mixers", *FAST],
     }  # fmt: skip
     out = {}
     for name, argv in commands.items():
@@ -102,8 +102,12 @@ def test_recall(runs):
 def test_throughput(runs):
     data = load_json(runs["throughput"] / "throughput.json")
     assert set(data["mixers"]) == set(FAST)
+    assert data["settings"]["decode"] == "eager"  # on CUDA "graph"
     for m in data["mixers"].values():
-        assert m["params"] > 0 and m["train_tokens_per_s"] > 0
+        assert m["params"] > 0 and set(m["train"]) == {"1x32", "2x16"}
+        for r in m["train"].values():
+            assert r["tokens_per_s"] > 0 and r["flops_per_token"] > 6 * m["params"] - 1 and r["mfu"] is None
+            assert r["profile"][-1]["name"] == "(all)" and len(r["profile"]) > 1
         assert _finite(m["prefill_s"].values()) and _finite(m["decode_ms_per_token"].values())
         assert set(m["prefill_s"]) == {"16", "48"} and min(m["decode_ms_per_token"].values()) > 0
 

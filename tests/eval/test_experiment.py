@@ -119,15 +119,16 @@ def test_lr_from_takes_the_best_run_of_a_sweep(files, tmp_path):
 
 
 def test_a_diverging_run_is_recorded(files, tmp_path):
-    _write(files / "bad.toml", 'base = "base.toml"\nlr = 1e6\n')
+    # diverging steps are skipped (weights kept) until max_nonfinite_steps in a row stop the run
+    _write(files / "bad.toml", 'base = "base.toml"\nlr = 1e6\nmax_nonfinite_steps = 2\n')
     out = tmp_path / "results"
     assert main(["experiment", str(files / "bad.toml"), "--out", str(out), "--work", str(tmp_path / "w")]) == 1
     r = json.loads((out / "bad" / "experiment.json").read_text())
-    assert r["status"] == "failed" and "learning rate" in r["error"] and r["validation"] is None
+    assert r["status"] == "failed" and "lower --lr" in r["error"] and r["validation"] is None
     assert main(["experiment", str(files / "bad.toml"), str(files / "tiny-lr1e-4.toml"), "--probe", "3", "--out",
                  str(out), "--work", str(tmp_path / "w")]) == 1
     rows = json.loads((out / "probe.json").read_text())["runs"]
-    assert "learning rate" in rows[0]["error"] and rows[1]["tokens_per_s"] > 0
+    assert "lower --lr" in rows[0]["error"] and rows[1]["tokens_per_s"] > 0
 
 
 def test_recall_runs_one_process_per_mixer_and_merges(tmp_path):

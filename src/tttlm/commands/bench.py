@@ -1,7 +1,8 @@
-"""Time an op's GPU kernels against its peers (needs CUDA and a source checkout).
+"""Time an op's GPU kernels against its peers, or whole models' decoding (needs CUDA and a source checkout).
 
-`tttlm bench OP [ARGS...]` runs benchmarks/gpu_OP.py with ARGS; `tttlm bench OP --help` lists them. Each
-script prints a table of forward and forward+backward ms at T = 2k, 8k, 32k and can write its rows as JSON.
+`tttlm bench OP [ARGS...]` runs benchmarks/gpu_OP.py with ARGS; `tttlm bench OP --help` lists them. An op's
+script prints a table of forward and forward+backward ms at T = 2k, 8k, 32k; `tttlm bench decode` one of every
+model's decode and prefill speed at contexts 2k, 8k, 32k. Each can write its rows as JSON.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ _HELP = {
     "dtype": "auto (bfloat16 autocast on GPU, float32 on CPU), float32 or bfloat16",
     "parallel": "under torchrun: ddp, or fsdp (FSDP2, for models that do not fit one GPU)",
     "activation_checkpointing": "recompute each block in the backward pass to save memory",
+    "compile": "torch.compile the model's blocks (default: on CUDA only); --no-compile runs them as plain PyTorch",
     "out_dir": "run directory: checkpoints, metrics.jsonl, tb/",
     "log_every": "steps between metric records",
     "eval_every": "steps between validations",
@@ -87,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         kind = f.type if isinstance(f.type, str) else f.type.__name__
-        if kind == "bool":
+        if kind.startswith("bool"):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=_HELP[name])
         else:
             conv = int if kind.startswith("int") else float if kind.startswith("float") else str

@@ -127,19 +127,33 @@ def plot_recall(best: list[dict]) -> plt.Figure:
 
 
 def plot_throughput(mixers: dict, title: str) -> plt.Figure:
-    """Training tokens/s per mixer, prefill seconds and decode ms/token against the context length."""
+    """Training tokens/s per mixer (a bar per training shape), prefill seconds and decode ms/token against the
+    context length."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     names = list(mixers)
-    axes[0].bar(names, [mixers[m]["train_tokens_per_s"] or 0 for m in names])
+    shapes = list(dict.fromkeys(s for m in names for s in mixers[m]["train"]))
+    width = 0.8 / max(1, len(shapes))
+    for i, shape in enumerate(shapes):
+        r = [mixers[m]["train"].get(shape) for m in names]
+        tps = [x["tokens_per_s"] if x and "tokens_per_s" in x else 0 for x in r]
+        axes[0].bar([j + i * width for j in range(len(names))], tps, width, label=shape)
+    axes[0].set_xticks([j + width * (len(shapes) - 1) / 2 for j in range(len(names))], names)
     axes[0].set_ylabel("training tokens / s")
     axes[0].tick_params(axis="x", rotation=30)
+    axes[0].legend(fontsize=8)
     for ax, key, ylabel in (
         (axes[1], "prefill_s", "prefill time (s)"),
         (axes[2], "decode_ms_per_token", "decode time per token (ms)"),
     ):
+        plotted = False
         for m in names:
             pts = _by_length(mixers[m][key])
-            ax.plot(*_finite([L for L, _ in pts], [v for _, v in pts]), marker="o", label=m)
+            xs, ys = _finite([L for L, _ in pts], [v for _, v in pts])
+            plotted |= len(xs) > 0
+            ax.plot(xs, ys, marker="o", label=m)
+        if not plotted:  # training only (no --contexts)
+            ax.set_axis_off()
+            continue
         _log_x(ax, base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)")

@@ -136,22 +136,29 @@ def _recall(r: dict) -> list[str]:
 def _throughput(r: dict) -> list[str]:
     s = r["settings"]
     lengths = sorted({int(L) for m in r["mixers"].values() for L in m["prefill_s"]})
+    shapes = list(s["train_shapes"])
     rows = []
     for name, m in r["mixers"].items():
         pre = {int(L): v for L, v in m["prefill_s"].items()}
         dec = {int(L): v for L, v in m["decode_ms_per_token"].items()}
-        tps = m["train_tokens_per_s"]
+        train = []
+        for shape in shapes:
+            t = m["train"].get(shape)
+            ok = t is not None and "tokens_per_s" in t
+            train += [_num(round(t["tokens_per_s"]) if ok else None),
+                      _num(100 * t["mfu"] if ok and t["mfu"] is not None else None, 1)]
         rows.append([
-            name, f"{m['params'] / 1e6:.1f}M", _num(tps if tps is None else round(tps)),
-            *[_num(None if pre[L] is None else 1e3 * pre[L], 3) for L in lengths],
-            *[_num(dec[L], 3) for L in lengths],
+            name, f"{m['params'] / 1e6:.1f}M", *train,
+            *[_num(None if pre.get(L) is None else 1e3 * pre[L], 3) for L in lengths],
+            *[_num(dec.get(L), 3) for L in lengths],
         ])  # fmt: skip
     head = (
-        f"{s['size']} models, {s['dtype']}; training batch {s['train_batch']} x {s['train_seq_len']} tokens; "
-        f"prefill and decode at batch 1 ({s['new_tokens']} decoded tokens); n/a: out of memory:"
+        f"{s['size']} models, {s['dtype']}, compiled: {s['compile']}; training tokens/s and model FLOPs "
+        f"utilisation (%) at batch x length {', '.join(shapes)}; prefill and decode at batch 1 "
+        f"({s['new_tokens']} decoded tokens); n/a: out of memory or failed:"
     )
-    header = ["mixer", "params", "train tok/s", *[f"prefill ms @{L}" for L in lengths],
-              *[f"decode ms/tok @{L}" for L in lengths]]  # fmt: skip
+    header = ["mixer", "params", *[c for sh in shapes for c in (f"train tok/s {sh}", f"MFU % {sh}")],
+              *[f"prefill ms @{L}" for L in lengths], *[f"decode ms/tok @{L}" for L in lengths]]  # fmt: skip
     return [head, ""] + _table(header, rows)
 
 

@@ -52,6 +52,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bfloat16 autocast on GPU, float32 on CPU; or "float32", "bfloat16"
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
     activation_checkpointing: bool = False
+    compile: bool | None = None  # torch.compile of the model's blocks; None: on CUDA only (tttlm.fast)
     # bookkeeping
     out_dir: str = "runs/default"
     log_every: int = 10
@@ -74,6 +75,8 @@ class TrainConfig:
             raise UserError(f"micro_batch_size must be a positive integer, got {self.micro_batch_size!r}")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.lr <= 0:
             raise UserError("need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+        if self.compile not in (None, True, False):
+            raise UserError(f"compile must be true, false or unset (auto: on CUDA), got {self.compile!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise UserError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

@@ -105,7 +105,9 @@ def wrap(model: torch.nn.Module, rt: Runtime, parallel: str) -> torch.nn.Module:
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        # no device_ids: DDP would copy every input to the GPU, the CPU position ids too, whose document
+        # boundaries the model reads on the host without waiting for the GPU (the ids are there already)
+        return DistributedDataParallel(model)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)

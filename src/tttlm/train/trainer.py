@@ -31,6 +31,7 @@ from tttlm.data.loader import PackedLoader, count_targets
 from tttlm.data.shards import PreparedData, TokenShard, prepare_data
 from tttlm.data.tokenizer import eos_id, load_tokenizer, tokenizer_key
 from tttlm.errors import PREEMPTED, RunStopped, UserError
+from tttlm.fast import fast_paths, to_device
 from tttlm.train import distributed
 from tttlm.train.checkpoint import checkpoints, load_checkpoint, newest_intact, save_checkpoint
 from tttlm.train.config import TrainConfig
@@ -84,7 +85,7 @@ def evaluate(model, shard: TokenShard, seq_len: int, batch_size: int, micro: int
     total = count = 0.0
     for _ in range(min(batches, loader.batches_per_epoch)):
         batch = next(loader)
-        ids, pos = batch["input_ids"].to(rt.device), batch["position_ids"].to(rt.device)
+        ids, pos = to_device(batch["input_ids"], rt.device), batch["position_ids"]  # positions read on the host
         for s in range(0, ids.shape[0], micro):
             with rt.autocast():
                 out = model(input_ids=ids[s : s + micro], labels=ids[s : s + micro],
@@ -200,7 +201,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
     cfg.check()
     rt = distributed.start(cfg.device, cfg.dtype)
     try:
-        return _train(cfg, rt, resume, log if rt.main else (lambda *a, **k: None))
+        with fast_paths(compile=cfg.compile):
+            return _train(cfg, rt, resume, log if rt.main else (lambda *a, **k: None))
     finally:
         distributed.stop()
 
@@ -302,7 +304,9 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
                                      f"same command with --resume continues", PREEMPTED)
                 if hasattr(model, "set_inner_lr_warmup"):
                     model.set_inner_lr_warmup(warmup_progress(step, cfg))
-                ids, pos = batch["input_ids"].to(rt.device), batch["position_ids"].to(rt.device)
+                # the ids go to the GPU without the host waiting for it; the positions stay on the CPU, where the
+                # model reads the documents' boundaries from them (also without waiting)
+                ids, pos = to_device(batch["input_ids"], rt.device), batch["position_ids"]
                 loss_sum = torch.zeros((), device=rt.device)
                 for i in range(accum):
                     sl = slice(i * micro, (i + 1) * micro)
