@@ -37,18 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write: the processes of a torchrun job share the stream, and print's separate
+    write of the newline let two processes' lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args._run(args)
     except (UserError, ValueError, FileNotFoundError) as e:
-        print(f"tttlm {args.command}: error: {e}", file=sys.stderr)
+        _say(f"tttlm {args.command}: error: {e}")
         return 2
     except RunStopped as e:
-        print(f"tttlm {args.command}: {'' if e.status == PREEMPTED else 'error: '}{e}", file=sys.stderr)
+        _say(f"tttlm {args.command}: {'' if e.status == PREEMPTED else 'error: '}{e}")
         return e.status
     except KeyboardInterrupt:
-        print(f"tttlm {args.command}: interrupted", file=sys.stderr)
+        _say(f"tttlm {args.command}: interrupted")
         return 130
     return int(code or 0)
 
