@@ -5,7 +5,8 @@ ahead-of-time compile for the target architecture (default sm_90, the H100), and
 Triton reports what each kernel uses. Pointers are marked 16-byte aligned and integers that are multiples of 16
 marked so, as Triton's launcher specialises them on the GPU; on the H100 this gave the register counts that the
 driver reported there (190 for the old rebuild kernel, 135 for the old finish kernel at D=128). Kernels that spill
-(a stack frame, spill stores) hold more than the registers allow, which costs time on the GPU.
+(a stack frame, spill stores) hold more than the registers allow, which costs time on the GPU. The last column
+names the shapes of the Hopper wgmma instructions in each kernel's PTX (`-` for none).
 
     python benchmarks/kernel_registers.py [--heads 16x128,32x64] [--arch 90] [--ops ttt_linear,ttt_mlp,mesa,ssd,...]
 
@@ -73,6 +74,7 @@ def _resources(kernel: JITFunction, args, kwargs, arch: int) -> dict:
         )
     text = report.stdout + report.stderr
     regs = re.search(r"Used (\d+) registers", text)
+    wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", compiled.asm["ptx"])))
     spills = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return dict(
         kernel=kernel.__name__,
@@ -83,6 +85,7 @@ def _resources(kernel: JITFunction, args, kwargs, arch: int) -> dict:
         spill_store_bytes=int(spills.group(2)),
         spill_load_bytes=int(spills.group(3)),
         shared_bytes=compiled.metadata.shared,
+        wgmma=",".join(wgmma) or "-",
     )
 
 
@@ -230,7 +233,8 @@ def _print(label: str, rows: list[dict]) -> None:
     for r in rows:
         print(
             f"| {label} | {r['kernel']} | {r['constexprs']} | {r['warps']} | {r['registers']} | "
-            f"{r['stack_bytes']} | {r['spill_store_bytes']} | {r['spill_load_bytes']} | {r['shared_bytes']} |",
+            f"{r['stack_bytes']} | {r['spill_store_bytes']} | {r['spill_load_bytes']} | {r['shared_bytes']} | "
+            f"{r['wgmma']} |",
             flush=True,
         )
 
@@ -246,8 +250,9 @@ def main(argv=None) -> int:
     ops = args.ops.split(",")
     if not set(ops) <= set(names):
         p.error(f"--ops must name some of {', '.join(names)}; got {args.ops}")
-    print("| H×D | kernel | constexprs | warps | registers | stack B | spill stores B | spill loads B | shared B |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| H×D | kernel | constexprs | warps | registers | stack B | spill stores B | spill loads B | shared B "
+          "| wgmma |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for hd in args.heads.split(",") if set(ops) & set(OPS) else ():
         H, D = (int(x) for x in hd.split("x"))
         with compile_only(args.arch) as rows:

@@ -107,10 +107,28 @@ def test_flex_attention_runs_compiled():
     assert (got.double() - want).abs().max().item() < 1e-5
 
 
+def test_packed_float64_with_document_mask(monkeypatch):
+    """A float64 packed row given FlexAttention's document mask (as a model on CUDA passes it) is attended in float64:
+    FlexAttention's compiled kernels have no float64 (on CUDA they accumulate in float32 and fail to compile, on
+    the CPU they refuse it), which failed generate(use_cache=False) on left-padded prompts in float64 on CUDA."""
+    from tttlm import fast
+
+    monkeypatch.setattr(fast, "KERNEL_DEVICES", ("cuda", "cpu"))
+    dev = "cuda" if CUDA else "cpu"
+    cu = torch.tensor([0, 6, 7, 20])
+    q, k, v = (x.to(dev) for x in _qkv(1, 20, 20))
+    mask = document_mask(cu, dev)
+    assert mask is not None
+    got = attention(q, k, v, cu_seqlens=cu.to(dev), mask=mask)
+    assert got.dtype == torch.float64
+    assert (got - attention_ref(q, k, v, cu_seqlens=cu.to(dev))).abs().max().item() < 1e-12
+
+
 @pytest.mark.skipif(not CUDA, reason="FlexAttention's compiled kernels need CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flex_attention_over_documents(dtype):
-    lengths = [1, 300, 129, 2, 511, 77]
+# a row shorter than FLEX_BLOCK (left-padded prompts read without a cache) runs FlexAttention's decoding kernel
+@pytest.mark.parametrize("lengths", [[1, 300, 129, 2, 511, 77], [9, 9, 9, 4, 4, 4]])
+def test_flex_attention_over_documents(dtype, lengths):
     cu = torch.tensor([0, *itertools.accumulate(lengths)])
     T = int(cu[-1])
     q, k, v = (x.to("cuda", dtype).requires_grad_() for x in _qkv(1, T, T, H=4, D=64))

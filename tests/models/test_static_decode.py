@@ -161,10 +161,9 @@ def test_generate_left_padded_prompts(mixer, tiny, tokens):
         assert torch.equal(batch[b, ids.shape[1] :], model.generate(s[None], **kw)[0, len(s) :]), b
 
 
-@pytest.mark.parametrize("mixer", ["ttt_linear", "transformer"])
-def test_beam_search_on_static_cache(mixer, tiny, tokens):
-    """Beam search reorders the static buffers' rows in place (the captured graph keeps its buffers)."""
-    model = tiny(mixer).to(DEV, DTYPE)
+def _beam_search_matches(model, tokens) -> None:
+    """Beam search over two left-padded prompts of 9 and 4 tokens on a static cache equals beam search re-reading
+    the whole rows at every step (use_cache=False)."""
     lengths = [9, 4]
     ids, mask = _left_padded([tokens(1, n, seed=20 + i)[0] for i, n in enumerate(lengths)], lengths)
     ids, mask = ids.to(DEV), mask.to(DEV)
@@ -172,6 +171,32 @@ def test_beam_search_on_static_cache(mixer, tiny, tokens):
     cache = _cache(model, MODES[-1])
     beams = model.generate(ids, **{CACHE_FIELD: cache}, **kw)
     assert cache.is_static and torch.equal(beams, model.generate(ids, use_cache=False, **kw))
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "transformer"])
+def test_beam_search_on_static_cache(mixer, tiny, tokens):
+    """Beam search reorders the static buffers' rows in place (the captured graph keeps its buffers)."""
+    _beam_search_matches(tiny(mixer).to(DEV, DTYPE), tokens)
+
+
+@pytest.mark.skipif(CUDA, reason="on CUDA the test above runs these paths")
+def test_kernels_in_beam_search(tiny, tokens, monkeypatch):
+    """The transformer's beam search as CUDA runs it, on the CPU in float64: the split-KV kernels (under the Triton
+    interpreter) at every step, and the use_cache=False forwards of the left-padded rows given FlexAttention's
+    document mask, which float64 must not reach (its compiled kernels have no float64)."""
+    from tttlm import fast
+    from tttlm.ops import attention, attention_cached_triton
+
+    monkeypatch.setattr(fast, "KERNEL_DEVICES", ("cuda", "cpu"))
+    calls = []
+    for module, name in ((attention_cached_triton, "cached_attention_triton"), (attention, "document_mask")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=fn, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    model = tiny("transformer").double()
+    _beam_search_matches(model, tokens)
+    steps = 7  # after the prefill's token; the use_cache=False side reads all 8 times
+    expected = {"cached_attention_triton": model.config.num_hidden_layers * steps, "document_mask": steps + 1}
+    assert {n: calls.count(n) for n in set(calls)} == expected
 
 
 @pytest.mark.parametrize("mixer", ["ttt_linear", "transformer"])

@@ -2,8 +2,9 @@
 
 `attention` is the fast path: torch's scaled_dot_product_attention for whole rows (its default backend, cuDNN
 on Hopper, where shapes are fixed), and for the documents of a packed row one FlexAttention call per batch with
-a document mask built once per batch by `document_mask` (CUDA), or one SDPA call per document elsewhere.
-`attention_ref` is the readable spec it is tested against.
+a document mask built once per batch by `document_mask` (CUDA), or one SDPA call per document elsewhere and in
+float64 (FlexAttention's compiled kernels have none: on CUDA they accumulate in float32 and fail to compile for
+float64 operands, on the CPU they refuse them). `attention_ref` is the readable spec it is tested against.
 
 Calls whose shapes change from call to call (decoding with a growing cache, documents of a packed batch)
 leave out SDPA's cuDNN backend: it builds an execution plan for every new shape, ~9 ms of host time on an
@@ -24,6 +25,7 @@ from tttlm.fast import kernels_enabled, opaque, to_device
 
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 FLEX_BLOCK = 128  # FlexAttention's tile of queries and keys
+FLEX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what its compiled kernels take
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> None:
@@ -107,7 +109,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = No
             tokens, visible to every query); query i sees keys j <= S - T + i. Scale 1/sqrt(D).
         cu_seqlens: int64 [N+1], documents packed in one row (B == 1, S == T): attention stays inside each.
         mask: `document_mask(cu_seqlens, q.device)` when it is not None: one FlexAttention call for all the
-            documents instead of one SDPA call each.
+            documents instead of one SDPA call each (float64 ignores it: one SDPA call per document).
 
     Returns:
         o: [B, T, H, Dv] in q's dtype.
@@ -115,7 +117,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = No
     _check(q, k, v, cu_seqlens)
     T, S = q.shape[1], k.shape[1]
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, *, D]
-    if cu_seqlens is not None and mask is not None:
+    if cu_seqlens is not None and mask is not None and q.dtype in FLEX_DTYPES:
         return _flex(qh, kh, vh, mask).transpose(1, 2)
     if cu_seqlens is not None:
         # one causal call per document keeps the flash kernels (no [T, T] mask) and nothing crosses a boundary

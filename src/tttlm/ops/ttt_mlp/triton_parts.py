@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tttlm.ops.ttt_linear.triton_parts import block_d
+
 MAX_D = 128
 SUPPORTED_MINI_BATCH = (16,)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -27,9 +29,22 @@ MAX_F_TILE = 64
 GELU_C = tl.constexpr(math.sqrt(2.0 / math.pi))
 
 
+# On-chip head widths (`block_d`) at which the whole-sequence kernels run by default on CUDA: those whose tests
+# (tests/ops/test_ttt_mlp_triton.py) passed on an H200 (Triton 3.6 with its ptxas 12.8). Elsewhere CUDA runs the
+# PyTorch path and refuses backend="triton". At width 64 the kernels, compiled with 8 warps, gave NaN there
+# although their PTX is right: run on CPU by benchmarks/ptx_emulate.py it matches the PyTorch path, with no race
+# between warps. The machine code is at fault; only that width compiled to a wgmma of shape m64n32k8 with its A
+# operand in registers (ptxas before 13.3 mishandles register-operand wgmma in other kernels: triton-lang/triton
+# issue 9433). Width 64 now compiles with 4 warps, to the wgmma of width 128 (tests/test_kernel_registers.py
+# checks it); add it here once its tests pass on a GPU. Widths 16 and 32 (wgmma m64n16k8 and m64n32k8) have
+# never run on a GPU. The decode step has no matrix products, passed at 64 and 128, and runs at every width.
+CHUNK_WIDTHS_ON_CUDA = (128,)
+
+
 def supports(q: Tensor, mini_batch_size: int) -> bool:
     """Whether these kernels handle q [B,T,H,D] (or [B,H,D] for a step) with this mini-batch size: head dims up
-    to 128 that are multiples of 4 (so that the hidden width 4D splits into tiles of at least 16)."""
+    to 128 that are multiples of 4 (so that the hidden width 4D splits into tiles of at least 16), and on CUDA
+    the whole-sequence kernels only at the widths of CHUNK_WIDTHS_ON_CUDA."""
     on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     D = q.shape[-1]
     return (
@@ -38,6 +53,7 @@ def supports(q: Tensor, mini_batch_size: int) -> bool:
         and D % 4 == 0
         and mini_batch_size in SUPPORTED_MINI_BATCH
         and q.dtype in SUPPORTED_DTYPES
+        and not (q.is_cuda and q.dim() == 4 and block_d(D) not in CHUNK_WIDTHS_ON_CUDA)
     )
 
 
