@@ -5,11 +5,11 @@ compile: torch.compile of the model's blocks (each block's code is compiled once
     is None (the default: on for CUDA tensors, off on the CPU, where float32 results stay those of the plain
     PyTorch code), True (on any device) or False; the environment variable TTTLM_COMPILE=0 / 1 sets the default,
     and `tttlm train` / `tttlm throughput` take --compile / --no-compile.
-kernels: tttlm's own GPU paths on CUDA tensors (FlexAttention over the documents of a packed batch, the Mamba2
-    scan's Triton kernels, the fused linear + cross-entropy loss, decoding's attention over a static cache); on
-    by default. Turning them off (with compile
-    off) gives the plain PyTorch model, which the GPU check compares the fast paths against. Op-level backends
-    chosen by the ops themselves (TTT-Linear's and Mesa's kernels) stay as they are.
+kernels: tttlm's own GPU paths on CUDA tensors: the Triton kernels of every op called with backend=None (TTT-Linear,
+    TTT-MLP, Mesa, the Mamba and Mamba2 scans, decoding's attention over a static cache; the rule is
+    `tttlm.ops.backend.use_triton`), FlexAttention over the documents of a packed batch and the fused linear +
+    cross-entropy loss; on by default. Turning them off (with compile off) gives the plain PyTorch model, which
+    the GPU check compares the fast paths against. An op called with backend="triton" or "torch" takes that one.
 
 `configure(...)` sets either for the process; `fast_paths(...)` sets them inside a `with` block.
 """

@@ -9,16 +9,11 @@ GPU to learn it); other calls run SDPA with a boolean mask over the whole capaci
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tttlm.fast import kernels_enabled
-
-BACKENDS = (None, "triton", "torch")
+from tttlm.ops.backend import kernel_device, use_triton
 
 
 def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor) -> None:
@@ -32,11 +27,6 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor) -> None:
                          f"{list(k_cache.shape[:3])}, got {list(v_cache.shape)}")
     if pos.shape != (B, T) or pos.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"pos must be an integer tensor [B={B}, T={T}], got {pos.dtype} {list(pos.shape)}")
-
-
-@functools.cache
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, *, backend: str | None = None) -> Tensor:
@@ -56,11 +46,9 @@ def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, *
         o: [B, T, H, Dv] in q's dtype. Scale 1/sqrt(D).
     """
     _check(q, k_cache, v_cache, pos)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" and (q.shape[1] != 1 or not _have_triton()):
-        raise ValueError("backend='triton' needs the triton package and one query per row (T == 1)")
-    if backend == "triton" or (backend is None and kernels_enabled(q.device) and q.shape[1] == 1 and _have_triton()):
+    if use_triton(q, backend, lambda: q.shape[1] == 1 and kernel_device(q),
+                  lambda: f"backend='triton' takes one query per row (T == 1) on CUDA (or the CPU under "
+                          f"TRITON_INTERPRET=1), got q {list(q.shape)} on {q.device}"):
         from tttlm.ops.attention_cached_triton import cached_attention_triton
 
         return cached_attention_triton(q[:, 0], k_cache, v_cache, pos[:, 0])[:, None]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -26,6 +25,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from tttlm.fast import compile_enabled
+from tttlm.ops.backend import use_triton as backend_choice
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -154,31 +154,14 @@ def check_ttt_inputs(
 
 
 # ------------------------------------------------------------------------------------------------ backends
-BACKENDS = (None, "triton", "torch")
-
-
-@functools.cache
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def use_triton(q: Tensor, mini_batch_size: int, backend: str | None, kernels: str) -> bool:
-    """Whether an op runs its Triton kernels: backend None picks them on CUDA where the module `kernels` (its
-    `supports(q, mini_batch_size)`) takes the shapes, "triton" demands them (an error if they cannot run),
-    "torch" never."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or (backend is None and not q.is_cuda):
-        return False
-    if not _have_triton():
-        if backend == "triton":
-            raise ValueError("backend='triton' needs the triton package")
-        return False
-    ok = importlib.import_module(kernels).supports(q, mini_batch_size)
-    if backend == "triton" and not ok:
-        raise ValueError(f"the Triton kernels do not support q of shape {list(q.shape)} ({q.dtype}) on {q.device} "
-                         f"with mini_batch_size={mini_batch_size}")
-    return ok
+    """`tttlm.ops.backend.use_triton` for a TTT op whose kernels' module `kernels` has `supports(q,
+    mini_batch_size)`."""
+    return backend_choice(
+        q, backend, lambda: importlib.import_module(kernels).supports(q, mini_batch_size),
+        lambda: f"the Triton kernels do not support q of shape {list(q.shape)} ({q.dtype}) on {q.device} "
+                f"with mini_batch_size={mini_batch_size}",
+    )
 
 
 # ------------------------------------------------------------------------------------------ mini-batch layout

@@ -7,10 +7,9 @@ spec. The model's loss on the CPU keeps its own chunked PyTorch path (`modeling.
 
 from __future__ import annotations
 
-import os
-
 from torch import Tensor
 
+from tttlm.ops.backend import kernel_device
 from tttlm.ops.linear_cross_entropy.reference import linear_cross_entropy_ref
 
 REDUCTIONS = ("sum", "none")
@@ -18,7 +17,7 @@ REDUCTIONS = ("sum", "none")
 
 def supports(hidden: Tensor) -> bool:
     """Whether the kernels run for tensors on hidden's device (CUDA, or the CPU under TRITON_INTERPRET=1)."""
-    return hidden.is_cuda or (hidden.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return kernel_device(hidden)
 
 
 def linear_cross_entropy(

@@ -11,31 +11,27 @@ B and C have G groups shared by H / G heads each. States are float32 (float64 fo
 
 from __future__ import annotations
 
-import os
-
 from torch import Tensor
 
-from tttlm.fast import kernels_enabled
+from tttlm.ops.backend import use_triton
 from tttlm.ops.ssd.checks import check, check_state
 from tttlm.ops.ssd.chunked import ssd_chunked
 from tttlm.ops.ssd.reference import ssd_ref, ssd_step
 
-BACKENDS = (None, "triton", "torch")
-
 
 def _use_triton(x: Tensor, chunk_size: int, backend: str | None) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or (backend is None and not kernels_enabled(x.device)):
-        return False
-    from tttlm.ops.ssd import triton_ssd
+    def supports() -> bool:
+        from tttlm.ops.ssd import triton_ssd
 
-    interpreted = x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    ok = (x.is_cuda or interpreted) and triton_ssd.supports(x, chunk_size)
-    if backend == "triton" and not ok:
-        raise ValueError(f"the Triton kernels do not support x of shape {list(x.shape)} and dtype {x.dtype} on "
-                         f"{x.device} with chunk_size={chunk_size} (chunk sizes {triton_ssd.CHUNK_SIZES})")
-    return ok
+        return triton_ssd.supports(x, chunk_size)
+
+    def unsupported() -> str:
+        from tttlm.ops.ssd import triton_ssd
+
+        return (f"the Triton kernels do not support x of shape {list(x.shape)} and dtype {x.dtype} on {x.device} "
+                f"with chunk_size={chunk_size} (chunk sizes {triton_ssd.CHUNK_SIZES})")
+
+    return use_triton(x, backend, supports, unsupported)
 
 
 def ssd(

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tttlm.ops.backend import kernel_device
 from tttlm.ops.ssd.chunked import document_end_states
 from tttlm.ops.ttt_linear.triton_parts import new
 
@@ -39,7 +40,8 @@ DBC_COLUMNS = 16  # state columns per program of B's and C's gradients (32 and 6
 
 def supports(x: Tensor, chunk_size: int) -> bool:
     """Whether these kernels take x [Bt, T, H, P] with this chunk size."""
-    return chunk_size in CHUNK_SIZES and x.dtype in SUPPORTED_DTYPES and x.shape[-1] <= MAX_HEAD_DIM
+    return (kernel_device(x) and chunk_size in CHUNK_SIZES and x.dtype in SUPPORTED_DTYPES
+            and x.shape[-1] <= MAX_HEAD_DIM)
 
 
 # ------------------------------------------------------------------------------------------------ pieces

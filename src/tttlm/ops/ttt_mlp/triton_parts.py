@@ -10,13 +10,13 @@ memory, where they stay in L2 between mini-batches. The LayerNorm pieces over th
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from tttlm.ops.backend import kernel_device
 from tttlm.ops.ttt_linear.triton_parts import block_d
 
 MAX_D = 128
@@ -45,10 +45,9 @@ def supports(q: Tensor, mini_batch_size: int) -> bool:
     """Whether these kernels handle q [B,T,H,D] (or [B,H,D] for a step) with this mini-batch size: head dims up
     to 128 that are multiples of 4 (so that the hidden width 4D splits into tiles of at least 16), and on CUDA
     the whole-sequence kernels only at the widths of CHUNK_WIDTHS_ON_CUDA."""
-    on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     D = q.shape[-1]
     return (
-        on_device
+        kernel_device(q)
         and 4 <= D <= MAX_D
         and D % 4 == 0
         and mini_batch_size in SUPPORTED_MINI_BATCH
