@@ -279,11 +279,13 @@ def test_decode_steps_match_reference(default_scale, D):
 def test_supports_and_backend_choice(monkeypatch):
     monkeypatch.setattr(triton_parts, "CHUNK_WIDTHS_ON_CUDA", CUDA_WIDTHS)
     q = torch.zeros(1, 4, 2, 64, device=DEV, dtype=DTYPE)
-    # on CUDA the whole-sequence kernels run by default only at the widths that passed there (not 64: NaN on an
-    # H200 from the machine code of the 8-warp kernels); under the interpreter at all; the decode step at all
-    assert triton_parts.supports(q, 16) == (not CUDA)
+    # on CUDA the whole-sequence kernels run by default only at the on-chip widths that passed there (64 and 128,
+    # not 32: never run on a GPU); under the interpreter at all; the decode step at all
+    assert triton_parts.supports(q, 16)
     assert triton_parts.supports(q[:, 0], 16)
-    assert triton_parts.supports(q[..., :48], 16) == (not CUDA)
+    assert triton_parts.supports(q[..., :48], 16)
+    assert triton_parts.supports(q[..., :32], 16) == (not CUDA)
+    assert triton_parts.supports(q[:, 0, :, :32], 16)
     assert triton_parts.supports(torch.zeros(1, 4, 2, 128, device=DEV, dtype=DTYPE), 16)
     assert triton_parts.supports(torch.zeros(1, 4, 2, 96, device=DEV, dtype=DTYPE), 16)
     assert not triton_parts.supports(q, 8)

@@ -28,7 +28,7 @@ def ttt_mlp(
     (`TTTMLPState.start(W1, b1, W2, b2)`: [N,H,D,4D], [N,H,4D], [N,H,4D,D], [N,H,D]); token_scale
     [mini_batch_size] or None (1/(i+1)); cu_seqlens int64 [N+1] with B == 1; backend None picks the Triton
     kernels on CUDA (while `tttlm.fast` allows them) where they support the shapes (head dim a multiple of 4
-    from 68 to 128, the widths verified on a GPU: `triton_parts.CHUNK_WIDTHS_ON_CUDA`; mini-batch 16; 16- or
+    from 36 to 128, the widths verified on a GPU: `triton_parts.CHUNK_WIDTHS_ON_CUDA`; mini-batch 16; 16- or
     32-bit floats), else PyTorch; "triton" or "torch" forces one. Returns o [B, T, H, D] in q's dtype and the
     final TTTMLPState (float32, or float64 for float64 inputs) if output_final_state, else None.
     """

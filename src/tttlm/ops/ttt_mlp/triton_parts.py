@@ -31,14 +31,13 @@ GELU_C = tl.constexpr(math.sqrt(2.0 / math.pi))
 
 # On-chip head widths (`block_d`) at which the whole-sequence kernels run by default on CUDA: those whose tests
 # (tests/ops/test_ttt_mlp_triton.py) passed on an H200 (Triton 3.6 with its ptxas 12.8). Elsewhere CUDA runs the
-# PyTorch path and refuses backend="triton". At width 64 the kernels, compiled with 8 warps, gave NaN there
-# although their PTX is right: run on CPU by benchmarks/ptx_emulate.py it matches the PyTorch path, with no race
-# between warps. The machine code is at fault; only that width compiled to a wgmma of shape m64n32k8 with its A
-# operand in registers (ptxas before 13.3 mishandles register-operand wgmma in other kernels: triton-lang/triton
-# issue 9433). Width 64 now compiles with 4 warps, to the wgmma of width 128 (tests/test_kernel_registers.py
-# checks it); add it here once its tests pass on a GPU. Widths 16 and 32 (wgmma m64n16k8 and m64n32k8) have
-# never run on a GPU. The decode step has no matrix products, passed at 64 and 128, and runs at every width.
-CHUNK_WIDTHS_ON_CUDA = (128,)
+# PyTorch path and refuses backend="triton". Width 64 compiles with 4 warps: with 8 it compiled to a wgmma of
+# shape m64n32k8 with its A operand in registers and gave NaN although its PTX is right (run on CPU by
+# benchmarks/ptx_emulate.py it matches the PyTorch path; ptxas before 13.3 mishandles register-operand wgmma,
+# triton-lang/triton issue 9433); with 4 it compiles to the m64n64k8 of width 128 (tests/test_kernel_registers.py
+# checks it) and passed. Widths 16 and 32 (wgmma m64n16k8 and m64n32k8) have never run on a GPU. The decode step
+# has no matrix products and runs at every width.
+CHUNK_WIDTHS_ON_CUDA = (64, 128)
 
 
 def supports(q: Tensor, mini_batch_size: int) -> bool:
