@@ -2,8 +2,9 @@
 
 Forward and forward+backward ms and the peak memory of a forward+backward, for 32,768 tokens per call
 (B = 32768 / T) at T = 2k, 8k, 32k and heads H12xD64 (the 125m presets'), H32xD64 and H16xD128, bf16:
-tttlm.ttt_mlp (Triton), tttlm.ttt_linear (Triton), and torch SDPA (causal, torch's default backend). Then
-decode: one ttt_mlp_step at batch 1, H12xD64, us per token, as called and replayed from a CUDA graph.
+tttlm.ttt_mlp (Triton, also at widths where CUDA runs the PyTorch path by default:
+`triton_parts.CHUNK_WIDTHS_ON_CUDA`), tttlm.ttt_linear (Triton), and torch SDPA (causal, torch's default
+backend). Then decode: one ttt_mlp_step at batch 1, H12xD64, us per token, as called and replayed from a CUDA graph.
 
     python benchmarks/gpu_ttt_mlp.py [--json OUT.json] [--tokens 32768] [--heads 12x64,32x64,16x128]
                                      [--seq-lens 2048,8192,32768] [--ops ttt_mlp,ttt_linear,sdpa] [--no-decode]
@@ -202,9 +203,12 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("gpu_ttt_mlp: needs a CUDA GPU", file=sys.stderr)
         return 2
-    if args.no_split:
-        from tttlm.ops.ttt_mlp import triton_parts
+    from tttlm.ops.ttt_mlp import triton_parts
 
+    # our kernels at every head width, also those that do not yet run by default on CUDA (their tests must pass
+    # on the GPU first; tests/ops/test_ttt_mlp_triton.py)
+    triton_parts.CHUNK_WIDTHS_ON_CUDA = (16, 32, 64, 128)
+    if args.no_split:
         triton_parts.splits = lambda programs, D, device: 1
     torch.manual_seed(0)
     out = {

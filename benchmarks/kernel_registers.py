@@ -1,13 +1,17 @@
-"""Registers, spills and shared memory of the TTT ops' Triton kernels as compiled for an NVIDIA GPU, on any machine.
+"""Registers, spills and shared memory of tttlm's Triton kernels as compiled for an NVIDIA GPU, on any machine.
 
 No GPU needed: the op's host code runs on CPU tensors with every kernel launch replaced by Triton's
 ahead-of-time compile for the target architecture (default sm_90, the H100), and the ptxas that ships with
 Triton reports what each kernel uses. Pointers are marked 16-byte aligned and integers that are multiples of 16
 marked so, as Triton's launcher specialises them on the GPU; on the H100 this gave the register counts that the
 driver reported there (190 for the old rebuild kernel, 135 for the old finish kernel at D=128). Kernels that spill
-(a stack frame, spill stores) hold more than the registers allow, which costs time on the GPU.
+(a stack frame, spill stores) hold more than the registers allow, which costs time on the GPU. The last column
+names the shapes of the Hopper wgmma instructions in each kernel's PTX (`-` for none).
 
-    python benchmarks/kernel_registers.py [--heads 16x128,32x64] [--arch 90] [--ops ttt_linear,ttt_mlp,mesa]
+    python benchmarks/kernel_registers.py [--heads 16x128,32x64] [--arch 90] [--ops ttt_linear,ttt_mlp,mesa,ssd,...]
+
+--ops (all by default): ttt_linear, ttt_mlp and mesa compiled at each --heads; ssd (the Mamba2 scan) at the 125m
+preset's heads (24 of 64, state 128) and linear_ce (the fused loss) at its width and vocabulary, once.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def _resources(kernel: JITFunction, args, kwargs, arch: int) -> dict:
     signature, constexprs, attrs = {}, {}, {}
     for p in kernel.params:
         value = bound.get(p.name, p.default)
-        if p.is_constexpr:
+        if p.is_constexpr or value is None:  # a None pointer is specialised as a constant
             signature[p.name], constexprs[p.name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[p.name] = "*" + POINTER_TYPES[value.dtype]
@@ -70,6 +74,7 @@ def _resources(kernel: JITFunction, args, kwargs, arch: int) -> dict:
         )
     text = report.stdout + report.stderr
     regs = re.search(r"Used (\d+) registers", text)
+    wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", compiled.asm["ptx"])))
     spills = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return dict(
         kernel=kernel.__name__,
@@ -80,6 +85,7 @@ def _resources(kernel: JITFunction, args, kwargs, arch: int) -> dict:
         spill_store_bytes=int(spills.group(2)),
         spill_load_bytes=int(spills.group(3)),
         shared_bytes=compiled.metadata.shared,
+        wgmma=",".join(wgmma) or "-",
     )
 
 
@@ -189,32 +195,77 @@ def ttt_mlp_launches(H: int, D: int) -> None:
     triton_step.ttt_mlp_step_triton(q[:1], k[:1], v[:1], eta[:1], ln_w, ln_b, state)
 
 
+def ssd_launches() -> None:
+    """The Mamba2 scan's forward and backward, rows with states and a packed row (with the gradient of the states
+    entering its chunks, as its documents' final states give), at the 125m preset's heads."""
+    from tttlm.ops.ssd import triton_ssd
+
+    ctx = types.SimpleNamespace(set_materialize_grads=lambda flag: None, chunk_size=64)
+    ctx.save_for_backward = lambda *t: setattr(ctx, "saved_tensors", t)
+    Bt, T, H, P, G, N = 2, 128, 24, 64, 1, 128
+    x = torch.randn(Bt, T, H, P, dtype=torch.bfloat16)
+    dt, A = torch.rand(Bt, T, H), -torch.rand(H)
+    B, C = (torch.randn(Bt, T, G, N, dtype=torch.bfloat16) for _ in range(2))
+    h0 = torch.zeros(Bt, H, P, N)
+    fn = triton_ssd._SSDFn
+    fn.forward(ctx, x, dt, A, B, C, h0, None, 64, True, False)
+    fn.backward(ctx, torch.randn_like(x), torch.randn_like(h0), None)
+    seg = torch.zeros(1, T, dtype=torch.int32)
+    fn.forward(ctx, x[:1], dt[:1], A, B[:1], C[:1], None, seg, 64, False, True)
+    fn.backward(ctx, torch.randn_like(x[:1]), None, torch.randn(1, T // 64, H, P, N))
+
+
+def linear_ce_launches() -> None:
+    """The fused loss's rows kernel at the 125m presets' width and vocabulary, with and without gradients."""
+    from tttlm.ops.linear_cross_entropy import triton_ce
+
+    h, w = torch.randn(64, 768, dtype=torch.bfloat16), torch.randn(32000, 768, dtype=torch.bfloat16)
+    for grad in (True, False):
+        triton_ce._losses(h, w, torch.zeros(64, dtype=torch.long), -100, grad)
+
+
+# ops compiled at each --heads, and ops compiled once at a fixed shape (with the label of their rows)
 OPS = {"ttt_linear": ttt_linear_launches, "ttt_mlp": ttt_mlp_launches, "mesa": mesa_launches}
+FIXED_OPS = {"ssd": (ssd_launches, "ssd 24×64"), "linear_ce": (linear_ce_launches, "loss")}
+
+
+def _print(label: str, rows: list[dict]) -> None:
+    for r in rows:
+        print(
+            f"| {label} | {r['kernel']} | {r['constexprs']} | {r['warps']} | {r['registers']} | "
+            f"{r['stack_bytes']} | {r['spill_store_bytes']} | {r['spill_load_bytes']} | {r['shared_bytes']} | "
+            f"{r['wgmma']} |",
+            flush=True,
+        )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--heads", default="16x128,32x64", help="comma-separated HxD")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for the H100")
-    p.add_argument("--ops", default="ttt_linear,ttt_mlp,mesa", help="comma-separated, of " + ", ".join(OPS))
+    names = [*OPS, *FIXED_OPS]
+    p.add_argument("--ops", default=",".join(names), help="comma-separated, of " + ", ".join(names))
     args = p.parse_args(argv)
     print(f"sm_{args.arch}, triton {triton.__version__}")
     ops = args.ops.split(",")
-    if not set(ops) <= set(OPS):
-        p.error(f"--ops must name some of {', '.join(OPS)}; got {args.ops}")
-    print("| H×D | kernel | constexprs | warps | registers | stack B | spill stores B | spill loads B | shared B |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for hd in args.heads.split(","):
+    if not set(ops) <= set(names):
+        p.error(f"--ops must name some of {', '.join(names)}; got {args.ops}")
+    print("| H×D | kernel | constexprs | warps | registers | stack B | spill stores B | spill loads B | shared B "
+          "| wgmma |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for hd in args.heads.split(",") if set(ops) & set(OPS) else ():
         H, D = (int(x) for x in hd.split("x"))
         with compile_only(args.arch) as rows:
             for op in ops:
-                OPS[op](H, D)
-        for r in rows:
-            print(
-                f"| {H}×{D} | {r['kernel']} | {r['constexprs']} | {r['warps']} | {r['registers']} | "
-                f"{r['stack_bytes']} | {r['spill_store_bytes']} | {r['spill_load_bytes']} | {r['shared_bytes']} |",
-                flush=True,
-            )
+                if op in OPS:
+                    OPS[op](H, D)
+        _print(f"{H}×{D}", rows)
+    for op in ops:
+        if op in FIXED_OPS:
+            launches, label = FIXED_OPS[op]
+            with compile_only(args.arch) as rows:
+                launches()
+            _print(label, rows)
     return 0
 
 

@@ -5,7 +5,8 @@ DESIGN.md (width 2048 = 32 heads x 64, float32, 32,768 tokens per call, T = 2k a
     python benchmarks/layer_speed.py [--mixers ttt_linear,ttt_mlp] [--dtype float32|bfloat16] [--tokens 32768]
         [--T 2048,8192] [--width 2048] [--heads 32]
 
-On a GPU the TTT ops' PyTorch path compiles its per-mini-batch function; TTTLM_COMPILE=0 measures it eager.
+On a GPU the TTT ops' PyTorch path compiles its per-mini-batch function; TTTLM_COMPILE=0 measures it eager
+(tttlm.fast).
 """
 
 from __future__ import annotations

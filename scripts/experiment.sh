@@ -13,7 +13,7 @@ export TTTLM_CACHE="${TTTLM_CACHE:-$PWD/runs/cache}"
 mkdir -p runs
 log=runs/experiment-$(date -u +%Y%m%d-%H%M%S).log
 status=0
-python3 -m tttlm experiment "$@" --out docs/results 2>&1 | tee "$log" || status=$?
+python3 -m tttlm experiment "$@" --out-dir docs/results 2>&1 | tee "$log" || status=$?
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/results"
   cp "$log" "$OUT/results/"

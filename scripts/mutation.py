@@ -35,7 +35,8 @@ PARTS = {  # part: (files mutated, files left alone, tests)
     "models": (["src/tttlm/models/*"], [], ["tests/models", "tests/layers"]),
     "ops": (["src/tttlm/ops/*"], TRITON,
             ["tests/ops/test_ttt_ops.py", "tests/ops/test_mesa.py", "tests/ops/test_selective_scan.py",
-             "tests/layers", "tests/models"]),
+             "tests/ops/test_backend.py", "tests/ops/test_linear_cross_entropy.py",
+             "tests/ops/test_attention_cached.py", "tests/layers", "tests/models"]),
     "train": (["src/tttlm/train/*"], [], ["tests/train"]),
     "data": (["src/tttlm/data/*"], [], ["tests/data", "tests/train/test_trainer.py"]),
 }

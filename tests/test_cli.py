@@ -36,7 +36,7 @@ def test_help(capsys, command):
 
 def test_second_data_run_reuses_the_cache_and_prints_the_time(tmp_path, capsys):
     corpus = write_docs(tmp_path / "src")
-    argv = ["data", str(corpus), "--vocab-size", "300", "--cache-dir", str(tmp_path / "cache")]
+    argv = ["data", "--corpus", str(corpus), "--vocab-size", "300", "--cache-dir", str(tmp_path / "cache")]
     assert main(argv) == 0
     first = capsys.readouterr().out
     assert "tokenized into new shards in" in first and "unigram baseline" in first
@@ -47,11 +47,11 @@ def test_second_data_run_reuses_the_cache_and_prints_the_time(tmp_path, capsys):
 
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
     cache = ["--cache-dir", str(tmp_path / "cache")]
-    one_error_line(capsys, ["data", str(tmp_path / "missing"), *cache], "does not exist")
+    one_error_line(capsys, ["data", "--corpus", str(tmp_path / "missing"), *cache], "does not exist")
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "a.dat").write_bytes(b"\x00\x01" * 64)
     (tmp_path / "bin" / "b.txt").write_bytes(b"\xff\xfe\xfa")
-    one_error_line(capsys, ["data", str(tmp_path / "bin"), *cache], "is empty", "1 binary", "1 non-UTF-8")
+    one_error_line(capsys, ["data", "--corpus", str(tmp_path / "bin"), *cache], "is empty", "1 binary", "1 non-UTF-8")
     corpus = write_docs(tmp_path / "src")
     train = ["train", "--corpus", str(corpus), "--vocab-size", "300", "--out-dir", str(tmp_path / "run"), *cache]
     one_error_line(capsys, [*train, "--seq-len", "100000"], "longer than every document")
@@ -64,6 +64,6 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
 
 
 def test_exit_code_and_stderr_of_the_real_command(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "tttlm", "data", str(tmp_path / "missing")], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "tttlm", "data", "--corpus", str(tmp_path / "missing")],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("tttlm data: error:") and "Traceback" not in r.stderr

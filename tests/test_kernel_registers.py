@@ -1,5 +1,5 @@
-"""benchmarks/kernel_registers.py compiles every Triton kernel of the TTT ops for the H100 on this (GPU-less)
-machine."""
+"""benchmarks/kernel_registers.py compiles every Triton kernel of tttlm (the TTT and Mesa ops', the Mamba2 scan's,
+the fused loss's) for the H100 on this (GPU-less) machine."""
 
 import os
 import subprocess
@@ -44,11 +44,31 @@ def test_reports_every_ttt_mlp_kernel():
         assert 0 < int(r[4]) <= 255, r
 
 
+def test_ttt_mlp_width_64_compiles_to_the_wgmma_verified_on_a_gpu():
+    """At head width 64 the TTT-MLP kernels, compiled with 8 warps, used a wgmma of shape m64n32k8 (A operand in
+    registers) and gave NaN on an H200, though their PTX is right (`benchmarks/ptx_emulate.py`). They must use
+    only m64n64k8, the shape of the kernels that pass there at width 128 (`triton_parts.CHUNK_WIDTHS_ON_CUDA`)."""
+    rows = report("--heads", "1x64", "--ops", "ttt_mlp")
+    assert len(rows) == 5
+    for r in rows:
+        assert r[-1] == ("-" if r[1] == "_step_kernel" else "m64n64k8"), r
+
+
 def test_reports_every_mesa_kernel():
     rows = report("--heads", "2x16,1x128", "--ops", "mesa")
     kernels = {"_scan_fwd_kernel", "_solve_fwd_kernel", "_solve_bwd_kernel", "_scan_bwd_kernel", "_grads_kernel",
                "_mesa_step_kernel"}
     for heads in ("2×16", "1×128"):
         assert kernels <= {r[1] for r in rows if r[0] == heads}, heads
+    for r in rows:
+        assert 0 < int(r[4]) <= 255, r
+
+
+def test_reports_every_ssd_and_fused_loss_kernel():
+    rows = report("--ops", "ssd,linear_ce")
+    ssd = {"_chunk_state_kernel", "_state_passing_kernel", "_chunk_scan_kernel", "_chunk_dstate_kernel",
+           "_dstate_passing_kernel", "_chunk_dx_kernel", "_chunk_dbc_kernel"}
+    assert ssd <= {r[1] for r in rows if r[0] == "ssd 24×64"}
+    assert {r[1] for r in rows if r[0] == "loss"} == {"_ce_rows_kernel"}
     for r in rows:
         assert 0 < int(r[4]) <= 255, r

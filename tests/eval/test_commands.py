@@ -18,28 +18,28 @@ def runs(tmp_path_factory, checkpoint):
     root = tmp_path_factory.mktemp("eval")
     ttt, mlp, mesa, attn = (checkpoint(m) for m in ("ttt_linear", "ttt_mlp", "mesa", "transformer"))
     commands = {
-        "positions": ["positions", str(ttt), str(attn), "--context", "64", "128", "--num-docs", "2"],
-        "ladder": ["ladder", str(ttt), str(mesa), "--lengths", "32", "64", "128", "--num-docs", "2",
-                   "--batch-size", "2"],
-        "telemetry": ["telemetry", str(ttt), str(mlp), str(mesa), "--context", "64",
+        "positions": ["positions", str(ttt), str(attn), "--seq-len", "64", "128", "--num-docs", "2"],
+        "ladder": ["ladder", str(ttt), str(mesa), "--seq-len", "32", "64", "128", "--num-docs", "2",
+                   "--micro-batch-size", "2"],
+        "telemetry": ["telemetry", str(ttt), str(mlp), str(mesa), "--seq-len", "64",
                       "--tolerances", "1e-2", "1e-4"],
         **{
-            f"recall-{m}": ["recall", "--widths", "32", "--seq-lens", "32", "--pairs", "2", "4",
-                            "--lrs", "1e-3", "3e-3", "--steps", "2", "--batch-size", "4", "--vocab-size", "64",
+            f"recall-{m}": ["recall", "--widths", "32", "--seq-len", "32", "--pairs", "2", "4",
+                            "--lr", "1e-3", "3e-3", "--steps", "2", "--batch-size", "4", "--vocab-size", "64",
                             "--eval-examples", "16", "--mixers", m]
             for m in FAST
         },
-        "throughput": ["throughput", "--size", "tiny", "--contexts", "16", "48", "--train-batch", "1",
-                       "--train-seq-len", "32", "--new-tokens", "2", "--repeats", "1", "--vocab-size", "128",
-                       "--mixers", *FAST],
+        "throughput": ["throughput", "--size", "tiny", "--seq-len", "16", "48", "--train-shapes", "1x32",
+                       "2x16", "--new-tokens", "2", "--repeats", "1", "--warmup", "1", "--vocab-size", "128",
+                       "--profile", "--mixers", *FAST],
     }  # fmt: skip
     out = {}
     for name, argv in commands.items():
         out[name] = root / name
-        assert main([*argv, "--device", "cpu", "--out", str(out[name])]) == 0, name
+        assert main([*argv, "--device", "cpu", "--out-dir", str(out[name])]) == 0, name
     out["recall"] = root / "recall"  # sweeps run apart (one per mixer), merged
     parts = [str(out.pop(f"recall-{m}")) for m in FAST]
-    assert main(["recall", "--merge", *parts, "--out", str(out["recall"])]) == 0
+    assert main(["recall", "--merge", *parts, "--out-dir", str(out["recall"])]) == 0
     return out
 
 
@@ -134,18 +134,22 @@ def test_throughput(runs):
 
     data = load_json(runs["throughput"] / "throughput.json")
     assert set(data["mixers"]) == set(FAST)
-    assert data["settings"] == {"size": "tiny", "train_batch": 1, "train_seq_len": 32, "new_tokens": 2, "repeats": 1,
-                                "dtype": "float32"}
+    assert data["settings"] == {"size": "tiny", "train_shapes": ["1x32", "2x16"], "contexts": [16, 48],
+                                "new_tokens": 2, "repeats": 1, "warmup": 1, "dtype": "float32", "compile": False,
+                                "decode": "eager"}  # on CUDA "graph"
     for mixer, m in data["mixers"].items():
         assert m["params"] == count_parameters(preset_config(f"{mixer}-tiny", vocab_size=128))
-        assert m["train_tokens_per_s"] > 0
+        assert set(m["train"]) == {"1x32", "2x16"}
+        for r in m["train"].values():
+            assert r["tokens_per_s"] > 0 and r["flops_per_token"] > 6 * m["params"] - 1 and r["mfu"] is None
+            assert r["profile"][-1]["name"] == "(all)" and len(r["profile"]) > 1
         assert _finite(m["prefill_s"].values()) and _finite(m["decode_ms_per_token"].values())
         assert set(m["prefill_s"]) == {"16", "48"} and min(m["decode_ms_per_token"].values()) > 0
 
 
 def test_report(runs, tmp_path):
     out = tmp_path / "docs" / "report.md"
-    assert main(["report", *map(str, runs.values()), "-o", str(out)]) == 0
+    assert main(["report", *map(str, runs.values()), "--out-dir", str(out.parent)]) == 0
     text = out.read_text()
     for heading in ("Loss by token position", "Context ladder", "Inner-loop telemetry", "Associative recall",
                     "Throughput and latency"):  # fmt: skip
@@ -156,6 +160,6 @@ def test_report(runs, tmp_path):
 
 
 def test_report_errors(tmp_path, capsys):
-    assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.md")]) == 2
+    assert main(["report", str(tmp_path), "--out-dir", str(tmp_path)]) == 2
     assert "no result JSON" in capsys.readouterr().err
-    assert main(["report", str(tmp_path / "missing"), "-o", str(tmp_path / "r.md")]) == 2
+    assert main(["report", str(tmp_path / "missing"), "--out-dir", str(tmp_path)]) == 2

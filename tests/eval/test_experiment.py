@@ -45,13 +45,13 @@ num_hidden_layers = 1
 base = "base.toml"
 lr = 1e-2
 [positions]
-context = [32, 128]
+seq_len = [32, 128]
 num_docs = 2
 [ladder]
-lengths = [16, 64]
+seq_len = [16, 64]
 num_docs = 2
 [telemetry]
-context = 32
+seq_len = 32
 num_docs = 1
 """)
     _write(d / "tiny-lr1e-4.toml", 'base = "base.toml"\nlr = 1e-4\n')
@@ -62,18 +62,18 @@ seq_len = 64
 batch_size = 2
 lr_from = ["tiny-lr1e-2", "tiny-lr1e-4"]
 [telemetry]
-context = 32
+seq_len = 32
 """)
     return d
 
 
 def test_one_command_trains_evaluates_and_writes_small_json(files, tmp_path, capsys):
     out, work = tmp_path / "results", tmp_path / "work"
-    assert main(["experiment", str(files / "tiny-lr1e-2.toml"), "--out", str(out), "--work", str(work)]) == 0
+    assert main(["experiment", str(files / "tiny-lr1e-2.toml"), "--out-dir", str(out), "--work-dir", str(work)]) == 0
     run = out / "tiny-lr1e-2"
     r = json.loads((run / "experiment.json").read_text())
     assert r["status"] == "ok" and r["non_finite"] == 0
-    assert r["command"] == f"tttlm experiment {files / 'tiny-lr1e-2.toml'} --out {out}"
+    assert r["command"] == f"tttlm experiment {files / 'tiny-lr1e-2.toml'} --out-dir {out}"
     assert r["train"]["lr"] == 1e-2 and r["train"]["steps"] == 4 and r["model"]["mixer"] == "ttt_linear"
     assert r["model"]["parameters"] > r["model"]["non_embedding_parameters"] > 0
     t = r["training"]
@@ -83,7 +83,7 @@ def test_one_command_trains_evaluates_and_writes_small_json(files, tmp_path, cap
     assert v["seq_len"] == 32 and v["sequences"] == 4 and 0 < v["loss"] < 10 and v["tokens"] > 100
     assert set(r["evaluations"]) == {"positions", "ladder", "telemetry"}
     assert r["evaluations"]["ladder"]["command"] == (
-        f"tttlm ladder CHECKPOINT --lengths 16 64 --num-docs 2 --out {run}")
+        f"tttlm ladder CHECKPOINT --seq-len 16 64 --num-docs 2 --out-dir {run}")
     assert all(e["status"] == "ok" for e in r["evaluations"].values())
     positions = json.loads((run / "positions.json").read_text())
     assert set(positions["contexts"]) == {"32", "128"}
@@ -96,18 +96,18 @@ def test_one_command_trains_evaluates_and_writes_small_json(files, tmp_path, cap
     summary = (out / "summary.md").read_text()
     assert "| **tiny-lr1e-2** | ttt_linear |" in summary and f"`{r['command']}`" in summary
     assert "## Inner-loop telemetry" in summary and (out / "summary-positions.png").stat().st_size > 1000
-    assert main(["experiment", str(files / "tiny-lr1e-2.toml"), "--out", str(out), "--work", str(work)]) == 2
+    assert main(["experiment", str(files / "tiny-lr1e-2.toml"), "--out-dir", str(out), "--work-dir", str(work)]) == 2
     assert "already holds the results" in capsys.readouterr().err
 
 
 def test_lr_from_takes_the_best_run_of_a_sweep(files, tmp_path):
     out, work = tmp_path / "results", tmp_path / "work"
-    late = ["experiment", str(files / "tiny-transformer.toml"), "--out", str(out), "--work", str(work)]
+    late = ["experiment", str(files / "tiny-transformer.toml"), "--out-dir", str(out), "--work-dir", str(work)]
     with pytest.raises(UserError, match="run these first.*tiny-lr1e-4"):
         run_experiment(files / "tiny-transformer.toml", out, work)
     for name in ("tiny-lr1e-2", "tiny-lr1e-4"):
         _write(files / f"{name}.toml", (files / f"{name}.toml").read_text().split("[positions]")[0])
-        assert main(["experiment", str(files / f"{name}.toml"), "--out", str(out), "--work", str(work)]) == 0
+        assert main(["experiment", str(files / f"{name}.toml"), "--out-dir", str(out), "--work-dir", str(work)]) == 0
     losses = {n: json.loads((out / n / "experiment.json").read_text())["validation"]["loss"]
               for n in ("tiny-lr1e-2", "tiny-lr1e-4")}
     best = min(losses, key=losses.get)
@@ -119,15 +119,16 @@ def test_lr_from_takes_the_best_run_of_a_sweep(files, tmp_path):
 
 
 def test_a_diverging_run_is_recorded(files, tmp_path):
-    _write(files / "bad.toml", 'base = "base.toml"\nlr = 1e6\n')
+    # diverging steps are skipped (weights kept) until max_nonfinite_steps in a row stop the run
+    _write(files / "bad.toml", 'base = "base.toml"\nlr = 1e6\nmax_nonfinite_steps = 2\n')
     out = tmp_path / "results"
-    assert main(["experiment", str(files / "bad.toml"), "--out", str(out), "--work", str(tmp_path / "w")]) == 1
+    assert main(["experiment", str(files / "bad.toml"), "--out-dir", str(out), "--work-dir", str(tmp_path / "w")]) == 1
     r = json.loads((out / "bad" / "experiment.json").read_text())
-    assert r["status"] == "failed" and "learning rate" in r["error"] and r["validation"] is None
-    assert main(["experiment", str(files / "bad.toml"), str(files / "tiny-lr1e-4.toml"), "--probe", "3", "--out",
-                 str(out), "--work", str(tmp_path / "w")]) == 1
+    assert r["status"] == "failed" and "lower --lr" in r["error"] and r["validation"] is None
+    assert main(["experiment", str(files / "bad.toml"), str(files / "tiny-lr1e-4.toml"), "--probe", "3", "--out-dir",
+                 str(out), "--work-dir", str(tmp_path / "w")]) == 1
     rows = json.loads((out / "probe.json").read_text())["runs"]
-    assert "learning rate" in rows[0]["error"] and rows[1]["tokens_per_s"] > 0
+    assert "lower --lr" in rows[0]["error"] and rows[1]["tokens_per_s"] > 0
 
 
 def test_recall_runs_one_process_per_mixer_and_merges(tmp_path):
@@ -137,9 +138,9 @@ time_limit_s = 240
 [recall]
 mixers = ["transformer", "mamba2"]
 widths = [16]
-seq_lens = [16]
+seq_len = [16]
 pairs = [2]
-lrs = [1e-2]
+lr = [1e-2]
 steps = 2
 batch_size = 4
 vocab_size = 32
@@ -148,7 +149,7 @@ layers = 1
 device = "cpu"
 """)
     out = tmp_path / "results"
-    assert main(["experiment", str(cfg), "--out", str(out), "--work", str(tmp_path / "w")]) == 0
+    assert main(["experiment", str(cfg), "--out-dir", str(out), "--work-dir", str(tmp_path / "w")]) == 0
     r = json.loads((out / "mqar" / "experiment.json").read_text())
     assert r["status"] == "ok" and set(r["evaluations"]) == {"recall-transformer", "recall-mamba2", "merge"}
     assert r["evaluations"]["recall-mamba2"]["command"].startswith("tttlm recall --mixers mamba2 --widths 16")
@@ -161,7 +162,7 @@ device = "cpu"
 
 def test_probe_projects_the_full_run(files, tmp_path, capsys):
     out = tmp_path / "results"
-    assert main(["experiment", str(files / "tiny-lr1e-4.toml"), "--probe", "2", "--out", str(out), "--work",
+    assert main(["experiment", str(files / "tiny-lr1e-4.toml"), "--probe", "2", "--out-dir", str(out), "--work-dir",
                  str(tmp_path / "w")]) == 0
     row = json.loads((out / "probe.json").read_text())["runs"][0]
     assert row["name"] == "tiny-lr1e-4" and row["tokens_per_s"] > 0
@@ -172,7 +173,7 @@ def test_probe_projects_the_full_run(files, tmp_path, capsys):
 def test_spec_files_merge_and_reject_unknown_settings(files, tmp_path):
     spec = load_spec(files / "tiny-transformer.toml")
     assert spec["name"] == "tiny-transformer" and spec["model"] == "transformer-tiny" and spec["vocab_size"] == 300
-    assert spec["telemetry"] == {"context": 32} and spec["validation"] == {"max_sequences": 4}
+    assert spec["telemetry"] == {"seq_len": 32} and spec["validation"] == {"max_sequences": 4}
     assert spec["model_overrides"] == {"num_hidden_layers": 1}
     _write(files / "typo.toml", 'base = "base.toml"\nlearning_rate = 1e-3\n')
     with pytest.raises(UserError, match="unknown setting.*learning_rate"):
@@ -180,8 +181,8 @@ def test_spec_files_merge_and_reject_unknown_settings(files, tmp_path):
     _write(files / "loop.toml", 'base = "loop.toml"\n')
     with pytest.raises(UserError, match="include itself"):
         load_spec(files / "loop.toml")
-    assert command_args({"num_docs": 2, "context": [32, 64], "flag": True, "off": False, "lr": 1e-4}) == [
-        "--num-docs", "2", "--context", "32", "64", "--flag", "--lr", "0.0001"]
+    assert command_args({"num_docs": 2, "seq_len": [32, 64], "flag": True, "off": False, "lr": 1e-4}) == [
+        "--num-docs", "2", "--seq-len", "32", "64", "--flag", "--lr", "0.0001"]
 
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "experiments"
@@ -202,7 +203,7 @@ def test_committed_lm_runs_compare_like_with_like():
     own = {"name", "file", "model", "model_overrides", "lr", "lr_from", "seq_len", "batch_size", "micro_batch_size"}
     shared = [{k: v for k, v in r.items() if k not in own} for r in runs]
     assert all(s == shared[0] for s in shared) and shared[0]["corpus"] == "python"
-    assert shared[0]["positions"]["context"][-1] >= 32768 and 1e-4 in shared[0]["telemetry"]["tolerances"]
+    assert shared[0]["positions"]["seq_len"][-1] >= 32768 and 1e-4 in shared[0]["telemetry"]["tolerances"]
     configs = [train_config(r) for r in runs]
     assert {c.batch_size * c.seq_len for c in configs} == {65536} and {c.seq_len for c in configs} == {2048, 8192}
     mixers = {c.model.split("-")[0] for c in configs}
@@ -229,5 +230,5 @@ def test_committed_mqar_sweep_is_zoology_like():
     assert widths[0] >= 64 and widths[-1] <= 256 and len(widths) >= 3
     for r in runs:
         rc = r["recall"]
-        assert min(rc["seq_lens"]) >= 256 and 16 <= min(rc["pairs"]) and max(rc["pairs"]) <= 64
-        assert len(rc["lrs"]) >= 3 and rc["steps"] >= 1000 and set(rc["mixers"]) >= {"transformer", "mamba2"}
+        assert min(rc["seq_len"]) >= 256 and 16 <= min(rc["pairs"]) and max(rc["pairs"]) <= 64
+        assert len(rc["lr"]) >= 3 and rc["steps"] >= 1000 and set(rc["mixers"]) >= {"transformer", "mamba2"}

@@ -29,9 +29,14 @@ def test_chunked_matches_recurrence(chunk_size):
 def test_packed_documents_reset_state():
     x, dt, A, B, C, _ = _inputs(Bt=1, T=41)
     cu = torch.tensor([0, 5, 16, 17, 33, 41])
-    y, _ = ssd(x, dt, A, B, C, chunk_size=8, cu_seqlens=cu)
+    y, finals = ssd(x, dt, A, B, C, chunk_size=8, cu_seqlens=cu, output_final_state=True)
     y_ref, _ = ssd_ref(x, dt, A, B, C, cu_seqlens=cu)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    # each document's own final state: documents inside a chunk, across chunks, of one token, ending at a chunk end
+    assert finals.shape == (5, 4, 3, 5)
+    for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        _, s_ref = ssd_ref(x[:, a:b], dt[:, a:b], A, B[:, a:b], C[:, a:b])
+        torch.testing.assert_close(finals[n], s_ref[0], rtol=1e-10, atol=1e-10)
     a, b = 17, 33  # one document alone gives the same outputs
     y_doc, _ = ssd(x[:, a:b], dt[:, a:b], A, B[:, a:b], C[:, a:b], chunk_size=8)
     torch.testing.assert_close(y[:, a:b], y_doc, rtol=1e-10, atol=1e-10)

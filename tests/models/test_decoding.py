@@ -97,12 +97,22 @@ def test_cache_under_either_name(tiny, tokens):
 def test_bad_inputs_raise(tiny, tokens):
     model = tiny("transformer")
     ids = tokens(2, 6)
-    with pytest.raises(ValueError, match="padding"):
-        model(ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6]))
+    with pytest.raises(ValueError, match="left padding"):
+        model(ids, attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0], [1] * 6]))
+    with pytest.raises(ValueError, match="left padding"):
+        model(ids, attention_mask=torch.tensor([[0, 1, 0, 1, 1, 1], [1] * 6]))
+    left_padded = torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6])
+    with pytest.raises(ValueError, match="labels"):
+        model(ids, attention_mask=left_padded, labels=ids)
+    with pytest.raises(ValueError, match="position_ids"):
+        model(ids, attention_mask=left_padded, position_ids=torch.arange(6).expand(2, 6))
     with pytest.raises(ValueError, match="TTTLMCache"):
         model(ids, past_key_values=object())
-    with pytest.raises(ValueError, match="decoding cache"):
-        model(ids[:1], cu_seqlens=torch.tensor([0, 2, 6]), past_key_values=TTTLMCache(2))
+    cache = model(ids[:1, :2], use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="continue a decoding cache"):
+        model(ids[:1], cu_seqlens=torch.tensor([0, 2, 6]), past_key_values=cache)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        model(ids[:1], position_ids=torch.tensor([[0, 1, 0, 1, 2, 3]]), use_cache=True)
     with pytest.raises(ValueError, match="does not support label"):
         model(ids, label=ids)
     with pytest.raises(ValueError, match="cu_seqlens"):

@@ -243,7 +243,9 @@ def test_early_exit_matches_pytorch_path():
         results.append((o, stats, grads))
     (o, stats, grads), (o_t, stats_t, grads_t) = results
     assert 0 < stats["mean_iterations"] < stats["iterations"] < 100
-    assert stats["residual"].shape == (B, H) and stats["residual"].max() <= 1.5e-3
+    # the true residual, recomputed after the stop: with float16 product operands on the GPU it floors near their
+    # rounding (an H200 gave 1.6e-3 here and ~4e-3 after 30 steps at D=128), above CG's own recurrence residual
+    assert stats["residual"].shape == (B, H) and stats["residual"].max() <= (5e-3 if CUDA else 1.5e-3)
     if CUDA:  # float16 products may move a query's stop by a step
         assert abs(stats["iterations"] - stats_t["iterations"]) <= 1
         tol = 2e-2

@@ -30,6 +30,16 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(linear_parts, "POISON_OUTPUTS", True)
 
 
+CUDA_WIDTHS = triton_parts.CHUNK_WIDTHS_ON_CUDA  # as shipped
+
+
+@pytest.fixture(autouse=True)
+def every_width(monkeypatch):
+    """The kernels at every head width, also those not (yet) run by default on CUDA: their tests on a GPU are
+    what decides `triton_parts.CHUNK_WIDTHS_ON_CUDA`."""
+    monkeypatch.setattr(triton_parts, "CHUNK_WIDTHS_ON_CUDA", (16, 32, 64, 128))
+
+
 WORST: dict[str, float] = {}  # the largest error of each quantity over the cases run
 
 
@@ -266,11 +276,19 @@ def test_decode_steps_match_reference(default_scale, D):
     assert_within_tol(errs)
 
 
-def test_supports_and_backend_choice():
+def test_supports_and_backend_choice(monkeypatch):
+    monkeypatch.setattr(triton_parts, "CHUNK_WIDTHS_ON_CUDA", CUDA_WIDTHS)
     q = torch.zeros(1, 4, 2, 64, device=DEV, dtype=DTYPE)
+    # on CUDA the whole-sequence kernels run by default only at the on-chip widths that passed there (64 and 128,
+    # not 32: never run on a GPU); under the interpreter at all; the decode step at all
     assert triton_parts.supports(q, 16)
-    assert not triton_parts.supports(q, 8)
+    assert triton_parts.supports(q[:, 0], 16)
     assert triton_parts.supports(q[..., :48], 16)
+    assert triton_parts.supports(q[..., :32], 16) == (not CUDA)
+    assert triton_parts.supports(q[:, 0, :, :32], 16)
+    assert triton_parts.supports(torch.zeros(1, 4, 2, 128, device=DEV, dtype=DTYPE), 16)
+    assert triton_parts.supports(torch.zeros(1, 4, 2, 96, device=DEV, dtype=DTYPE), 16)
+    assert not triton_parts.supports(q, 8)
     assert not triton_parts.supports(q[..., :30], 16)  # 4D = 120 has no tile of 16 hidden units
     assert not triton_parts.supports(torch.zeros(1, 4, 2, 192, device=DEV, dtype=DTYPE), 16)
     assert not triton_parts.supports(q.double(), 16)

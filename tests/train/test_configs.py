@@ -1,27 +1,45 @@
-"""Every shipped config reads as a TrainConfig whose model preset exists; configs/paper/ holds the TTT paper's 125M
-recipe for each mixer, whose global batch splits evenly over 1, 2, 4 and 8 processes at its micro-batch."""
+"""Every shipped config reads as a TrainConfig whose model preset exists and runs unchanged on 1, 2, 4 or 8
+processes (its global batch split into micro-batches of at most its micro_batch_size, checked without launching
+anything); configs/paper/ holds the TTT paper's 125M recipe for each mixer."""
 
 from pathlib import Path
 
 import pytest
 
+from tttlm.eval.experiment import load_spec, train_config
 from tttlm.models import MIXERS, preset_config
-from tttlm.train.config import make_config, read_toml
+from tttlm.train.config import make_config, read_toml, split_batch
 from tttlm.train.optim import lr_factor
 
+ROOT = Path(__file__).resolve().parents[2] / "configs"
 # configs/experiments/ holds `tttlm experiment` files, not training configs: tests/eval/test_experiment.py reads them
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").rglob("*.toml")
-                 if p.parent.name != "experiments")
+CONFIGS = sorted(p for p in ROOT.rglob("*.toml") if p.parent.name != "experiments")
+EXPERIMENTS = sorted(p for p in (ROOT / "experiments").glob("lm-*.toml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_config_reads(path):
     cfg = make_config(read_toml(path))
     preset_config(cfg.model, **cfg.model_overrides)
-    if path.parent.name == "paper":
-        micro = cfg.micro_batch_size or cfg.batch_size
-        for processes in (1, 2, 4, 8):
-            assert cfg.batch_size % (micro * processes) == 0, (path.name, processes)
+
+
+@pytest.mark.parametrize("path", CONFIGS + EXPERIMENTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("processes", [1, 2, 4, 8])
+def test_config_splits_over_processes(path, processes):
+    """The trainer's own split (split_batch): the same global batch on every process count, each forward pass at
+    most micro_batch_size sequences."""
+    cfg = train_config(load_spec(path)) if path.parent.name == "experiments" else make_config(read_toml(path))
+    micro, accum = split_batch(cfg.batch_size, cfg.micro_batch_size, processes)
+    assert micro * accum * processes == cfg.batch_size
+    assert micro <= (cfg.micro_batch_size or cfg.batch_size)
+
+
+def test_gpu_configs_keep_their_micro_batch_where_it_fits():
+    """configs/gpu-*: 64 sequences, micro-batches of 16: 4 accumulation steps on 1 GPU, 1 on 4, 8 rows each on 8."""
+    for path in ROOT.glob("gpu-*.toml"):
+        cfg = make_config(read_toml(path))
+        assert [split_batch(cfg.batch_size, cfg.micro_batch_size, n) for n in (1, 2, 4, 8)] == [
+            (16, 4), (16, 2), (16, 1), (8, 1)], path.name
 
 
 def test_paper_recipes():

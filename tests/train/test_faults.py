@@ -76,8 +76,8 @@ def test_every_command_names_the_damaged_file_of_a_checkpoint(tmp_path, trained,
     commands = {
         "eval": ["eval", run, *verify],
         "generate": ["generate", run, "--prompt", "def", "--max-new-tokens", "4", *verify],
-        "ladder": ["ladder", run, "--lengths", "16", "--out", tmp_path / "ladder", *verify],
-        "positions": ["positions", run, "--context", "16", "--out", tmp_path / "positions", *verify],
+        "ladder": ["ladder", run, "--seq-len", "16", "--out-dir", tmp_path / "ladder", *verify],
+        "positions": ["positions", run, "--seq-len", "16", "--out-dir", tmp_path / "positions", *verify],
     }
     for command, argv in commands.items():
         code, out, err = run_cli(argv, capsys)
@@ -96,7 +96,7 @@ def test_every_command_names_the_damaged_file_of_a_checkpoint(tmp_path, trained,
         reliability(f"AutoModelForCausalLM.from_pretrained('run/step-000008'{', verify_hashes=True' * bool(verify)})",
                     f"checkpoint: {what}", f"CheckpointError: {e.value}", "the checkpoint untouched")
     if case == "changed":  # without --verify only the sizes are compared, and they match
-        assert run_cli(["eval", run, "--batches", "1"], capsys)[0] == 0
+        assert run_cli(["eval", run, "--eval-batches", "1"], capsys)[0] == 0
 
 
 RESUME_DAMAGE = {**DAMAGE, "state": ("trainer_state.pt deleted", lambda d: (d / "trainer_state.pt").unlink(),

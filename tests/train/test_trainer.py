@@ -43,7 +43,7 @@ def test_eval_and_generate_commands_read_the_checkpoint(tmp_path, text_dir, cach
     result = train(make_config(runs.settings(text_dir, cache_dir, tmp_path / "run", steps=2, eval_every=2)),
                    log=lambda *_: None)
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "run"), "--batch-size", "4", "--batches", "2", "--cache-dir",
+    assert main(["eval", str(tmp_path / "run"), "--batch-size", "4", "--eval-batches", "2", "--cache-dir",
                  str(cache_dir)]) == 0
     out = capsys.readouterr().out
     printed = float(out.split("validation loss ")[1].split()[0])

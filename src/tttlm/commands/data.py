@@ -7,26 +7,33 @@ list (documents and bytes by package, distributions and versions, skipped files)
 
 examples:
   tttlm data                                   # the Python standard library's .py files
-  tttlm data python --vocab-size 32000 --manifest python-corpus.json
-  tttlm data 'notes/**/*.md' --vocab-size 8192
-  tttlm data corpus.jsonl --text-field body --tokenizer my/tokenizer.json
+  tttlm data --corpus python --vocab-size 32000 --manifest python-corpus.json
+  tttlm data --corpus 'notes/**/*.md' --vocab-size 8192
+  tttlm data --corpus corpus.jsonl --text-field body --tokenizer my/tokenizer.json
+  tttlm data --corpus hf:wikitext:wikitext-103-raw-v1 --val-corpus hf:wikitext:wikitext-103-raw-v1:validation
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from tttlm.eval.options import CORPUS_HELP, add_corpus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("corpus", nargs="?", default="stdlib",
-                        help="'stdlib' (default), 'python' (every installed .py file), a directory, a glob, a "
-                             ".txt/.jsonl/.parquet file, or a saved `datasets` dataset")
+    add_corpus(parser, CORPUS_HELP, default="stdlib")
+    parser.add_argument("old_corpus", nargs="?", help=argparse.SUPPRESS)  # the corpus was once a positional
+    parser.add_argument("--val-corpus", metavar="SOURCE",
+                        help="hold out every document of this source, and none of --corpus (default: hold out "
+                             "--val-fraction of --corpus)")
     parser.add_argument("--text-field", default="text", help="field of .jsonl records / column holding the text")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out")
     parser.add_argument("--tokenizer", help="an existing tokenizer.json (default: train a byte-level BPE)")
     parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size of the trained tokenizer")
     parser.add_argument("--cache-dir", help="cache directory (default $TTTLM_CACHE or ~/.cache/tttlm)")
-    parser.add_argument("--manifest", metavar="JSON", help="write what the corpus holds, by package, to this file")
+    parser.add_argument("--manifest", metavar="JSON",
+                        help="write what the corpus holds, by package, to this file (default: none)")
 
 
 _LISTED = 20  # largest packages printed; the manifest holds them all
@@ -40,9 +47,18 @@ def run(args: argparse.Namespace) -> int:
     from tttlm.data.corpus import PYTHON, Corpus
     from tttlm.data.shards import prepare_data
 
-    corpus = Corpus(args.corpus, args.text_field, args.val_fraction)
-    print(f"corpus {corpus.source}: {len(corpus.files)} file(s) under {corpus.root}"
-          + (f" and {sysconfig.get_paths()['purelib']}" if corpus.source == PYTHON else ""))
+    source = args.corpus
+    if args.old_corpus is not None:
+        print(f"tttlm data: the corpus as a positional argument is deprecated and goes in a future release: use "
+              f"--corpus {args.old_corpus}", file=sys.stderr)
+        source = args.old_corpus
+    corpus = Corpus(source, args.text_field, args.val_fraction, val_source=args.val_corpus)
+    for c in (corpus, corpus.validation):
+        if c is None:
+            continue
+        where = f"{len(c.files)} file(s) under {c.root}" if c.files else "streamed"
+        print(f"{'validation ' if c is corpus.validation else ''}corpus {c.source}: {where}"
+              + (f" and {sysconfig.get_paths()['purelib']}" if c.source == PYTHON else ""))
     data = prepare_data(corpus, tokenizer=args.tokenizer, vocab_size=args.vocab_size, cache_dir=args.cache_dir)
     m = data.meta
     print(f"shards: {data.path}")

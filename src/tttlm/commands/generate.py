@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from tttlm.eval.options import add_verify
+from tttlm.eval.options import add_device, add_verify
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_device(parser)
     add_verify(parser)
 
 
@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
         raise ValueError("--max-new-tokens must be positive, --temperature and --top-k non-negative")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    from tttlm.eval.checkpoints import resolve_device
+
+    device = resolve_device(args.device)
     model, tok, _ = load_pretrained(args.checkpoint, device, args.verify)
     eos = eos_id(tok)
     # a prompt continues a document; the empty prompt starts one right after an end of text

@@ -6,26 +6,29 @@ loop on the layer's own op inputs (checked against the op's outputs); non-finite
 first mini-batch holding one is named. Mesa layers: CG iterations to reach each --tolerances value and the
 residual at the stop. Writes telemetry_<checkpoint>.json and .png per checkpoint. All documents are read in
 one forward call.
+
+examples:
+  tttlm telemetry runs/ttt runs/mesa --seq-len 2048 --out-dir out/
 """
 
 from __future__ import annotations
 
-from tttlm.eval.options import add_device, add_documents, add_out, positive_float, positive_int
+from tttlm.eval.options import add_device, add_documents, add_out_dir, add_seq_len, positive_float, positive_int
 
 
 def add_arguments(parser) -> None:
     add_documents(parser, num_docs=2, batch_size=False)
-    parser.add_argument("--context", type=positive_int, default=2048, help="tokens per document (default 2048)")
+    add_seq_len(parser, 2048, "tokens read from each document's start", deprecated=("--context",), nargs=None)
     parser.add_argument(
         "--tolerances",
         type=positive_float,
         nargs="+",
         default=[1e-2, 1e-3, 1e-4, 1e-5, 1e-6],
-        help="Mesa: CG relative-residual tolerances to measure (default 1e-2 ... 1e-6)",
+        help="Mesa: CG relative-residual tolerances to measure",
     )
-    parser.add_argument("--max-iter", type=positive_int, default=30, help="Mesa: CG iterations at most (30)")
-    add_device(parser)
-    add_out(parser)
+    parser.add_argument("--max-iter", type=positive_int, default=30, help="Mesa: CG iterations at most")
+    add_device(parser, "dtype of the model's weights")
+    add_out_dir(parser)
 
 
 def run(args) -> int:
@@ -36,11 +39,12 @@ def run(args) -> int:
     from tttlm.eval.results import environment, write_result
     from tttlm.eval.telemetry import model_telemetry
 
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     for ckpt in [Checkpoint(p, args.verify) for p in args.checkpoints]:
         name = ckpt.name
         model = ckpt.load(device, dtype)
-        ids = ckpt.documents(args.data, args.context, args.num_docs, args.cache_dir)
+        ids = ckpt.documents(args.corpus, args.seq_len, args.num_docs, args.cache_dir)
         layers = model_telemetry(model, ids, args.tolerances, args.max_iter)
         for layer in layers:
             if layer["mixer"] == "mesa":
@@ -57,15 +61,15 @@ def run(args) -> int:
         data = {
             "checkpoint": name,
             "mixer": model.config.mixer,
-            "data": args.data,
-            "context": args.context,
+            "corpus": args.corpus,
+            "seq_len": args.seq_len,
             "num_docs": ids.shape[0],
-            "dtype": args.dtype,
+            "dtype": str(dtype).removeprefix("torch."),
             "environment": environment(device),
             "layers": layers,
         }
         stem = "telemetry_" + re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-        out = write_result(args.out, stem, "telemetry", data, plot_telemetry(layers))
+        out = write_result(args.out_dir, stem, "telemetry", data, plot_telemetry(layers))
         print(f"wrote {out}")
         del model
     return 0

@@ -14,9 +14,14 @@ A corpus source is one of:
   a glob pattern       "data/**/*.txt" (recursive)
   a file               .jsonl (one document per line, its `text_field`), .parquet (the `text_field` column),
                        anything else is one plain-text document
+  "hf:NAME[:CONFIG[:SPLIT]]"  a dataset of the Hugging Face Hub, or a local directory of data files or
+                       written by save_to_disk, streamed row by row (`datasets.load_dataset(..., streaming=True)`);
+                       SPLIT defaults to "train" and may end in "[:N]" to read its first N rows only; ids
+                       "SPLIT:ROW"
 Binary and non-UTF-8 files are skipped and counted. A document goes to the validation split when the hash of
 its id (a path relative to the corpus root, plus a line or row number) falls below `val_fraction`, so the split
-never depends on order, machine or file system.
+never depends on order, machine or file system. With `val_source`, every document of `source` trains and every
+document of `val_source` (any of the above) validates; their ids start with "val:".
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,6 +42,7 @@ from tttlm.errors import UserError
 
 STDLIB = "stdlib"
 PYTHON = "python"
+HUB = "hf:"
 # tests, third-party packages, and modules that are data tables rather than code (codec maps, help texts)
 _STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__", "turtledemo", "encodings",
                 "pydoc_data"}
@@ -57,6 +64,10 @@ class SkipCounts:
 
     def total(self) -> int:
         return self.binary + self.not_utf8 + self.empty + self.duplicate
+
+    def add(self, other: SkipCounts) -> None:
+        for name, n in vars(other).items():
+            setattr(self, name, getattr(self, name) + n)
 
     def describe(self) -> str:
         parts = [f"{n} {why}" for why, n in (("binary", self.binary), ("non-UTF-8", self.not_utf8),
@@ -113,6 +124,18 @@ def _distributions() -> dict[str, list[str]]:
             for top, dists in importlib.metadata.packages_distributions().items()}
 
 
+def parse_hub(source: str) -> tuple[str, str | None, str, int | None]:
+    """(name, config, split, row limit) of a source "hf:NAME[:CONFIG[:SPLIT[[:N]]]]"."""
+    parts = source[len(HUB):].split(":")
+    name, config, split = parts[0], parts[1] if len(parts) > 1 else None, ":".join(parts[2:]) or "train"
+    limit = None
+    if (m := re.fullmatch(r"(\w[\w.-]*)\[:(\d+)\]", split)) is not None:
+        split, limit = m.group(1), int(m.group(2))
+    if not name or not re.fullmatch(r"\w[\w.-]*", split) or limit == 0:
+        raise UserError(f"a Hub corpus is hf:NAME[:CONFIG[:SPLIT]] (SPLIT may end in [:N], N > 0), got {source!r}")
+    return name, config or None, split, limit
+
+
 def _is_dataset_dir(path: Path) -> bool:
     return path.is_dir() and any(all((path / m).exists() for m in markers) for markers in _DATASET_MARKERS)
 
@@ -140,6 +163,7 @@ class Corpus:
     source: str | None = None
     text_field: str = "text"
     val_fraction: float = 0.05
+    val_source: str | None = None
     skipped: SkipCounts = field(default_factory=SkipCounts)
     num_documents: int = 0
 
@@ -149,6 +173,8 @@ class Corpus:
         self.source = STDLIB if self.source in (None, "", STDLIB) else str(self.source)
         self.root, self.ids, self.files, self.kind = self._resolve()
         self.dedupe = self.source == PYTHON
+        self.validation = None if self.val_source is None else Corpus(self.val_source, self.text_field,
+                                                                      self.val_fraction)
 
     def _resolve(self) -> tuple[Path, list[str], list[Path], str]:
         """The root folder, the files' ids (their paths relative to the root, unless the source names them),
@@ -156,6 +182,13 @@ class Corpus:
         if self.source == PYTHON:
             found = _python_files()
             return Path(sysconfig.get_paths()["stdlib"]), [i for i, _ in found], [f for _, f in found], "files"
+        if self.source.startswith(HUB):
+            name = parse_hub(self.source)[0]
+            local = Path(name).expanduser()
+            # a local dataset directory is stamped like any other; a Hub name has no files to stamp
+            files = sorted(p for p in local.rglob("*") if p.is_file() and not _hidden(p, local)) if local.is_dir() \
+                else []
+            return local, [f.relative_to(local).as_posix() for f in files], files, "hub"
         root, files, kind = (*_stdlib_files(), "files") if self.source == STDLIB else self._resolve_path(self.source)
         return root, [f.relative_to(root).as_posix() for f in files], files, kind
 
@@ -178,39 +211,68 @@ class Corpus:
 
     def stamps(self) -> dict[str, list[int]]:
         """{document id (the file's path relative to its root): [size in bytes, modification time in ns]} of every
-        file."""
+        file (the validation source's with ids "val:...")."""
         files = zip(self.ids, self.files, strict=True)
-        return {doc_id: [(st := f.stat()).st_size, st.st_mtime_ns] for doc_id, f in files}
+        own = {doc_id: [(st := f.stat()).st_size, st.st_mtime_ns] for doc_id, f in files}
+        if self.validation is not None:
+            own.update({f"val:{k}": v for k, v in self.validation.stamps().items()})
+        return own
 
     def fingerprint(self) -> str:
-        """A hash of the source, its options and every file's path, size and modification time."""
-        h = hashlib.sha256(json.dumps([self.source, self.kind, self.text_field, self.val_fraction]).encode())
+        """A hash of the source, its options and every file's path, size and modification time (a Hub dataset's
+        name only: one changed on the Hub is not noticed)."""
+        options = [self.source, self.kind, self.text_field, self.val_fraction, self.val_source]
+        h = hashlib.sha256(json.dumps(options if self.val_source else options[:-1]).encode())
         for name, (size, mtime) in self.stamps().items():
             h.update(f"{name}\0{size}\0{mtime}\n".encode())
         return h.hexdigest()
 
     def split_of(self, doc_id: str) -> str:
+        if self.validation is not None:
+            return "val" if doc_id.startswith("val:") else "train"
         return "val" if _split_value(doc_id) < self.val_fraction else "train"
 
     def documents(self) -> Iterator[tuple[str, str, str]]:
         """(split, doc_id, text) for every non-empty document, in a fixed order."""
         self.skipped, self.num_documents = SkipCounts(), 0
         seen: set[bytes] = set()  # content hashes of the documents kept, when removing duplicates
-        records = self._dataset_records() if self.kind == "datasets" else self._file_records()
-        for doc_id, text in records:
+        val_documents = 0
+        for doc_id, text, dedupe in self._all_records():
             if text is None:
                 continue
             if not text.strip():
                 self.skipped.empty += 1
                 continue
-            if self.dedupe:
+            if dedupe:
                 digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
                 if digest in seen:
                     self.skipped.duplicate += 1
                     continue
                 seen.add(digest)
             self.num_documents += 1
-            yield self.split_of(doc_id), doc_id, text
+            split = self.split_of(doc_id)
+            val_documents += split == "val"
+            yield split, doc_id, text
+        if self.validation is not None:
+            self.skipped.add(self.validation.skipped)
+            if val_documents == 0:
+                raise UserError(f"the validation corpus {self.val_source!r} holds no text documents (skipped: "
+                                f"{self.validation.skipped.describe()})")
+
+    def _records(self) -> Iterator[tuple[str, str | None]]:
+        """(doc_id, text or None) of this source alone."""
+        if self.kind == "datasets":
+            return self._dataset_records()
+        return self._hub_records() if self.kind == "hub" else self._file_records()
+
+    def _all_records(self) -> Iterator[tuple[str, str | None, bool]]:
+        """(doc_id, text or None, whether to drop it as a duplicate) of the source, then the validation source."""
+        for doc_id, text in self._records():
+            yield doc_id, text, self.dedupe
+        if self.validation is not None:
+            self.validation.skipped = SkipCounts()
+            for doc_id, text in self.validation._records():
+                yield f"val:{doc_id}", text, self.validation.dedupe
 
     def require_documents(self) -> None:
         """UserError when the last pass over `documents()` kept nothing."""
@@ -316,3 +378,23 @@ class Corpus:
                             f"{', '.join(ds.column_names)}); choose the text field with --text-field")
         for i, value in enumerate(ds[self.text_field]):
             yield f"{i}", value if isinstance(value, str) else ""
+
+    def _hub_records(self) -> Iterator[tuple[str, str | None]]:
+        try:
+            import datasets
+        except ImportError:
+            raise UserError(f"{self.source} is read with `datasets`; install it: pip install datasets") from None
+        name, config, split, limit = parse_hub(self.source)
+        try:
+            if _is_dataset_dir(self.root):  # written by save_to_disk, which load_dataset refuses
+                ds = datasets.load_from_disk(str(self.root))
+                ds = (ds[split] if isinstance(ds, datasets.DatasetDict) else ds).to_iterable_dataset()
+            else:
+                ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        except Exception as e:  # unknown name, config or split, or no network: one line, not a traceback
+            raise UserError(f"cannot stream {self.source}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") \
+                from None
+        if limit is not None:
+            ds = ds.take(limit)
+        for i, row in enumerate(ds):
+            yield f"{split}:{i}", self._field(row, f"{self.source} row {i}")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """ "auto": CUDA when present, else CPU; otherwise any torch device string."""
+    """ "auto": CUDA when present, else CPU; otherwise a torch device string ("cpu", "cuda", "cuda:1")."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -20,9 +20,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """ "auto": bfloat16 on CUDA, float32 elsewhere; otherwise the dtype named."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+        raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 
@@ -63,7 +66,7 @@ class Checkpoint:
 
     def documents(self, source: str | None, min_length: int, max_docs: int, cache_dir=None) -> torch.Tensor:
         """Validation documents (`tttlm.eval.documents.load_documents`) tokenized with this checkpoint's
-        tokenizer; source None: the corpus it was trained on, with the same validation split."""
+        tokenizer; source None: those it was validated on in training (its val_corpus, or its corpus' split)."""
         from tttlm.eval.documents import load_documents
 
         if source is None:
@@ -76,5 +79,6 @@ class Checkpoint:
             max_docs,
             text_field=self.train.get("text_field", "text") if same_corpus else "text",
             val_fraction=self.train.get("val_fraction", 0.05) if same_corpus else 0.05,
+            val_source=self.train.get("val_corpus") if same_corpus else None,
             cache_dir=cache_dir if cache_dir is not None else self.train.get("cache_dir"),
         )

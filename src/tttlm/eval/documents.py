@@ -20,11 +20,13 @@ def load_documents(
     split: str = "val",
     text_field: str = "text",
     val_fraction: float = 0.05,
+    val_source: str | None = None,
     cache_dir: str | Path | None = None,
 ) -> Tensor:
     """The first `min_length` tokens of up to `max_docs` documents of the corpus `source` (any source
-    `tttlm.data.corpus.Corpus` reads; None: the Python standard library) in `split` that hold at least that
-    many tokens, in corpus order. tokenizer_file: the checkpoint's tokenizer.json.
+    `tttlm.data.corpus.Corpus` reads; None: the Python standard library; with val_source, validation is all of
+    that source) in `split` that hold at least that many tokens, in corpus order. tokenizer_file: the
+    checkpoint's tokenizer.json.
 
     Returns int64 [N, min_length] with 1 <= N <= max_docs; a ValueError when no document is long enough.
     """
@@ -33,7 +35,7 @@ def load_documents(
 
     if min_length < 2:
         raise ValueError(f"documents must hold at least 2 tokens, got min_length = {min_length}")
-    corpus = Corpus(source, text_field=text_field, val_fraction=val_fraction)
+    corpus = Corpus(source, text_field=text_field, val_fraction=val_fraction, val_source=val_source)
     data = prepare_data(corpus, tokenizer=str(tokenizer_file), cache_dir=cache_dir, log=lambda *a: None)
     shard = data.split(split)
     starts = shard.offsets[:-1][shard.lengths >= min_length][:max_docs]

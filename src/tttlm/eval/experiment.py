@@ -93,8 +93,8 @@ def _read(path: Path, chain: list[Path]) -> dict:
 
 
 def command_args(options: dict) -> list[str]:
-    """Command-line arguments of a table of options: {"num_docs": 8, "context": [2048, 8192]} ->
-    ["--num-docs", "8", "--context", "2048", "8192"]; true adds the bare flag, false leaves it out."""
+    """Command-line arguments of a table of options: {"num_docs": 8, "seq_len": [2048, 8192]} ->
+    ["--num-docs", "8", "--seq-len", "2048", "8192"]; true adds the bare flag, false leaves it out."""
     args = []
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
@@ -144,7 +144,7 @@ def run_experiment(config: str | Path, out_root: str | Path, work_root: str | Pa
         "name": spec["name"],
         "experiment": spec["kind"],
         "config_file": spec["file"],
-        "command": shlex.join(["tttlm", "experiment", str(config), "--out", str(out_root)]),
+        "command": shlex.join(["tttlm", "experiment", str(config), "--out-dir", str(out_root)]),
         "git_commit": _git_commit(),
         "settings": {k: v for k, v in spec.items() if k not in ("name", "file")},
     }
@@ -218,7 +218,7 @@ def _run_lm(spec: dict, out_root: Path, out: Path, work: Path, log) -> dict:
     cfg = train_config(spec, **forced)
     shutil.rmtree(work, ignore_errors=True)
 
-    corpus = Corpus(cfg.corpus, cfg.text_field, cfg.val_fraction)
+    corpus = Corpus(cfg.corpus, cfg.text_field, cfg.val_fraction, val_source=cfg.val_corpus)
     data = prepare_data(corpus, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, cache_dir=cfg.cache_dir, log=log)
     manifest = out_root / "corpus" / f"{Path(corpus.source).name}-{corpus.fingerprint()[:12]}.json"
     if not manifest.is_file():
@@ -283,7 +283,7 @@ def _run_lm(spec: dict, out_root: Path, out: Path, work: Path, log) -> dict:
     for name in EVALS:
         if name not in spec or (name == "telemetry" and model_cfg.mixer not in _INNER):
             continue
-        argv = [name, str(ckpt.path), *command_args(spec[name]), "--out", str(out)]
+        argv = [name, str(ckpt.path), *command_args(spec[name]), "--out-dir", str(out)]
         log(f"running: tttlm {shlex.join(argv)}")
         t2 = time.perf_counter()
         status, error = _cli(argv)
@@ -311,7 +311,7 @@ def _run_recall(spec: dict, out: Path, work: Path, log) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     procs, evaluations = {}, {}
     for mixer in mixers:
-        argv = ["recall", "--mixers", mixer, *command_args(options), "--out", str(work / mixer)]
+        argv = ["recall", "--mixers", mixer, *command_args(options), "--out-dir", str(work / mixer)]
         log(f"starting: tttlm {shlex.join(argv)}")
         procs[mixer] = (argv, time.perf_counter(), subprocess.Popen([sys.executable, "-m", "tttlm", *argv], env=env))
     for mixer, (argv, t0, proc) in procs.items():
@@ -327,7 +327,7 @@ def _run_recall(spec: dict, out: Path, work: Path, log) -> dict:
                            time.perf_counter() - t0)
         evaluations[f"recall-{mixer}"] = {**rec, "stopped_at_time_limit": code is None}
     parts = [str(work / m) for m in mixers if (work / m / "recall.json").is_file()]
-    argv = ["recall", "--merge", *parts, "--out", str(out)]
+    argv = ["recall", "--merge", *parts, "--out-dir", str(out)]
     t0 = time.perf_counter()
     status, error = _cli(argv) if parts else ("failed", "no mixer finished a run")
     evaluations["merge"] = _eval_record(argv, status, error, time.perf_counter() - t0)

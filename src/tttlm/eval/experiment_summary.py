@@ -131,24 +131,28 @@ def _telemetry(best: list[dict]) -> list[str]:
     return out
 
 
-def _recall(runs: list[dict]) -> tuple[list[str], list[dict]]:
-    best, complete = [], True
+def _recall(runs: list[dict]) -> tuple[list[str], list[dict], float | None]:
+    """The table of the best MQAR accuracies, those runs, and the accuracy of chance (of the first sweep)."""
+    best, complete, chance = [], True, None
     for r in runs:
         if r["experiment"] == "recall" and (d := _json(r, "recall.json")) is not None:
             best += d["best"]
             complete &= bool(d.get("complete", True))
+            chance = chance if chance is not None else d.get("chance")
     if not best:
-        return [], []
+        return [], [], None
     cols = sorted({(b["width"], b["seq_len"], b["pairs"]) for b in best})
     acc = {(b["mixer"], b["width"], b["seq_len"], b["pairs"]): b for b in best}
     mixers = list(dict.fromkeys(b["mixer"] for b in best))
     rows = [[m, *[_num(acc[(m, *c)]["accuracy"], 3) if (m, *c) in acc else "not run" for c in cols]] for m in mixers]
     note = [] if complete else ["Some sweeps stopped at their time limit: a missing cell was not run.", ""]
-    return note + _table(["mixer", *[f"w{w} L{L} P{P}" for w, L, P in cols]], rows), best
+    return note + _table(["mixer", *[f"w{w} L{L} P{P}" for w, L, P in cols]], rows), best, chance
 
 
 def _curves(best: list[dict]):
     import matplotlib.pyplot as plt
+
+    from tttlm.eval.plots import mixer_color
 
     contexts = sorted({r["train"]["seq_len"] for r in best})
     fig, axes = plt.subplots(1, len(contexts), figsize=(5.5 * len(contexts), 4), squeeze=False)
@@ -156,7 +160,8 @@ def _curves(best: list[dict]):
         for r in best:
             if r["train"]["seq_len"] == ctx and r["training"]["val_curve"]:
                 c = r["training"]["val_curve"]
-                ax.plot([p["tokens"] / 1e6 for p in c], [p["val_loss"] for p in c], marker="o", label=r["name"])
+                ax.plot([p["tokens"] / 1e6 for p in c], [p["val_loss"] for p in c], marker="o", label=r["name"],
+                        color=mixer_color(r["model"]["mixer"]))
         ax.set_xlabel("training tokens (M)")
         ax.set_ylabel(f"validation loss at {ctx} (nats)")
         ax.set_title(f"trained at {ctx}")
@@ -200,10 +205,10 @@ def summarize(root: str | Path) -> Path:
     telemetry = _telemetry(best)
     if telemetry:
         lines += ["## Inner-loop telemetry", ""] + telemetry
-    recall, recall_best = _recall(runs)
+    recall, recall_best, chance = _recall(runs)
     if recall:
         lines += ["## MQAR: best accuracy over the learning rates", ""] + recall
-        figure(plot_recall(recall_best), "summary-recall.png")
+        figure(plot_recall(recall_best, chance), "summary-recall.png")
     path = root / "summary.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path

@@ -57,6 +57,11 @@ def mqar_batch(
     return ids, labels
 
 
+def chance_accuracy(vocab_size: int) -> float:
+    """The accuracy of a uniform guess among the values mqar_batch draws answers from."""
+    return 1 / (vocab_size - 1 - (vocab_size - 1) // 2)
+
+
 @torch.no_grad()
 def mqar_accuracy(model, ids: Tensor, labels: Tensor, batch_size: int = 64) -> float:
     """Fraction of answers predicted exactly (argmax) over ids, labels [N, L]."""

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from tttlm.eval.results import read_results
 
-ORDER = ("positions", "ladder", "telemetry", "recall", "throughput")
+ORDER = ("eval", "positions", "ladder", "telemetry", "recall", "throughput")
 TITLES = {
+    "eval": "Validation loss",
     "positions": "Loss by token position",
     "ladder": "Context ladder",
     "telemetry": "Inner-loop telemetry",
@@ -38,6 +39,17 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 def _by_length(d: dict) -> list[tuple[int, object]]:
     return sorted((int(k), v) for k, v in d.items())
+
+
+def _eval(r: dict) -> list[str]:
+    rows = []
+    for name, c in r["checkpoints"].items():
+        source = f"all of {c['val_corpus']}" if c.get("val_corpus") else f"{c['corpus']} (held-out split)"
+        rows.append([name, c["mixer"], source, c["seq_len"], f"{c['val_tokens']:,d}", _num(c["val_loss"]),
+                     _num(c["val_ppl"]), _num(c["unigram_val_loss"])])
+    return [f"Loss in nats/token ({r['dtype']}):", ""] + _table(
+        ["checkpoint", "mixer", "validation documents", "seq len", "tokens", "loss", "perplexity", "unigram loss"],
+        rows)
 
 
 def _positions(r: dict) -> list[str]:
@@ -70,7 +82,7 @@ def _ladder(r: dict) -> list[str]:
 
 def _telemetry(r: dict) -> list[str]:
     out = [
-        f"Checkpoint {r['checkpoint']} ({r['mixer']}), {r['num_docs']} documents of {r['context']} tokens.",
+        f"Checkpoint {r['checkpoint']} ({r['mixer']}), {r['num_docs']} documents of {r['seq_len']} tokens.",
         "",
     ]
     ttt = [layer for layer in r["layers"] if layer["mixer"].startswith("ttt")]
@@ -128,6 +140,8 @@ def _recall(r: dict) -> list[str]:
         f"Best accuracy over the learning-rate sweep; {s['steps']} steps of {s['batch_size']} sequences, "
         f"vocabulary {s['vocab_size']}, {s['layers']} layers, head dim {s['head_dim']}:"
     )
+    if r.get("chance") is not None:
+        head = head[:-1] + f"; chance (a uniform guess among the values) {r['chance']:.3g}:"
     if not r.get("complete", True):
         head += f" **(sweep cut short: {len(r['runs'])} runs finished)**"
     return [head, ""] + _table(["mixer", *[f"w{w} L{L} P{P}" for w, L, P in cols]], rows)
@@ -136,26 +150,35 @@ def _recall(r: dict) -> list[str]:
 def _throughput(r: dict) -> list[str]:
     s = r["settings"]
     lengths = sorted({int(L) for m in r["mixers"].values() for L in m["prefill_s"]})
+    shapes = list(s["train_shapes"])
     rows = []
     for name, m in r["mixers"].items():
         pre = {int(L): v for L, v in m["prefill_s"].items()}
         dec = {int(L): v for L, v in m["decode_ms_per_token"].items()}
-        tps = m["train_tokens_per_s"]
+        train = []
+        for shape in shapes:
+            t = m["train"].get(shape)
+            ok = t is not None and "tokens_per_s" in t
+            train += [_num(round(t["tokens_per_s"]) if ok else None),
+                      _num(100 * t["mfu"] if ok and t["mfu"] is not None else None, 1)]
         rows.append([
-            name, f"{m['params'] / 1e6:.1f}M", _num(tps if tps is None else round(tps)),
-            *[_num(None if pre[L] is None else 1e3 * pre[L], 3) for L in lengths],
-            *[_num(dec[L], 3) for L in lengths],
+            name, f"{m['params'] / 1e6:.1f}M", *train,
+            *[_num(None if pre.get(L) is None else 1e3 * pre[L], 3) for L in lengths],
+            *[_num(dec.get(L), 3) for L in lengths],
         ])  # fmt: skip
+    compiled = "not recorded" if s["compile"] is None else s["compile"]
     head = (
-        f"{s['size']} models, {s['dtype']}; training batch {s['train_batch']} x {s['train_seq_len']} tokens; "
-        f"prefill and decode at batch 1 ({s['new_tokens']} decoded tokens); n/a: out of memory:"
+        f"{s['size']} models, {s['dtype']}, compiled: {compiled}; training tokens/s and model FLOPs "
+        f"utilisation (%) at batch x length {', '.join(shapes)}; prefill and decode at batch 1 "
+        f"({s['new_tokens']} decoded tokens); n/a: out of memory or failed:"
     )
-    header = ["mixer", "params", "train tok/s", *[f"prefill ms @{L}" for L in lengths],
-              *[f"decode ms/tok @{L}" for L in lengths]]  # fmt: skip
+    header = ["mixer", "params", *[c for sh in shapes for c in (f"train tok/s {sh}", f"MFU % {sh}")],
+              *[f"prefill ms @{L}" for L in lengths], *[f"decode ms/tok @{L}" for L in lengths]]  # fmt: skip
     return [head, ""] + _table(header, rows)
 
 
 SECTIONS = {
+    "eval": _eval,
     "positions": _positions,
     "ladder": _ladder,
     "telemetry": _telemetry,
@@ -175,7 +198,8 @@ def build_report(run_dirs: list[str | Path], out_path: str | Path, title: str = 
             raise FileNotFoundError(f"run directory {d} does not exist")
         results += read_results(d)
     if not results:
-        raise ValueError(f"no result JSON (written by positions, ladder, telemetry, recall, throughput) in {run_dirs}")
+        raise ValueError(f"no result JSON (written by eval, positions, ladder, telemetry, recall, throughput) in "
+                         f"{run_dirs}")
     base = Path(out_path).resolve().parent
     lines = [f"# {title}", "", "Gathered from: " + ", ".join(f"`{d}`" for d in run_dirs), ""]
     for kind in ORDER:

@@ -59,17 +59,37 @@ def write_result(out_dir: str | Path, name: str, kind: str, data: dict, figure=N
         "non_finite": counter[0],
     }
     if figure is not None:
-        import matplotlib.pyplot as plt
-
-        figure.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
-        plt.close(figure)
+        save_figure(figure, out / f"{name}.png")
     path = out / f"{name}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
 
 
+def save_figure(figure, path: str | Path) -> None:
+    """Writes the matplotlib figure as a PNG at path, then closes it."""
+    import matplotlib.pyplot as plt
+
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
+def _current_layout(record: dict) -> dict:
+    """A result written by an earlier version in today's layout: telemetry's "context" is "seq_len"; throughput's
+    one training shape ("train_batch" x "train_seq_len", "train_tokens_per_s") is one of "train_shapes"."""
+    if record["kind"] == "telemetry" and "seq_len" not in record:
+        record["seq_len"] = record.get("context")
+    settings = record.get("settings", {})
+    if record["kind"] == "throughput" and "train_shapes" not in settings:
+        shape = f"{settings['train_batch']}x{settings['train_seq_len']}"
+        settings.update(train_shapes=[shape], compile=settings.get("compile"))
+        for m in record["mixers"].values():
+            m.setdefault("train", {shape: {"tokens_per_s": m.get("train_tokens_per_s"), "mfu": None}})
+    return record
+
+
 def read_results(run_dir: str | Path) -> list[dict]:
-    """Every result JSON (with a "kind") directly in run_dir, sorted by file name; each gets "_path"."""
+    """Every result JSON (with a "kind") directly in run_dir, sorted by file name, in today's layout (results of
+    earlier versions converted); each gets "_path"."""
     found = []
     for p in sorted(Path(run_dir).glob("*.json")):
         try:
@@ -78,5 +98,5 @@ def read_results(run_dir: str | Path) -> list[dict]:
             continue
         if isinstance(record, dict) and "kind" in record:
             record["_path"] = str(p)
-            found.append(record)
+            found.append(_current_layout(record))
     return found

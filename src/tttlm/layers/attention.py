@@ -1,5 +1,6 @@
 """Transformer++ attention (the TTT paper's Transformer baseline, Llama-style): q/k/v/o projections without
-biases, RoPE on q and k, causal softmax attention through torch SDPA, a KV cache for decoding."""
+biases, RoPE on q and k, causal softmax attention through torch SDPA, a KV cache for decoding (growing, or
+static: preallocated, written at each row's position)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from torch import Tensor
 
 from tttlm.layers.common import SeqInfo, check_heads, rope
 from tttlm.ops.attention import attention
+from tttlm.ops.attention_cached import cached_attention
 
 
 class AttentionMixer(nn.Module):
     """Multi-head causal self-attention. x [B, T, C] -> [B, T, C].
 
-    Decoding cache (`cache.state`): (k, v), each [B, S, H, D], the RoPE-rotated keys and the values so far.
+    Decoding cache (`cache.state`): (k, v), each [B, S, H, D], the RoPE-rotated keys and the values so far (after
+    a packed prefill, one row per document, zeros after its end). On a static cache (`cache.static`) they are
+    buffers of a fixed capacity S: each token's key and value are written at its position, and a query attends
+    to its row's keys up to its own position.
     """
 
     def __init__(self, config):
@@ -34,10 +39,19 @@ class AttentionMixer(nn.Module):
         q = rope(self.q_proj(x).view(shape), info.pos, self.rope_theta)
         k = rope(self.k_proj(x).view(shape), info.pos, self.rope_theta)
         v = self.v_proj(x).view(shape)
-        if cache is not None:
+        if cache is not None and cache.static:
+            k_buf, v_buf = cache.state
+            rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
+            k_buf.index_put_((rows, info.pos), k.to(k_buf.dtype))
+            v_buf.index_put_((rows, info.pos), v.to(v_buf.dtype))
+            o = cached_attention(q, k_buf, v_buf, info.pos)
+            return self.o_proj(o.reshape(B, T, C))
+        if cache is not None and info.cu_seqlens is not None:
+            cache.state = (info.rows(k), info.rows(v))
+        elif cache is not None:
             if cache.state is not None:
                 k = torch.cat([cache.state[0], k], dim=1)
                 v = torch.cat([cache.state[1], v], dim=1)
             cache.state = (k, v)
-        o = attention(q, k, v, cu_seqlens=info.cu_seqlens)
+        o = attention(q, k, v, cu_seqlens=info.cu_seqlens, mask=info.attn_mask)
         return self.o_proj(o.reshape(B, T, C))

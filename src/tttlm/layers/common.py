@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import initialization as init
 
+from tttlm.fast import to_device
+
 
 @dataclass
 class SeqInfo:
@@ -24,10 +26,13 @@ class SeqInfo:
     pos: [B, T] int64, the index of each token inside its own sequence (0 at a document start; a call that
         continues a cache starts at the number of tokens the cache has seen).
     cu_seqlens: int64 [N+1] document boundaries of a packed batch (B == 1), or None.
+    attn_mask: the attention's document mask of a packed batch (`tttlm.ops.attention.document_mask`), built
+        once per batch for every layer, or None.
     """
 
     pos: Tensor
     cu_seqlens: Tensor | None = None
+    attn_mask: object | None = None
 
     @classmethod
     def contiguous(cls, batch: int, length: int, offset: int, device) -> SeqInfo:
@@ -36,12 +41,31 @@ class SeqInfo:
         return cls(pos.expand(batch, length), None)
 
     @classmethod
-    def packed(cls, cu_seqlens: Tensor) -> SeqInfo:
-        """One packed row with the documents of cu_seqlens [N+1]."""
+    def packed(cls, cu_seqlens: Tensor, device=None, attention: bool = False) -> SeqInfo:
+        """One packed row with the documents of cu_seqlens [N+1], for tensors on `device` (default: cu_seqlens'
+        own). cu_seqlens on the CPU gives everything without waiting for the GPU. attention: also build the
+        attention's document mask."""
+        device = cu_seqlens.device if device is None else torch.device(device)
         T = int(cu_seqlens[-1])
         t = torch.arange(T, device=cu_seqlens.device)
         doc = torch.searchsorted(cu_seqlens[1:], t, right=True)
-        return cls((t - cu_seqlens[doc])[None], cu_seqlens)
+        pos = (t - cu_seqlens[doc])[None]
+        mask = None
+        if attention:
+            from tttlm.ops.attention import document_mask
+
+            mask = document_mask(cu_seqlens, device)
+        return cls(to_device(pos, device), to_device(cu_seqlens, device), mask)
+
+    def rows(self, x: Tensor) -> Tensor:
+        """The packed x [1, T, ...] laid out one document per row, [N, longest document, ...], zeros after each
+        document's end (a packed prefill's keys and values, for decoding)."""
+        cu = self.cu_seqlens
+        longest = int((cu[1:] - cu[:-1]).max())
+        doc = torch.searchsorted(cu[1:], torch.arange(x.shape[1], device=x.device), right=True)
+        out = x.new_zeros(cu.numel() - 1, longest, *x.shape[2:])
+        out[doc, self.pos[0]] = x[0]
+        return out
 
     @property
     def num_sequences(self) -> int:
@@ -93,8 +117,9 @@ class ShortConv(nn.Module):
     """Causal depthwise convolution over time, kernel width K: y_t = sum_k w[:, K-1-k] * x_{t-k} (+ bias).
 
     A token never reads across a document start: the term x_{t-k} counts only when pos_t >= k. A decoding
-    state holds the K-1 previous inputs of each row ([B, K-1, C], zeros at a sequence start), so a call that
-    continues a sequence equals the whole sequence read at once.
+    state holds the K-1 previous inputs of each row ([B, K-1, C], zeros before the document's start), so a call
+    that continues a sequence equals the whole sequence read at once; one token per row (decoding) reads the
+    state without position masks, in a few kernels instead of 3K.
     """
 
     def __init__(self, channels: int, kernel_size: int, bias: bool = True):
@@ -112,12 +137,18 @@ class ShortConv(nn.Module):
         if self.bias is not None:
             init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: Tensor, pos: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x [B, T, C], pos [B, T], state [B, K-1, C] or None (zeros). Returns y [B, T, C], the new state."""
+    def forward(
+        self, x: Tensor, pos: Tensor, state: Tensor | None = None, cu_seqlens: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """x [B, T, C], pos [B, T], state [B, K-1, C] or None (zeros). Returns y [B, T, C] and the new state;
+        with cu_seqlens (x packed, B == 1) the state of each document, [N, K-1, C]."""
         B, T, C = x.shape
         K = self.kernel_size
         prev = x.new_zeros(B, K - 1, C) if state is None else state.to(x.dtype)
         xx = torch.cat([prev, x], dim=1)  # [B, T+K-1, C]
+        if T == 1 and state is not None:
+            y = (xx * self.weight.T).sum(1, keepdim=True)
+            return (y if self.bias is None else y + self.bias).to(x.dtype), xx[:, 1:]
         y = x * self.weight[:, K - 1]
         # keep[..., k-1]: x_{t-k} lies in token t's document; computed once, multiplied in (fewer kernels)
         keep = (pos[..., None] >= torch.arange(1, K, device=pos.device)).to(x.dtype)  # [B, T, K-1]
@@ -125,7 +156,12 @@ class ShortConv(nn.Module):
             y = y + xx[:, K - 1 - k : K - 1 - k + T] * self.weight[:, K - 1 - k] * keep[..., k - 1, None]
         if self.bias is not None:
             y = y + self.bias
-        return y.to(x.dtype), xx[:, T:]  # float32 weights must not promote x (autocast leaves mul alone)
+        y = y.to(x.dtype)  # float32 weights must not promote x (autocast leaves mul alone)
+        if cu_seqlens is None:
+            return y, xx[:, T:]
+        # each document's last K-1 inputs, zeros before its start
+        idx = cu_seqlens[1:, None] - (K - 1) + torch.arange(K - 1, device=x.device)  # [N, K-1]
+        return y, x[0, idx.clamp_min(0)] * (idx >= cu_seqlens[:-1, None])[..., None].to(x.dtype)
 
 
 def check_heads(hidden_size: int, num_heads: int, what: str = "num_attention_heads") -> int:

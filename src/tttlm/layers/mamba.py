@@ -20,8 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import initialization as init
 
+from tttlm.fast import opaque
 from tttlm.layers.common import SeqInfo, ShortConv
 from tttlm.ops.selective_scan import selective_scan, selective_scan_step
+
+_selective_scan_op = opaque(selective_scan)  # its kernels run outside the compiled code around it
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
 
@@ -78,7 +81,7 @@ class MambaMixer(nn.Module):
         T = x.shape[1]
         N, R = self.d_state, self.dt_rank
         xs, z = self.in_proj(x).chunk(2, dim=-1)
-        xs, conv_state = self.conv(xs, info.pos, None if cache is None else cache.conv.get("x"))
+        xs, conv_state = self.conv(xs, info.pos, None if cache is None else cache.conv.get("x"), info.cu_seqlens)
         xs = F.silu(xs)
         dt, B, C = torch.split(self.x_proj(xs), [R, N, N], dim=-1)
         delta = self.dt_proj(dt)  # [Bt, T, E]; the op adds dt_bias and applies softplus in float32
@@ -89,7 +92,7 @@ class MambaMixer(nn.Module):
                                            delta_softplus=True, state=state)
             y = y[:, None]
         else:
-            y, state = selective_scan(
+            y, state = _selective_scan_op(
                 xs, delta, A, B, C, self.D, delta_bias=self.dt_bias, delta_softplus=True, initial_state=state,
                 cu_seqlens=info.cu_seqlens, output_final_state=cache is not None,
             )

@@ -12,8 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import initialization as init
 
+from tttlm.fast import opaque
 from tttlm.layers.common import SeqInfo, ShortConv
 from tttlm.ops.ssd import ssd, ssd_step
+
+_ssd_op = opaque(ssd)  # its kernels run outside the compiled code around it
 
 
 class Mamba2Mixer(nn.Module):
@@ -58,7 +61,7 @@ class Mamba2Mixer(nn.Module):
         Bt, T, _ = x.shape
         E, GN = self.d_inner, self.ngroups * self.d_state
         z, xbc, dt = torch.split(self.in_proj(x), [E, E + 2 * GN, self.nheads], dim=-1)
-        xbc, conv_state = self.conv(xbc, info.pos, None if cache is None else cache.conv.get("xbc"))
+        xbc, conv_state = self.conv(xbc, info.pos, None if cache is None else cache.conv.get("xbc"), info.cu_seqlens)
         xs, B, C = torch.split(F.silu(xbc), [E, GN, GN], dim=-1)
         xs = xs.reshape(Bt, T, self.nheads, self.headdim)
         B = B.reshape(Bt, T, self.ngroups, self.d_state)
@@ -70,7 +73,7 @@ class Mamba2Mixer(nn.Module):
             y, state = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state)
             y = y[:, None]
         else:
-            y, state = ssd(
+            y, state = _ssd_op(
                 xs,
                 dt,
                 A,

@@ -15,8 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import initialization as init
 
+from tttlm.fast import opaque
 from tttlm.layers.common import SeqInfo, ShortConv, check_heads
 from tttlm.ops import mesa, mesa_step
+
+_mesa_op = opaque(mesa)  # its kernels run outside the compiled code around it
 
 LAMB_MIN = 0.25
 GATE_CAP = 0.9975  # the optional cap on the forget gate of repeated inputs: gamma * (1 - (1 - cap) * beta^2)
@@ -27,7 +30,8 @@ class MesaMixer(nn.Module):
 
     Decoding cache: `cache.state` (MesaState: h_kk [B,H,D,D], h_kv [B,H,D,D]) and `cache.conv["q"]`,
     `cache.conv["k"]` [B, K-1, C]. CG runs `mesa_cg_max_iter` steps; outside training, `mesa_cg_tol` (if set)
-    stops it early.
+    stops it early, except on a static decoding cache (tttlm.models.decode), where the number of steps is fixed
+    so that the step never waits for the host: there it always runs `mesa_cg_max_iter` steps.
     """
 
     def __init__(self, config):
@@ -66,11 +70,12 @@ class MesaMixer(nn.Module):
         return LAMB_MIN + F.softplus(self.lamb_param.float())
 
     def _project(self, x: Tensor, info: SeqInfo, cache) -> tuple[dict, dict]:
+        """The op's keyword arguments for x [B, T, C] but its state, and the new convolution states."""
         B, T, C = x.shape
         shape = (B, T, self.num_heads, self.head_dim)
         get = (lambda name: None) if cache is None else cache.conv.get
-        q, cq = self.conv_q(self.q_proj(x), info.pos, get("q"))
-        k, ck = self.conv_k(self.k_proj(x), info.pos, get("k"))
+        q, cq = self.conv_q(self.q_proj(x), info.pos, get("q"), info.cu_seqlens)
+        k, ck = self.conv_k(self.k_proj(x), info.pos, get("k"), info.cu_seqlens)
         q = F.normalize(F.silu(q).view(shape), dim=-1, eps=1e-6)
         k = F.normalize(F.silu(k).view(shape), dim=-1, eps=1e-6)
         v = self.v_proj(x).view(shape)
@@ -78,7 +83,6 @@ class MesaMixer(nn.Module):
         g = F.logsigmoid(self.forget_proj(x).float())
         if self.gate_cap:
             g = g + torch.log1p(-(1 - GATE_CAP) * beta * beta)
-        state = None if cache is None else cache.state
         kwargs = dict(
             q=q,
             k=k,
@@ -86,9 +90,8 @@ class MesaMixer(nn.Module):
             g=g,
             beta=beta,
             lamb=self.lamb(),
-            state=state,
             cg_max_iter=self.cg_max_iter,
-            cg_tol=None if self.training else self.cg_tol,
+            cg_tol=None if self.training or (cache is not None and cache.static) else self.cg_tol,
         )
         return kwargs, {"q": cq, "k": ck}
 
@@ -100,22 +103,23 @@ class MesaMixer(nn.Module):
         B, T, _ = hidden_states.shape
         info = SeqInfo.contiguous(B, T, 0, hidden_states.device) if cu_seqlens is None else SeqInfo.packed(cu_seqlens)
         kwargs, _ = self._project(hidden_states, info, None)
-        return {**kwargs, "cu_seqlens": info.cu_seqlens}
+        return {**kwargs, "state": None, "cu_seqlens": info.cu_seqlens}
 
     def forward(self, x: Tensor, info: SeqInfo, cache=None) -> Tensor:
         B, T, C = x.shape
         kw, convs = self._project(x, info, cache)
-        if cache is not None and cache.state is not None and T == 1:
+        state = None if cache is None else cache.state
+        if state is not None and T == 1:
             o, state = mesa_step(
                 *(kw[n][:, 0] for n in ("q", "k", "v", "g", "beta")),
                 kw["lamb"],
-                kw["state"],
+                state,
                 cg_max_iter=kw["cg_max_iter"],
                 cg_tol=kw["cg_tol"],
             )
             o = o[:, None]
         else:
-            o, state = mesa(**kw, cu_seqlens=info.cu_seqlens, output_final_state=cache is not None)
+            o, state = _mesa_op(**kw, state=state, cu_seqlens=info.cu_seqlens, output_final_state=cache is not None)
         if cache is not None:
             cache.state = state
             cache.conv.update(convs)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import initialization as init
 
+from tttlm.fast import opaque
 from tttlm.layers.common import RMSNorm, SeqInfo, ShortConv, check_heads, rope
 from tttlm.ops import TTTLinearState, TTTMLPState, ttt_linear, ttt_linear_step, ttt_mlp, ttt_mlp_step
 
@@ -39,7 +40,7 @@ class PreConv(nn.Module):
         self.conv = ShortConv(config.hidden_size, config.conv_kernel, bias=True)
 
     def forward(self, h: Tensor, info: SeqInfo, cache=None) -> Tensor:
-        y, state = self.conv(self.norm(h), info.pos, None if cache is None else cache.conv.get("pre"))
+        y, state = self.conv(self.norm(h), info.pos, None if cache is None else cache.conv.get("pre"), info.cu_seqlens)
         if cache is not None:
             cache.conv["pre"] = state
         return h + y
@@ -109,14 +110,13 @@ class TTTMixer(nn.Module):
         return self.state_cls.start(*(p.to(cdt).expand(n, *p.shape) for p in self.inner_params()))
 
     def _project(self, x: Tensor, info: SeqInfo, cache) -> tuple[dict, dict]:
-        """The op's keyword arguments for x [B, T, C] (state from the cache or the learned start) and the new
-        convolution states."""
+        """The op's keyword arguments for x [B, T, C] but its state, and the new convolution states."""
         B, T, C = x.shape
         convs = {}
         if self.mamba_backbone:
             qk = self.qk_proj(x)
-            q, convs["q"] = self.conv_q(qk, info.pos, None if cache is None else cache.conv.get("q"))
-            k, convs["k"] = self.conv_k(qk, info.pos, None if cache is None else cache.conv.get("k"))
+            q, convs["q"] = self.conv_q(qk, info.pos, None if cache is None else cache.conv.get("q"), info.cu_seqlens)
+            k, convs["k"] = self.conv_k(qk, info.pos, None if cache is None else cache.conv.get("k"), info.cu_seqlens)
         else:
             q, k = self.q_proj(x), self.k_proj(x)
         shape = (B, T, self.num_heads, self.head_dim)
@@ -128,9 +128,6 @@ class TTTMixer(nn.Module):
         eta = lr * torch.sigmoid(self.lr_proj(x).float())  # [B, T, H]
         i = torch.arange(1, self.mini_batch_size + 1, device=x.device, dtype=torch.float32)
         token_scale = torch.clamp_min(1.0 / i + self.token_scale_offset.float(), 0.0)
-        state = None if cache is None else cache.state
-        if state is None:
-            state = self.initial_state(info.num_sequences, x.dtype)
         kwargs = dict(
             q=q,
             k=k,
@@ -138,11 +135,18 @@ class TTTMixer(nn.Module):
             eta=eta,
             ln_weight=self.ln_weight,
             ln_bias=self.ln_bias,
-            state=state,
             mini_batch_size=self.mini_batch_size,
             token_scale=token_scale,
         )
         return kwargs, convs
+
+    @opaque
+    def _run(self, kw: dict, info: SeqInfo, state, output_final_state: bool, dtype: torch.dtype):
+        """The op over whole sequences, from `state` (None: the learned start of every sequence); the op's own
+        kernels run here, outside the compiled code around it."""
+        if state is None:
+            state = self.initial_state(info.num_sequences, dtype)
+        return self.op(**kw, state=state, cu_seqlens=info.cu_seqlens, output_final_state=output_final_state)
 
     def op_inputs(self, hidden_states: Tensor, cu_seqlens: Tensor | None = None) -> dict:
         """The keyword arguments this layer passes to its op (`tttlm.ops.ttt_linear` / `ttt_mlp`) for the
@@ -153,12 +157,14 @@ class TTTMixer(nn.Module):
         B, T, _ = hidden_states.shape
         info = SeqInfo.contiguous(B, T, 0, hidden_states.device) if cu_seqlens is None else SeqInfo.packed(cu_seqlens)
         kwargs, _ = self._project(hidden_states, info, None)
-        return {**kwargs, "cu_seqlens": info.cu_seqlens}
+        state = self.initial_state(info.num_sequences, hidden_states.dtype)
+        return {**kwargs, "state": state, "cu_seqlens": info.cu_seqlens}
 
     def forward(self, x: Tensor, info: SeqInfo, cache=None) -> Tensor:
         B, T, C = x.shape
         kw, convs = self._project(x, info, cache)
-        if cache is not None and cache.state is not None and T == 1:
+        state = None if cache is None else cache.state
+        if state is not None and T == 1:
             o, state = self.step_op(
                 kw["q"][:, 0],
                 kw["k"][:, 0],
@@ -166,13 +172,13 @@ class TTTMixer(nn.Module):
                 kw["eta"][:, 0],
                 kw["ln_weight"],
                 kw["ln_bias"],
-                kw["state"],
+                state,
                 mini_batch_size=self.mini_batch_size,
                 token_scale=kw["token_scale"],
             )
             o = o[:, None]
         else:
-            o, state = self.op(**kw, cu_seqlens=info.cu_seqlens, output_final_state=cache is not None)
+            o, state = self._run(kw, info, state, cache is not None, x.dtype)
         if cache is not None:
             cache.state = state
             cache.conv.update(convs)

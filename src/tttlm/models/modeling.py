@@ -3,7 +3,10 @@
 Forward inputs are [B, T] token ids. Packed batches (several documents per row, no padding) come as
 `cu_seqlens` (int64 [N+1], B == 1) or as `position_ids` that restart at 0 at every document start (any B;
 every row start is a document start too). Documents never see each other: recurrent states and convolutions
-restart, attention is block-diagonal, and the loss never predicts across a boundary.
+restart, attention is block-diagonal, and the loss never predicts across a boundary. Prompts of different
+lengths for generation come left-padded (zeros at the start of attention_mask rows) and are read packed.
+Calls without a cache run through the fast paths of `tttlm.fast` (compiled blocks on CUDA); decoding from a cache
+runs through `tttlm.models.decode` (a CUDA graph on CUDA).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from tttlm.fast import compile_enabled, compiled, fast_paths, kernels_enabled
 from tttlm.layers import (
     AttentionMixer,
     Mamba2Mixer,
@@ -31,8 +35,10 @@ from tttlm.layers import (
     SwiGLU,
     TTTMixer,
 )
+from tttlm.models import decode
 from tttlm.models.cache import TTTLMCache
 from tttlm.models.config import TTTLMConfig
+from tttlm.ops.linear_cross_entropy import linear_cross_entropy
 
 # transformers 5.24 renamed the decoding cache of forward() and of its outputs from past_key_values to cache
 # (generate() passes and reads `cache`); forward takes either, and outputs carry the installed version's field
@@ -86,6 +92,13 @@ class TTTLMBlock(GradientCheckpointingLayer):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size) if mlp else None
 
     def forward(self, h: Tensor, info: SeqInfo, cache=None) -> Tensor:
+        # a call with a cache stays eager: the cache changes every call (decoding's static step runs from a CUDA
+        # graph instead, tttlm.models.decode)
+        if cache is None and compile_enabled(h.device):
+            return compiled(TTTLMBlock._forward)(self, h, info)
+        return self._forward(h, info, cache)
+
+    def _forward(self, h: Tensor, info: SeqInfo, cache=None) -> Tensor:
         if self.pre_conv is not None:
             h = self.pre_conv(h, info, cache)
         h = h + self.mixer(self.mixer_norm(h), info, cache)
@@ -138,6 +151,8 @@ class TTTLMModel(TTTLMPreTrainedModel):
         h = inputs_embeds
         for i, block in enumerate(self.layers):
             h = block(h, info=info, cache=None if cache is None else cache.layers[i])
+        if cache is None and compile_enabled(h.device):
+            return compiled(RMSNorm.forward)(self.norm, h)
         return self.norm(h)
 
 
@@ -166,15 +181,34 @@ def _checked_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> Tensor:
     if B != 1:
         raise ValueError(f"with cu_seqlens, input_ids must be one packed row (B == 1), got B = {B}")
     cu = cu_seqlens.long()
-    bounds = cu.tolist()
+    bounds = cu.tolist()  # cu_seqlens on the CPU spares the host a wait for the GPU here
     if bounds[0] != 0 or bounds[-1] != T or any(b <= a for a, b in itertools.pairwise(bounds)):
         raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T = {T}, got {bounds}")
     return cu
 
 
+def _left_padding(attention_mask: Tensor, position_ids: Tensor | None) -> Tensor | None:
+    """The mask of real tokens [B, T] (bool) of a left-padded batch, None when nothing is padded."""
+    keep = attention_mask != 0
+    if bool(keep.all()):
+        return None
+    if not bool(keep[:, -1].all()) or not bool((keep[:, 1:] >= keep[:, :-1]).all()):
+        raise ValueError(
+            "padding (zeros in attention_mask) must come before each row's tokens (left padding, as with "
+            "tokenizer.padding_side = 'left'); to read documents of different lengths side by side, pack them "
+            "with cu_seqlens"
+        )
+    if position_ids is not None:
+        counted = keep.long().cumsum(-1) - 1
+        if not bool((position_ids.to(keep.device) == counted)[keep].all()):
+            raise ValueError("with left padding, position_ids must count each row's tokens from 0 after its padding")
+    return keep
+
+
 def _cu_seqlens_from_positions(position_ids: Tensor) -> Tensor | None:
-    """Document boundaries of rows whose positions restart at 0 (None when no row restarts). Every row start
-    is a document start as well: a row continuing a document from outside the batch starts a fresh state."""
+    """Document boundaries of rows whose positions restart at 0 (None when no row restarts), on position_ids'
+    device (the CPU: found without waiting for the GPU). Every row start is a document start as well: a row
+    continuing a document from outside the batch starts a fresh state."""
     if position_ids.dim() != 2 or not bool((position_ids[:, 1:] == 0).any()):
         return None
     starts = position_ids == 0
@@ -241,11 +275,17 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
         labels [B, T]: the loss predicts labels[t + 1] at position t (shifted here; -100 ignored; never across
             a document boundary); loss_reduction "mean", "sum" or "none" ([B, T] float32, 0 where ignored).
             With labels, logits are not computed (the loss is chunked so full float32 logits never exist).
-        cu_seqlens / position_ids: packed documents (see the module docstring). attention_mask may only be all
-            ones (padding would leak into recurrent states: pack instead).
+        cu_seqlens / position_ids: packed documents (see the module docstring); on the CPU (as the trainer
+            passes them) the documents are read without the host waiting for the GPU. attention_mask: ones, or
+            zeros only before each row's tokens (left padding, e.g. prompts of different lengths for generate()):
+            the rows are then read packed, logits at padded positions are zeros, and labels are not accepted.
         use_cache / past_key_values (or cache, its name from transformers 5.24 on): decoding; with
-            use_cache=True and no cache a TTTLMCache is created and returned. logits_to_keep: compute logits
-            for the last n positions only (0: all).
+            use_cache=True and no cache a TTTLMCache is created and returned. After a left-padded or cu_seqlens
+            call the cache holds one row per sequence, each at its own length (cu_seqlens with
+            logits_to_keep=1 then gives each sequence's last logits, [N, 1, V]). A call that continues a cache
+            runs as `tttlm.models.decode.plan` decides (a CUDA graph on CUDA); while decoding, only the new
+            tokens' columns of attention_mask must be ones, and position_ids are ignored (the cache knows
+            every row's position). logits_to_keep: compute logits for the last n positions only (0: all).
         Returns CausalLMOutputWithPast(loss, logits [B, T or n, V], and the cache as `CACHE_FIELD`).
         Other keyword arguments (as generate() may pass) must be None or False.
         """
@@ -256,15 +296,10 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, C]")
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if x.dim() != 3:
-            raise ValueError(f"input_ids must have shape [B, T], got {list(x.shape[:-1])}")
-        B, T, _ = x.shape
-        if attention_mask is not None and not bool((attention_mask != 0).all()):
-            raise ValueError(
-                "padding (zeros in attention_mask) is not supported: pack documents with cu_seqlens "
-                "or restarting position_ids instead"
-            )
+        given = input_ids if inputs_embeds is None else inputs_embeds[..., 0]  # [B, T]
+        if given.dim() != 2:
+            raise ValueError(f"input_ids must have shape [B, T], got {list(given.shape)}")
+        B, T = given.shape
         if labels is not None and labels.shape != (B, T):
             raise ValueError(f"labels must have shape [B, T] = [{B}, {T}], got {list(labels.shape)}")
         if cache is not None and past_key_values is not None:
@@ -281,27 +316,60 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
         if use_cache:
             cache = past_key_values if past_key_values is not None else TTTLMCache(self.config.num_hidden_layers)
 
+        if cache is not None and cache.seen_tokens > 0:  # continues the cache
+            if attention_mask is not None and not bool((attention_mask[:, -T:] != 0).all()):
+                raise ValueError("while decoding, attention_mask must be ones for the new tokens (only left padding)")
+            if cu_seqlens is not None:
+                raise ValueError("packed batches (cu_seqlens) cannot continue a decoding cache")
+            how = decode.plan(self, cache, T, inputs_embeds is None)
+            if how != "eager":
+                if labels is not None:
+                    raise ValueError("labels are not supported while decoding on a static cache")
+                logits = decode.decode_step(self, cache, input_ids, inputs_embeds, graph=how == "graph",
+                                            logits_to_keep=logits_to_keep)
+                out = CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache})
+                return out if return_dict is not False else out.to_tuple()
+
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        keep = None
+        if attention_mask is not None and (cache is None or cache.seen_tokens == 0):
+            keep = _left_padding(attention_mask.to(x.device), position_ids)
+        if keep is not None and (labels is not None or cu_seqlens is not None):
+            raise ValueError("a left-padded batch (zeros in attention_mask) takes no labels and no cu_seqlens")
         if cu_seqlens is not None:
-            cu = _checked_cu_seqlens(cu_seqlens.to(x.device), B, T)
+            cu = _checked_cu_seqlens(cu_seqlens, B, T)
+        elif keep is not None:
+            cu = F.pad(keep.sum(1).cumsum(0), (1, 0))
+            x = x[keep]
         elif position_ids is not None and (cache is None or cache.seen_tokens == 0):
-            cu = _cu_seqlens_from_positions(position_ids.to(x.device))
+            cu = _cu_seqlens_from_positions(position_ids)
+            if cu is not None and cache is not None:
+                raise ValueError("restarting position_ids cannot fill a decoding cache: pack with cu_seqlens")
         else:
             cu = None
         if cu is not None:
-            if cache is not None:
-                raise ValueError("packed batches (cu_seqlens / restarting position_ids) cannot use a decoding cache")
-            info = SeqInfo.packed(cu)
-            x = x.reshape(1, B * T, -1)
+            # FlexAttention's document mask serves training and evaluation, whose packed batches keep their
+            # length (it compiles for each new one); a prefill attends per document
+            flex = self.config.mixer == "transformer" and cache is None
+            info = SeqInfo.packed(cu, x.device, attention=flex)
+            x = x.reshape(1, -1, x.shape[-1])
         else:
             info = SeqInfo.contiguous(B, T, 0 if cache is None else cache.seen_tokens, x.device)
 
-        h = self.model(x, info, cache).reshape(B, T, -1)
-        if cache is not None:
+        h = self.model(x, info, cache)
+        last_of_each = cu is not None and cache is not None and keep is None and logits_to_keep == 1
+        if cache is not None and cu is not None:  # a packed prefill: one row per sequence, at its own length
+            cache.positions = info.cu_seqlens[1:] - info.cu_seqlens[:-1]
+            cache.seen_tokens = T if keep is not None else int((cu[1:] - cu[:-1]).max())
+        elif cache is not None:
             cache.seen_tokens += T
+        h = h.new_zeros(B, T, h.shape[-1]).index_put_((keep,), h[0]) if keep is not None else h.reshape(B, T, -1)
 
         loss = logits = None
         if labels is not None:
-            loss = self._loss(h, labels, cu, loss_reduction)
+            loss = self._loss(h, labels, info.cu_seqlens, loss_reduction)
+        elif last_of_each:
+            logits = self.lm_head(h[0, info.cu_seqlens[1:] - 1][:, None])
         else:
             logits = self.lm_head(h if not logits_to_keep else h[:, -logits_to_keep:])
         out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
@@ -314,6 +382,15 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
         if cu is not None:  # the token before a document start predicts nothing
             flat = targets.view(-1)
             flat[cu[1:-1] - 1] = -100
+        if kernels_enabled(h.device) and not (reduction == "none" and torch.is_grad_enabled()):
+            # the fused loss of every position, ignored ones included: no host sync to find the valid ones
+            out = linear_cross_entropy(
+                h.reshape(-1, C), self.lm_head.weight, targets.reshape(-1), reduction="none" if reduction == "none"
+                else "sum"
+            )
+            if reduction == "none":
+                return out.view(B, T)
+            return out if reduction == "sum" else out / (targets != -100).sum().clamp_min(1)
         valid = torch.nonzero(targets.reshape(-1) != -100).flatten()
         losses = chunked_cross_entropy(
             h.reshape(-1, C)[valid],
@@ -336,7 +413,8 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
             b.mixer.register_forward_pre_hook(lambda mod, args: captured.append(args[0])) for b in self.model.layers
         ]
         try:
-            self(input_ids, cu_seqlens=cu_seqlens)
+            with fast_paths(compile=False):  # the hooks see every layer's input as plain PyTorch runs it
+                self(input_ids, cu_seqlens=cu_seqlens)
         finally:
             for h in hooks:
                 h.remove()

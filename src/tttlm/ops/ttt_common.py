@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import math
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -25,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from tttlm.fast import compile_enabled
+from tttlm.ops.backend import use_triton as backend_choice
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -88,8 +89,9 @@ def check_ttt_inputs(
     """Validates the arguments of a TTT op (or its one-token step); returns N, the number of state rows.
 
     param_shapes(H, D) gives the per-head shapes of the inner parameters, in the state's `params` order.
-    A step on CUDA checks shapes, dtypes and devices only: the value checks (eta >= 0, state.offset in range)
-    would make the host wait for the GPU at every decoded token.
+    On CUDA only shapes, dtypes and devices are checked: the value checks (eta >= 0, state.offset in range,
+    cu_seqlens from 0 to T) would make the host wait for the GPU in every layer of every step (the model checks
+    a packed batch's boundaries once, on the host).
     """
     if not isinstance(q, Tensor) or q.dim() != (3 if step else 4):
         got = list(q.shape) if isinstance(q, Tensor) else type(q).__name__
@@ -97,7 +99,7 @@ def check_ttt_inputs(
     if q.dtype not in FLOAT_DTYPES:
         raise ValueError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
     dev = q.device
-    check_values = not (step and dev.type == "cuda")
+    check_values = dev.type != "cuda"
     B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
     T = 1 if step else q.shape[1]
     if T < 1 or B < 1:
@@ -125,10 +127,11 @@ def check_ttt_inputs(
             raise ValueError(f"cu_seqlens must be int64 (or int32), got {cu_seqlens.dtype}")
         if B != 1:
             raise ValueError(f"with cu_seqlens, q must be one packed row (B == 1), got B = {B}")
-        cu = cu_seqlens.tolist()
-        if cu[0] != 0 or cu[-1] != T or any(a >= b for a, b in zip(cu, cu[1:])):
-            raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T = {T}, got {cu}")
-        N = len(cu) - 1
+        if check_values:
+            cu = cu_seqlens.tolist()
+            if cu[0] != 0 or cu[-1] != T or any(a >= b for a, b in zip(cu, cu[1:])):
+                raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T = {T}, got {cu}")
+        N = cu_seqlens.numel() - 1
     if not isinstance(state, state_cls):
         raise ValueError(f"state must be a {state_cls.__name__} (use {state_cls.__name__}.start(...)), "
                          f"got {type(state).__name__}")
@@ -151,31 +154,14 @@ def check_ttt_inputs(
 
 
 # ------------------------------------------------------------------------------------------------ backends
-BACKENDS = (None, "triton", "torch")
-
-
-@functools.cache
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def use_triton(q: Tensor, mini_batch_size: int, backend: str | None, kernels: str) -> bool:
-    """Whether an op runs its Triton kernels: backend None picks them on CUDA where the module `kernels` (its
-    `supports(q, mini_batch_size)`) takes the shapes, "triton" demands them (an error if they cannot run),
-    "torch" never."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or (backend is None and not q.is_cuda):
-        return False
-    if not _have_triton():
-        if backend == "triton":
-            raise ValueError("backend='triton' needs the triton package")
-        return False
-    ok = importlib.import_module(kernels).supports(q, mini_batch_size)
-    if backend == "triton" and not ok:
-        raise ValueError(f"the Triton kernels do not support q of shape {list(q.shape)} ({q.dtype}) on {q.device} "
-                         f"with mini_batch_size={mini_batch_size}")
-    return ok
+    """`tttlm.ops.backend.use_triton` for a TTT op whose kernels' module `kernels` has `supports(q,
+    mini_batch_size)`."""
+    return backend_choice(
+        q, backend, lambda: importlib.import_module(kernels).supports(q, mini_batch_size),
+        lambda: f"the Triton kernels do not support q of shape {list(q.shape)} ({q.dtype}) on {q.device} "
+                f"with mini_batch_size={mini_batch_size}",
+    )
 
 
 # ------------------------------------------------------------------------------------------ mini-batch layout
@@ -365,7 +351,7 @@ def run_chunked(
     else:
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     N = lengths.numel()
-    if q.is_cuda and os.environ.get("TTTLM_COMPILE", "1") != "0":
+    if compile_enabled(q.device) and q.is_cuda:
         model = _compiled(model)
     layout = make_layout(lengths, state.offset, mini_batch_size)
     Q, K, V = (to_grid(x.reshape(-1, H, D).to(cdt), layout, N) for x in (q, k, v))

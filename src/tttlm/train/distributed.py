@@ -76,15 +76,18 @@ def start(device: str = "auto", dtype: str = "auto") -> Runtime:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
+    if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but no GPU is visible")
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
+            raise ValueError(f"device {device!r} was asked for but no GPU is visible")
+        if device != "cuda" and world > 1:
+            raise ValueError(f"device {device!r}: under torchrun each process takes the GPU of its LOCAL_RANK: pass "
+                             f"cuda")
+        dev = torch.device("cuda", local) if device == "cuda" else torch.device(device)
+        torch.cuda.set_device(dev)
     elif device == "cpu":
         dev = torch.device("cpu")
     else:
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     if dtype == "auto":
@@ -105,7 +108,9 @@ def wrap(model: torch.nn.Module, rt: Runtime, parallel: str) -> torch.nn.Module:
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        # no device_ids: DDP would copy every input to the GPU, the CPU position ids too, whose document
+        # boundaries the model reads on the host without waiting for the GPU (the ids are there already)
+        return DistributedDataParallel(model)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)

@@ -1,4 +1,5 @@
-"""AdamW with the usual exclusions from weight decay, and the warm-up + cosine learning-rate schedule."""
+"""AdamW with the usual exclusions from weight decay, and the learning-rate schedules: linear warm-up, then a
+cosine decay or warmup-stable-decay (WSD; Hu et al. 2024, MiniCPM, arXiv 2404.06395)."""
 
 from __future__ import annotations
 
@@ -27,13 +28,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool = 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of cfg.lr at optimizer step `step` (0-based): a linear warm-up to 1 at step warmup_steps - 1,
-    then a cosine from 1 at step warmup_steps to min_lr_ratio at step `steps` (one past the last step, which
-    runs just above the floor), and min_lr_ratio from there on."""
+    then (schedule "cosine") a cosine from 1 at step warmup_steps to min_lr_ratio at step `steps` (one past the
+    last step, which runs just above the floor) and min_lr_ratio from there on, or ("wsd") `_wsd`."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        return _wsd(step, cfg)
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _wsd(step: int, cfg: TrainConfig) -> float:
+    """After the warm-up: 1 until the last round(decay_fraction x steps) steps (never into the warm-up), then a
+    straight line to min_lr_ratio at step `steps`."""
+    decay = min(cfg.steps - cfg.warmup_steps, round(cfg.decay_fraction * cfg.steps))
+    start = cfg.steps - decay
+    if step < start or decay <= 0:
+        return 1.0
+    return 1 - (1 - cfg.min_lr_ratio) * min(1.0, (step - start) / decay)
 
 
 def warmup_progress(step: int, cfg: TrainConfig) -> float:

@@ -31,17 +31,25 @@ from tttlm.data.loader import PackedLoader, count_targets
 from tttlm.data.shards import PreparedData, TokenShard, prepare_data
 from tttlm.data.tokenizer import eos_id, load_tokenizer, tokenizer_key
 from tttlm.errors import PREEMPTED, RunStopped, UserError
+from tttlm.fast import fast_paths, to_device
 from tttlm.train import distributed
-from tttlm.train.checkpoint import checkpoints, load_checkpoint, newest_intact, save_checkpoint
-from tttlm.train.config import TrainConfig
+from tttlm.train.checkpoint import (
+    checkpoints,
+    load_checkpoint,
+    load_pretrained,
+    newest_intact,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from tttlm.train.config import TrainConfig, split_batch
 from tttlm.train.distributed import Runtime, grad_sync, lost_peer, unwrap
 from tttlm.train.metrics import MetricsLog
 from tttlm.train.optim import SkipNonFinite, make_optimizer, warmup_progress
 from tttlm.train.preemption import StopRequests
 
 # settings that must match between a checkpoint and the run resuming it (the rest may change, e.g. steps)
-_RESUME_KEYS = ("model", "model_overrides", "corpus", "text_field", "val_fraction", "tokenizer", "vocab_size",
-                "seq_len", "batch_size", "seed")
+_RESUME_KEYS = ("model", "model_overrides", "corpus", "val_corpus", "text_field", "val_fraction", "tokenizer",
+                "vocab_size", "seq_len", "batch_size", "seed")
 
 
 def prepare(cfg: TrainConfig, corpus: Corpus, rt: Runtime, log=print) -> PreparedData:
@@ -84,7 +92,7 @@ def evaluate(model, shard: TokenShard, seq_len: int, batch_size: int, micro: int
     total = count = 0.0
     for _ in range(min(batches, loader.batches_per_epoch)):
         batch = next(loader)
-        ids, pos = batch["input_ids"].to(rt.device), batch["position_ids"].to(rt.device)
+        ids, pos = to_device(batch["input_ids"], rt.device), batch["position_ids"]  # positions read on the host
         for s in range(0, ids.shape[0], micro):
             with rt.autocast():
                 out = model(input_ids=ids[s : s + micro], labels=ids[s : s + micro],
@@ -95,6 +103,26 @@ def evaluate(model, shard: TokenShard, seq_len: int, batch_size: int, micro: int
     total, count = rt.all_sum([total, count])
     loss = total / max(1.0, count)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(count)}
+
+
+def _with_init(cfg: TrainConfig) -> TrainConfig:
+    """cfg for fine-tuning from cfg.init_from: its checkpoint's model (preset name and overrides, as that run
+    recorded them) and tokenizer. UserError when the settings ask for another model or tokenizer."""
+    import dataclasses
+
+    path = resolve_checkpoint(cfg.init_from)
+    saved = json.loads((path / "train.json").read_text()) if (path / "train.json").is_file() else {}
+    overrides = saved.get("model_overrides", {})
+    if cfg.model_overrides and cfg.model_overrides != overrides:
+        raise UserError(f"--init-from {cfg.init_from}: the model keeps its architecture; drop --set (model_overrides "
+                        f"{cfg.model_overrides})")
+    tokenizer = str(path / "tokenizer.json")
+    if cfg.tokenizer is not None and cfg.tokenizer != tokenizer and \
+            tokenizer_key(load_tokenizer(cfg.tokenizer)) != tokenizer_key(load_tokenizer(tokenizer)):
+        raise UserError(f"--init-from {cfg.init_from}: the model was trained with {tokenizer}, not {cfg.tokenizer}: "
+                        f"leave --tokenizer out")
+    return dataclasses.replace(cfg, init_from=str(path), model=saved.get("model", cfg.model),
+                               model_overrides=overrides, tokenizer=tokenizer)
 
 
 def _listed(names: list[str]) -> str:
@@ -139,6 +167,32 @@ def _check_resumable(cfg: TrainConfig, ckpt: Path, corpus: Corpus) -> None:
             what = f"{sizes[0]} -> {sizes[1]} tokens" if sizes[0] != sizes[1] else "same size, other tokens or merges"
             raise UserError(f"cannot resume from {ckpt}: the tokenizer {cfg.tokenizer} changed since the run "
                             f"started ({what})")
+
+
+def _flops(model, n_params: int, seq_len: int, rt: Runtime) -> tuple[float, float | None]:
+    """Model FLOPs of one training token and the device's measured bf16 matmul peak (None off CUDA), counted as
+    `tttlm throughput` counts them (tttlm.eval.throughput), for the utilisation in the logs."""
+    from tttlm.eval.throughput import flops_per_token, peak_matmul_flops
+
+    c = model.config
+    per_token = flops_per_token(n_params, c.num_hidden_layers, c.hidden_size, seq_len, c.mixer == "transformer")
+    if not rt.main:  # only the main process logs
+        return per_token, None
+    peak = peak_matmul_flops(rt.device)
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()  # the measurement's matrices, before the model's activations need the room
+    return per_token, peak
+
+
+def _log_line(rec: dict, steps: int) -> str:
+    """One training record as a plain log line (no progress bar: stdout is not a terminal, or --no-progress)."""
+    line = (f"step {rec['step']}/{steps}: loss {rec['loss']:.4f}, lr {rec['lr']:.3g}, grad norm "
+            f"{rec['grad_norm']:.3g}, {rec['tokens_per_s']:,.0f} tokens/s")
+    if "mfu" in rec:
+        line += f", MFU {rec['mfu']:.1%}"
+    if "peak_mem_gb" in rec:
+        line += f", peak memory {rec['peak_mem_gb']:.1f} GB"
+    return line
 
 
 def _intact(out: Path) -> str:
@@ -200,23 +254,29 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
     cfg.check()
     rt = distributed.start(cfg.device, cfg.dtype)
     try:
-        return _train(cfg, rt, resume, log if rt.main else (lambda *a, **k: None))
+        with fast_paths(compile=cfg.compile):
+            return _train(cfg, rt, resume, log if rt.main else (lambda *a, **k: None))
     finally:
         distributed.stop()
 
 
 def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
     out = Path(cfg.out_dir)
+    if cfg.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--wandb needs Weights & Biases: pip install wandb") from None
     _check_writable(out, rt)
+    for warning in cfg.warnings():
+        log(f"warning: {warning}")
+    micro, accum = split_batch(cfg.batch_size, cfg.micro_batch_size, rt.world_size)
+    if cfg.init_from is not None:
+        cfg = _with_init(cfg)
     ckpt = _starting_checkpoint(out, rt, resume, log)
-    corpus = Corpus(cfg.corpus, cfg.text_field, cfg.val_fraction)
+    corpus = Corpus(cfg.corpus, cfg.text_field, cfg.val_fraction, val_source=cfg.val_corpus)
     if ckpt is not None:
         _check_resumable(cfg, ckpt, corpus)
-    micro = cfg.micro_batch_size or cfg.batch_size // rt.world_size
-    if micro < 1 or cfg.batch_size % (micro * rt.world_size):
-        raise UserError(f"the batch size {cfg.batch_size} must be a multiple of micro_batch_size ({micro}) x "
-                        f"processes ({rt.world_size})")
-    accum = cfg.batch_size // (micro * rt.world_size)
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -226,7 +286,11 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
     train_shard, val_shard = data.split("train"), data.split("val")
     loader = PackedLoader(train_shard, cfg.seq_len, cfg.batch_size, seed=cfg.seed, rank=rt.rank,
                           world_size=rt.world_size, resets=not cfg.stream_windows)
-    model = build(cfg, data).to(rt.device)
+    if cfg.init_from is not None and ckpt is None:
+        model = load_pretrained(cfg.init_from)[0].train().to(rt.device)
+        log(f"weights from {cfg.init_from}")
+    else:  # a new model, or the one a resumed run loads below
+        model = build(cfg, data).to(rt.device)
     if cfg.activation_checkpointing:
         model.checkpoint_activations()
     wrapped = distributed.wrap(model, rt, cfg.parallel)
@@ -239,16 +303,20 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
         log(f"resumed from {ckpt} (step {step})")
     skip = SkipNonFinite(optimizer, rt.device, counters["skipped_steps"], counters["nonfinite_streak"])
     n_params = sum(p.numel() for p in unwrap(model).parameters())
-    log(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters; {rt.world_size} process(es) on {rt.device.type}, "
-        f"{cfg.parallel if rt.distributed else 'single'}; {cfg.batch_size} x {cfg.seq_len} tokens per step "
-        f"({accum} accumulation step(s) of {micro} per process); {cfg.steps} steps")
+    budget = f" ({cfg.tokens:,d} tokens asked for)" if cfg.tokens else ""
+    log(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters (vocabulary {data.vocab_size}); {rt.world_size} "
+        f"process(es) on {rt.device.type}, {cfg.parallel if rt.distributed else 'single'}; {cfg.batch_size} x "
+        f"{cfg.seq_len} tokens per step ({accum} accumulation step(s) of {micro} per process); {cfg.steps} steps"
+        f"{budget}, {cfg.schedule} schedule")
+    flops_per_token, peak = _flops(unwrap(model), n_params, cfg.seq_len, rt)
 
-    metrics = MetricsLog(out, rt.main, cfg.tensorboard, step if ckpt is not None else None)
+    metrics = MetricsLog(out, rt.main, cfg.tensorboard, step if ckpt is not None else None,
+                         wandb=cfg.to_dict() if cfg.wandb else None)
     last: dict = {"step": step, "unigram_val_loss": data.meta["unigram_val_loss"]}
     saved = step if ckpt is not None else None  # the step of the newest checkpoint this run has
     checked = step  # the step at which the skip counts were last read
     bar = None
-    if rt.main and cfg.progress:
+    if rt.main and cfg.progress and sys.stdout.isatty() and sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
@@ -302,7 +370,9 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
                                      f"same command with --resume continues", PREEMPTED)
                 if hasattr(model, "set_inner_lr_warmup"):
                     model.set_inner_lr_warmup(warmup_progress(step, cfg))
-                ids, pos = batch["input_ids"].to(rt.device), batch["position_ids"].to(rt.device)
+                # the ids go to the GPU without the host waiting for it; the positions stay on the CPU, where the
+                # model reads the documents' boundaries from them (also without waiting)
+                ids, pos = to_device(batch["input_ids"], rt.device), batch["position_ids"]
                 loss_sum = torch.zeros((), device=rt.device)
                 for i in range(accum):
                     sl = slice(i * micro, (i + 1) * micro)
@@ -334,6 +404,8 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
                     rec = {"step": step, "loss": float(loss), "lr": lr,
                            "grad_norm": float(grad_norm), "skipped_steps": skipped, "tokens": counters["tokens"],
                            "tokens_per_s": steps_last * tokens_per_step / busy}
+                    if peak is not None:
+                        rec["mfu"] = rec["tokens_per_s"] * flops_per_token / (peak * rt.world_size)
                     if rt.device.type == "cuda":
                         rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
                     metrics.write(rec)
@@ -341,6 +413,8 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
                     busy, steps_last = 0.0, 0
                     if bar is not None:
                         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                    else:
+                        log(_log_line(rec, cfg.steps))
                 if bar is not None:
                     bar.update(1)
                 if eval_now:
@@ -348,9 +422,7 @@ def _train(cfg: TrainConfig, rt: Runtime, resume: bool, log) -> dict:
                                    resets=not cfg.stream_windows)
                     metrics.write({"step": step, **val})
                     last.update(val)
-                    if bar is not None:
-                        bar.write(f"step {step}: validation loss {val['val_loss']:.4f} (perplexity "
-                                  f"{val['val_ppl']:.1f})")
+                    say(f"step {step}: validation loss {val['val_loss']:.4f} (perplexity {val['val_ppl']:.1f})")
                 if save_now:
                     save()
     except OSError as e:

@@ -13,12 +13,10 @@ tested against the spec.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 import torch
 from torch import Tensor
 
+from tttlm.ops.backend import use_triton
 from tttlm.ops.mesa.checks import check_cu_seqlens, check_inputs, check_solver, check_state
 from tttlm.ops.mesa.chunked import mesa_chunked
 from tttlm.ops.mesa.step import mesa_step_dense
@@ -26,34 +24,23 @@ from tttlm.ops.state import MesaState
 
 __all__ = ["mesa", "mesa_step"]
 
-BACKENDS = (None, "triton", "torch")
-
-
-@functools.cache
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _use_triton(q: Tensor, k: Tensor, v: Tensor, chunk_size: int | None, backend: str | None) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or (backend is None and not q.is_cuda):
-        return False
-    if not _have_triton():
-        if backend == "triton":
-            raise ValueError("backend='triton' needs the triton package")
-        return False
-    from tttlm.ops.mesa import triton_chunk
+    def supports() -> bool:
+        from tttlm.ops.mesa import triton_chunk
 
-    ok = triton_chunk.supports(q, k, v, chunk_size)
-    if backend == "triton" and not ok:
+        return triton_chunk.supports(q, k, v, chunk_size)
+
+    def unsupported() -> str:
+        from tttlm.ops.mesa import triton_chunk
+
         where = "" if chunk_size is None else f" with chunk_size={chunk_size}"
-        raise ValueError(
+        return (
             f"the Triton kernels do not support q {list(q.shape)} ({q.dtype}), k ({k.dtype}), v {list(v.shape)} "
             f"({v.dtype}) on {q.device}{where}: they take head dims up to {triton_chunk.MAX_D}, chunk_size in "
             f"{triton_chunk.SUPPORTED_CHUNKS}, float16, bfloat16 or float32 inputs, on CUDA"
         )
-    return ok
+
+    return use_triton(q, backend, supports, unsupported)
 
 
 def mesa(
@@ -100,8 +87,9 @@ def mesa(
         chunk_size: tokens per chunk. Only the states at chunk starts are kept (for the backward too): about
             T / chunk_size * H * D * (D + Dv) floats per batch row, besides O(T * H * (chunk_size + D)).
             The Triton kernels take 16, 32 or 64.
-        backend: None picks the Triton kernels on CUDA where they support the inputs (head dims up to 128,
-            16-bit or float32 inputs), else the PyTorch path; "triton" or "torch" forces one.
+        backend: None picks the Triton kernels on CUDA (while `tttlm.fast` allows them) where they support the
+            inputs (head dims up to 128, 16-bit or float32 inputs), else the PyTorch path; "triton" or "torch"
+            forces one.
 
     Returns:
         o [B,T,H,Dv] in the promoted dtype of q, k, v, and the final MesaState (h_kk [N,H,D,D], h_kv

@@ -29,8 +29,8 @@ def _tensor(name: str, t, shape: tuple, dims: str, device: torch.device) -> None
 def check_inputs(q, k, v, g, beta, lamb, *, token_dim: bool) -> None:
     """Sequences (token_dim): q, k [B,T,H,D], v [B,T,H,Dv], g, beta [B,T,H]; one token: the same without T.
 
-    A step on CUDA checks shapes, dtypes and devices only: the value checks (g <= 0, lamb > 0) would make the
-    host wait for the GPU at every decoded token.
+    On CUDA only shapes, dtypes and devices are checked: the value checks (g <= 0, lamb > 0) would make the host
+    wait for the GPU in every layer of every training step and at every decoded token.
     """
     lead = "B,T,H" if token_dim else "B,H"
     if not isinstance(q, Tensor) or q.dim() != (4 if token_dim else 3):
@@ -46,7 +46,7 @@ def check_inputs(q, k, v, g, beta, lamb, *, token_dim: bool) -> None:
     _tensor("lamb", lamb, (H, D), "[H,D]", q.device)
     if token_dim and q.shape[1] == 0:
         raise ValueError("q must hold at least one token (T >= 1)")
-    if not token_dim and q.is_cuda:
+    if q.is_cuda:
         return
     if bool((g > 0).any()):
         raise ValueError("g is the log forget gate and must be <= 0 everywhere")

@@ -14,12 +14,11 @@ the backward.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from torch import Tensor
 
+from tttlm.ops.backend import kernel_device
 from tttlm.ops.mesa.checks import io_dtypes
 from tttlm.ops.mesa.triton_grads import _grads_kernel
 from tttlm.ops.mesa.triton_parts import chunk_grid
@@ -51,9 +50,8 @@ def cg_fp16(*tensors: Tensor) -> bool:
 
 def supports(q: Tensor, k: Tensor, v: Tensor, chunk_size: int | None) -> bool:
     """Whether these kernels handle q, k [..., D] and v [..., Dv] with this chunk size (None: the decode step)."""
-    on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     return (
-        on_device
+        kernel_device(q)
         and q.shape[-1] <= MAX_D
         and v.shape[-1] <= MAX_D
         and (chunk_size is None or chunk_size in SUPPORTED_CHUNKS)

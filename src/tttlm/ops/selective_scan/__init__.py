@@ -12,40 +12,27 @@ against the token-by-token `reference.selective_scan_ref`. States are float32 wh
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 from torch import Tensor
 
+from tttlm.ops.backend import use_triton
 from tttlm.ops.selective_scan.checks import check_cu_seqlens, check_inputs, check_state
 from tttlm.ops.selective_scan.chunked import selective_scan_chunked, selective_scan_step_torch
 
 __all__ = ["selective_scan", "selective_scan_step"]
 
-BACKENDS = (None, "triton", "torch")
-
-
-@functools.cache
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _use_triton(u: Tensor, N: int, backend: str | None) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or (backend is None and not u.is_cuda):
-        return False
-    if not _have_triton():
-        if backend == "triton":
-            raise ValueError("backend='triton' needs the triton package")
-        return False
-    from tttlm.ops.selective_scan import triton_scan
+    def supports() -> bool:
+        from tttlm.ops.selective_scan import triton_scan
 
-    ok = triton_scan.supports(u, N)
-    if backend == "triton" and not ok:
-        raise ValueError(f"the Triton kernels do not support u {u.dtype} on {u.device} with state size N={N} "
-                         f"(float16/bfloat16/float32, N <= {triton_scan.MAX_N}, CUDA)")
-    return ok
+        return triton_scan.supports(u, N)
+
+    def unsupported() -> str:
+        from tttlm.ops.selective_scan import triton_scan
+
+        return (f"the Triton kernels do not support u {u.dtype} on {u.device} with state size N={N} "
+                f"(float16/bfloat16/float32, N <= {triton_scan.MAX_N}, CUDA)")
+
+    return use_triton(u, backend, supports, unsupported)
 
 
 def selective_scan(
@@ -76,7 +63,8 @@ def selective_scan(
         cu_seqlens: int64 [S+1] boundaries of S sequences packed in one row (B == 1), from 0 to T; each starts
             from its own initial state and ends in its own final state.
         output_final_state: also return the state after the last token of each sequence.
-        backend: None picks Triton on CUDA, else PyTorch; "triton" or "torch" forces one.
+        backend: None picks Triton on CUDA (while `tttlm.fast` allows it), else PyTorch; "triton" or "torch"
+            forces one.
 
     Returns:
         y [B,T,E] in u's dtype, and the final states [S,E,N] (float32; float64 for float64 inputs) or None.

@@ -16,14 +16,13 @@ channel blocks' parts added afterwards (no atomics: the result does not depend o
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from tttlm.ops.backend import kernel_device
 from tttlm.ops.ttt_linear.triton_parts import new
 
 BT = 16  # tokens per tile
@@ -33,8 +32,7 @@ MAX_N = 64
 
 def supports(u: Tensor, N: int) -> bool:
     """Whether these kernels take u [B,T,E] with state size N (on CUDA, or on the CPU under TRITON_INTERPRET)."""
-    on_device = u.is_cuda or (u.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-    return on_device and u.dtype in SUPPORTED_DTYPES and 1 <= N <= MAX_N
+    return kernel_device(u) and u.dtype in SUPPORTED_DTYPES and 1 <= N <= MAX_N
 
 
 def channel_block(sequences: int, E: int, device: torch.device) -> int:

@@ -38,7 +38,8 @@ def ttt_linear(
         eps: the inner LayerNorm's epsilon.
         cu_seqlens: int64 [N+1] to pack N sequences into one row (B == 1); each starts from its own state row.
         output_final_state: also return the state after the last token.
-        backend: None picks Triton on CUDA where supported, else PyTorch; "triton" or "torch" forces one.
+        backend: None picks Triton on CUDA (while `tttlm.fast` allows it) where supported, else PyTorch;
+            "triton" or "torch" forces one.
 
     Returns:
         o: [B, T, H, D] in q's dtype; the final TTTLinearState (float32, or float64 for float64 inputs) or None.

@@ -26,13 +26,12 @@ position offset[n] + t; slots outside the sequence load as zeros with eta = 0 an
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from tttlm.ops.backend import kernel_device
 from tttlm.ops.state import TTTLinearState
 from tttlm.ops.ttt_common import default_token_scale
 from tttlm.ops.ttt_linear import triton_chunk_bwd, triton_split
@@ -62,9 +61,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def supports(q: Tensor, mini_batch_size: int) -> bool:
     """Whether these kernels handle q [B,T,H,D] (or [B,H,D] for a step) with this mini-batch size."""
-    on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     return (
-        on_device
+        kernel_device(q)
         and 1 <= q.shape[-1] <= MAX_D
         and mini_batch_size in SUPPORTED_MINI_BATCH
         and q.dtype in SUPPORTED_DTYPES

@@ -27,7 +27,8 @@ def ttt_mlp(
     q, k, v [B, T, H, D]; eta [B, T, H] >= 0; ln_weight, ln_bias [H, D]; state: TTTMLPState with N rows
     (`TTTMLPState.start(W1, b1, W2, b2)`: [N,H,D,4D], [N,H,4D], [N,H,4D,D], [N,H,D]); token_scale
     [mini_batch_size] or None (1/(i+1)); cu_seqlens int64 [N+1] with B == 1; backend None picks the Triton
-    kernels on CUDA where they support the shapes (head dim a multiple of 4 up to 128, mini-batch 16, 16- or
+    kernels on CUDA (while `tttlm.fast` allows them) where they support the shapes (head dim a multiple of 4
+    from 36 to 128, the widths verified on a GPU: `triton_parts.CHUNK_WIDTHS_ON_CUDA`; mini-batch 16; 16- or
     32-bit floats), else PyTorch; "triton" or "torch" forces one. Returns o [B, T, H, D] in q's dtype and the
     final TTTMLPState (float32, or float64 for float64 inputs) if output_final_state, else None.
     """
@@ -47,7 +48,8 @@ def ttt_mlp_step(
     *, mini_batch_size: int = 16, token_scale: Tensor | None = None, eps: float = 1e-6, backend: str | None = None,
 ) -> tuple[Tensor, TTTMLPState]:
     """One token of TTT-MLP: equal to `ttt_mlp` read token by token. q_t, k_t, v_t [B, H, D], eta_t [B, H], the
-    rest as in `ttt_mlp`. Returns o_t [B, H, D] and the new state."""
+    rest as in `ttt_mlp` (but its Triton kernel runs on CUDA at every head dim up to 128). Returns o_t [B, H, D] and
+    the new state."""
     check_ttt_inputs(q_t, k_t, v_t, eta_t, ln_weight, ln_bias, state, TTTMLPState, MLP.param_shapes,
                      mini_batch_size, token_scale, None, step=True)
     kwargs = dict(mini_batch_size=mini_batch_size, token_scale=token_scale, eps=eps)

@@ -66,8 +66,9 @@ from tttlm.ops.ttt_mlp.triton_parts import (
     f_tile,
 )
 
-# Warps per program by on-chip head dim, for the forward and the decode step kernels.
-NUM_WARPS = {16: 4, 32: 4, 64: 8, 128: 8}
+# Warps per program by on-chip head dim. At 64, 4 (with 8 the kernels compile to a wgmma of shape m64n32k8 and
+# gave NaN on an H200; with 4 they passed there: `triton_parts.CHUNK_WIDTHS_ON_CUDA`).
+NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 STATS = 4  # per token and head, kept for the backward: rstd, mean(G), mean(G xhat) of Z2's LayerNorm, Zq2's rstd
 
 

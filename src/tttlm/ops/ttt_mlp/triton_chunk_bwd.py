@@ -70,8 +70,8 @@ from tttlm.ops.ttt_mlp.triton_parts import (
     f_tile,
 )
 
-# Warps per program by on-chip head dim.
-NUM_WARPS = {16: 4, 32: 4, 64: 8, 128: 8}
+# Warps per program by on-chip head dim (at 64, 4: `triton_chunk.NUM_WARPS`).
+NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 
 
 @triton.jit

@@ -10,12 +10,14 @@ memory, where they stay in L2 between mini-batches. The LayerNorm pieces over th
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from tttlm.ops.backend import kernel_device
+from tttlm.ops.ttt_linear.triton_parts import block_d
 
 MAX_D = 128
 SUPPORTED_MINI_BATCH = (16,)
@@ -27,17 +29,29 @@ MAX_F_TILE = 64
 GELU_C = tl.constexpr(math.sqrt(2.0 / math.pi))
 
 
+# On-chip head widths (`block_d`) at which the whole-sequence kernels run by default on CUDA: those whose tests
+# (tests/ops/test_ttt_mlp_triton.py) passed on an H200 (Triton 3.6 with its ptxas 12.8). Elsewhere CUDA runs the
+# PyTorch path and refuses backend="triton". Width 64 compiles with 4 warps: with 8 it compiled to a wgmma of
+# shape m64n32k8 with its A operand in registers and gave NaN although its PTX is right (run on CPU by
+# benchmarks/ptx_emulate.py it matches the PyTorch path; ptxas before 13.3 mishandles register-operand wgmma,
+# triton-lang/triton issue 9433); with 4 it compiles to the m64n64k8 of width 128 (tests/test_kernel_registers.py
+# checks it) and passed. Widths 16 and 32 (wgmma m64n16k8 and m64n32k8) have never run on a GPU. The decode step
+# has no matrix products and runs at every width.
+CHUNK_WIDTHS_ON_CUDA = (64, 128)
+
+
 def supports(q: Tensor, mini_batch_size: int) -> bool:
     """Whether these kernels handle q [B,T,H,D] (or [B,H,D] for a step) with this mini-batch size: head dims up
-    to 128 that are multiples of 4 (so that the hidden width 4D splits into tiles of at least 16)."""
-    on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    to 128 that are multiples of 4 (so that the hidden width 4D splits into tiles of at least 16), and on CUDA
+    the whole-sequence kernels only at the widths of CHUNK_WIDTHS_ON_CUDA."""
     D = q.shape[-1]
     return (
-        on_device
+        kernel_device(q)
         and 4 <= D <= MAX_D
         and D % 4 == 0
         and mini_batch_size in SUPPORTED_MINI_BATCH
         and q.dtype in SUPPORTED_DTYPES
+        and not (q.is_cuda and q.dim() == 4 and block_d(D) not in CHUNK_WIDTHS_ON_CUDA)
     )
 
 

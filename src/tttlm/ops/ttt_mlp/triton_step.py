@@ -16,8 +16,10 @@ from torch import Tensor
 
 from tttlm.ops.state import TTTMLPState
 from tttlm.ops.ttt_linear.triton_parts import _head_ln, _layernorm, _ln_l2_grad, block_d, new
-from tttlm.ops.ttt_mlp.triton_chunk import num_warps
 from tttlm.ops.ttt_mlp.triton_parts import _f_ptrs, _gelu_parts, _tile_offsets, _w1_tile, _w2_tile, f_tile
+
+# Warps per program by on-chip head dim (passed on an H200 at 64 and 128).
+NUM_WARPS = {16: 4, 32: 4, 64: 8, 128: 8}
 
 
 @triton.jit(do_not_specialize=["H", "default_s"])  # one compiled kernel for any number of heads
@@ -114,6 +116,6 @@ def ttt_mlp_step_triton(
         q_t.contiguous(), k_t.contiguous(), v_t.contiguous(), eta_t.contiguous(), ln_weight.contiguous(),
         ln_bias.contiguous(), s, state.offset.contiguous(), *old, o, *fresh, offset,
         float(eps), H, int(token_scale is None), D=D, BD=block_d(D), BT=mini_batch_size, F=4 * D, FT=f_tile(D),
-        num_warps=num_warps(D),
+        num_warps=NUM_WARPS[block_d(D)],
     )
     return o, TTTMLPState(*fresh, offset)
