@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tttlm.layers import SeqInfo, ShortConv, TTTMixer, rope
+from tttlm.layers import Mamba2Mixer, SeqInfo, ShortConv, TTTMixer, rope
 from tttlm.models import build_model, preset_config
 from tttlm.ops import mesa
 
@@ -112,6 +112,15 @@ def test_bad_layer_arguments_raise():
         TTTMixer(preset_config("ttt_linear-tiny"), "rnn")
     with pytest.raises(ValueError, match="conv kernel_size must be >= 1, got 0"):
         ShortConv(8, 0)
+    # a config changed after it was checked: the mixer checks what it divides
+    for field, value, match in (
+        ("mamba_headdim", 48, r"mamba_headdim = 48 must divide mamba_expand \* hidden_size = 128"),
+        ("mamba_ngroups", 3, "mamba_ngroups = 3 must divide the number of SSM heads 8"),
+    ):
+        cfg = preset_config("mamba2-tiny")
+        setattr(cfg, field, value)
+        with pytest.raises(ValueError, match=match):
+            Mamba2Mixer(cfg)
     conv = ShortConv(3, 1)  # width 1: a per-channel scale and bias, no state
     conv.init_parameters(0.02)
     x = torch.randn(2, 5, 3)

@@ -160,6 +160,7 @@ def test_overrides_use_transformers_names():
         ("ttt_linear-tiny", {"hidden_layers": 3}, "unknown config field"),
         ("ttt_linear-tiny", {"mixer": "mesa"}, "mixer comes from the preset"),
         ("mamba2-tiny", {"mamba_headdim": 48}, "mamba_headdim = 48 must divide"),
+        ("mamba2-tiny", {"mamba_ngroups": 3}, "mamba_ngroups = 3 must divide the number of SSM heads 8"),
         ("transformer-tiny", {"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
         ("ttt_mlp-tiny", {"ttt_backbone": "rnn"}, "ttt_backbone"),
         ("transformer-tiny", {"hidden_size": 60, "num_attention_heads": 4}, "even head dim"),
