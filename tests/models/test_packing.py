@@ -28,3 +28,15 @@ def test_packed_row_equals_separate_documents(mixer, overrides, tiny, tokens):
     torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-5, atol=1e-4)
     # a plain forward of the same row does mix the documents (the test above could fail)
     assert (model(row).logits - alone).abs().max().item() > 1e-3
+
+
+@torch.no_grad()
+def test_a_row_of_one_document(tiny, tokens):
+    """cu_seqlens = [0, T] (one document, as a packing loader gives for a row that one long document fills) is
+    the plain row."""
+    model = tiny("ttt_linear")
+    row = tokens(1, 20)
+    got = model(row, labels=row, cu_seqlens=torch.tensor([0, 20]))
+    want = model(row, labels=row)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
