@@ -103,12 +103,14 @@ def main() -> None:
                         "score the suite as it was) against the mutants of the code")
     parser.add_argument("--sample", type=int, help="run this many mutants drawn at random (seed 0)")
     parser.add_argument("--resume", action="store_true", help="continue the run already in WORK/PART")
+    parser.add_argument("--score-only", action="store_true", help="run nothing: score the run in WORK/PART as it "
+                        "stands (one stopped early: its mutants not yet run are counted as 'not checked')")
     parser.add_argument("--rerun", type=Path, help="a result.json of an earlier run of the same part and code: run "
                         "its survivors only and count its other mutants as they were")
     args = parser.parse_args()
     earlier = json.loads(args.rerun.read_text()) if args.rerun else None
     work = args.work / args.part
-    if not args.resume:
+    if not (args.resume or args.score_only):
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         copy_tree(work, args.ref)
@@ -118,7 +120,9 @@ def main() -> None:
         configure(work, args.part)
         (work / "mutants" / "src").mkdir(parents=True)  # on PYTHONPATH from the start
     names: list[str] = []
-    if earlier is not None:
+    if args.score_only:
+        names = json.loads((work / "sample.json").read_text())["names"] if (work / "sample.json").is_file() else []
+    elif earlier is not None:
         names = sorted(earlier["survivors"])
         if not names:
             raise SystemExit(f"{args.rerun} has no survivors")
@@ -131,7 +135,8 @@ def main() -> None:
         (work / "sample.json").write_text(json.dumps({"of": len(every), "names": names}))
     elif (work / "sample.json").is_file():
         names = json.loads((work / "sample.json").read_text())["names"]
-    mutmut(work, "run", "--max-children", "1", *names)
+    if not args.score_only:
+        mutmut(work, "run", "--max-children", "1", *names)
     found = statuses(work)
     if names:
         found = {n: found[n] for n in names}
