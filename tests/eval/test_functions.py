@@ -143,8 +143,9 @@ class _Clock:
 
 def test_throughput_arithmetic(model, monkeypatch):
     """With a clock that moves 0.25 s between readings: training reports batch x length / 0.25 tokens per second
-    (and trains: the weights move), prefill 0.25 s, decoding 0.25 s / new_tokens per token; each decoded token is
-    one forward call of one token after the prefill and a warm-up token."""
+    and 6 x parameters FLOPs per token (and trains: the weights move), prefill 0.25 s, decoding 0.25 s /
+    new_tokens per token; each decoded token is one forward call of one token after the prefill and a warm-up
+    token."""
     import tttlm.eval.throughput as throughput
 
     monkeypatch.setattr(throughput, "time", _Clock(0.25))
@@ -153,8 +154,8 @@ def test_throughput_arithmetic(model, monkeypatch):
                                            with_kwargs=True)
     before = [p.detach().clone() for p in model.parameters()]
     try:
-        res = throughput.measure_model(model, contexts=[8, 24], train_batch=2, train_seq_len=12, new_tokens=5,
-                                       dtype=torch.float32, repeats=3)
+        res = throughput.measure_model(model, shapes=[(2, 12)], contexts=[8, 24], new_tokens=5,
+                                       dtype=torch.float32, repeats=3, warmup=1)
     finally:
         hook.remove()
         moved = any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
@@ -163,7 +164,10 @@ def test_throughput_arithmetic(model, monkeypatch):
                 p.copy_(b)
     assert moved
     assert res["params"] == sum(p.numel() for p in model.parameters())
-    assert res["train_tokens_per_s"] == pytest.approx(2 * 12 / 0.25)
+    params = res["params"]
+    assert res["train"] == {"2x12": {"warmup_s": pytest.approx(0.25), "tokens_per_s": pytest.approx(2 * 12 / 0.25),
+                                     "step_ms": pytest.approx(250), "peak_mem_gb": None,
+                                     "flops_per_token": 6 * params, "mfu": None}}
     assert res["prefill_s"] == pytest.approx({8: 0.25, 24: 0.25})
     assert res["decode_ms_per_token"] == pytest.approx({8: 250 / 5, 24: 250 / 5})
     train_calls, rest = calls[:4], calls[4:]  # a warm-up step and 3 timed ones
