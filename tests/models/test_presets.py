@@ -122,7 +122,7 @@ def test_mesa_options_change_the_layer(tiny, tokens):
     assert count_parameters(base.config) - count_parameters(no_gate.config) == gate * 2
     with torch.no_grad():
         assert torch.isfinite(no_gate(ids).logits).all()
-    with pytest.raises(ValueError, match="mesa_forget_bias_init"):
+    with pytest.raises(ValueError, match="mesa_forget_bias_init must be one of spread, zero, got 'ones'"):
         tttlm.build_model("mesa-tiny", mesa_forget_bias_init="ones")
 
 
@@ -161,6 +161,7 @@ def test_overrides_use_transformers_names():
         ("ttt_linear-tiny", {"mixer": "mesa"}, "mixer comes from the preset"),
         ("mamba2-tiny", {"mamba_headdim": 48}, "mamba_headdim = 48 must divide"),
         ("mamba2-tiny", {"mamba_ngroups": 3}, "mamba_ngroups = 3 must divide the number of SSM heads 8"),
+        ("mamba-tiny", {"mamba_dt_rank": 0}, "mamba_dt_rank must be None or a positive integer, got 0"),
         ("transformer-tiny", {"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
         ("ttt_mlp-tiny", {"ttt_backbone": "rnn"}, "ttt_backbone"),
         ("transformer-tiny", {"hidden_size": 60, "num_attention_heads": 4}, "even head dim"),
@@ -169,6 +170,12 @@ def test_overrides_use_transformers_names():
 def test_clear_errors(name, overrides, match):
     with pytest.raises(ValueError, match=match):
         tttlm.build_model(name, **overrides)
+
+
+def test_smallest_allowed_values_build():
+    """The lower ends of the checked ranges are accepted: a Mamba dt rank of 1, Mamba-2 heads of dim 1."""
+    assert tttlm.build_model("mamba-tiny", mamba_dt_rank=1).model.layers[0].mixer.dt_proj.weight.shape[1] == 1
+    assert tttlm.build_model("mamba2-tiny", mamba_headdim=1).model.layers[0].mixer.nheads == 128
 
 
 def test_info_prints_counts_beside_nominal_sizes(capsys):
