@@ -107,6 +107,12 @@ def test_inner_lr_warmup(tiny):
     assert model.set_inner_lr_warmup(0.5) == pytest.approx(0.055)
     assert model.set_inner_lr_warmup(2.0) == pytest.approx(0.1)
     torch.testing.assert_close(layer.op_inputs(x)["eta"], full)
+    # TTT-Linear's base lr has no warm-up by default (the paper warms TTT-MLP's only)
+    linear = tiny("ttt_linear")
+    layer = next(m for m in linear.modules() if isinstance(m, TTTMixer))
+    full = layer.op_inputs(x)["eta"]
+    assert linear.set_inner_lr_warmup(0.0) == pytest.approx(1.0)
+    torch.testing.assert_close(layer.op_inputs(x)["eta"], full)
 
 
 def test_no_weight_decay_names(tiny):
