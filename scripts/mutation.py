@@ -41,8 +41,9 @@ PARTS = {  # part: (files mutated, files left alone, tests)
     "train": (["src/tttlm/train/*"], [], ["tests/train"]),
     "data": (["src/tttlm/data/*"], [], ["tests/data", "tests/train/test_trainer.py"]),
 }
-# Tests that compare compiled code or the model's Triton kernels with the plain model: a mutant changes both sides
-# alike, and they take most of the time (each surviving mutant runs every test that reaches it).
+# Tests that compare compiled code or the model's Triton kernels with the plain model: they take most of the time
+# (each surviving mutant runs every test that reaches it), and a mutant of code both sides run changes both alike;
+# code only the kernel path runs (the fused loss branch) goes unmeasured.
 SKIP_TESTS = "not compil and not kernels_in"
 STATUS = re.compile(r"^\s+(\S+): (.+)$")
 
