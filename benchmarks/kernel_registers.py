@@ -6,12 +6,16 @@ Triton reports what each kernel uses. Pointers are marked 16-byte aligned and in
 marked so, as Triton's launcher specialises them on the GPU; on the H100 this gave the register counts that the
 driver reported there (190 for the old rebuild kernel, 135 for the old finish kernel at D=128). Kernels that spill
 (a stack frame, spill stores) hold more than the registers allow, which costs time on the GPU. The last column
-names the shapes of the Hopper wgmma instructions in each kernel's PTX (`-` for none).
+names the shapes of the Hopper wgmma instructions in each kernel's PTX (`-` for none), "(A regs)" where the A
+operand comes from registers rather than shared memory.
 
     python benchmarks/kernel_registers.py [--heads 16x128,32x64] [--arch 90] [--ops ttt_linear,ttt_mlp,mesa,ssd,...]
+                                          [--tiling FT,FWD_WARPS,BWD_WARPS]
 
 --ops (all by default): ttt_linear, ttt_mlp and mesa compiled at each --heads; ssd (the Mamba2 scan) at the 125m
-preset's heads (24 of 64, state 128) and linear_ce (the fused loss) at its width and vocabulary, once.
+preset's heads (24 of 64, state 128) and linear_ce (the fused loss) at its width and vocabulary, once. --tiling
+compiles TTT-MLP's whole-sequence kernels at every --heads with that `triton_parts.Tiling` (hidden units per
+tile at most, warps of the forward and of the backward) instead of the shipped one.
 """
 
 from __future__ import annotations
@@ -74,7 +78,12 @@ def _resources(kernel: JITFunction, args, kwargs, arch: int) -> dict:
         )
     text = report.stdout + report.stderr
     regs = re.search(r"Used (\d+) registers", text)
-    wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", compiled.asm["ptx"])))
+    # a shape whose A operand comes from registers ("{...}" after the accumulators, not a descriptor) is marked
+    wgmma = sorted(set(
+        shape + (" (A regs)" if a == "{" else "")
+        for shape, a in re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)\S*\s+\{[^}]*\},\s*(\{|%)",
+                                   compiled.asm["ptx"])
+    ))
     spills = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return dict(
         kernel=kernel.__name__,
@@ -245,8 +254,15 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for the H100")
     names = [*OPS, *FIXED_OPS]
     p.add_argument("--ops", default=",".join(names), help="comma-separated, of " + ", ".join(names))
+    p.add_argument("--tiling", help="FT,FWD_WARPS,BWD_WARPS: TTT-MLP's whole-sequence kernels with this tiling")
     args = p.parse_args(argv)
     print(f"sm_{args.arch}, triton {triton.__version__}")
+    if args.tiling:
+        from tttlm.ops.ttt_mlp import triton_parts
+
+        chosen = triton_parts.Tiling(*(int(x) for x in args.tiling.split(",")))
+        triton_parts.TILINGS = dict.fromkeys(triton_parts.TILINGS, chosen)
+        print(f"TTT-MLP tiling: {chosen}")
     ops = args.ops.split(",")
     if not set(ops) <= set(names):
         p.error(f"--ops must name some of {', '.join(names)}; got {args.ops}")
