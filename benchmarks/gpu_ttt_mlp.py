@@ -10,6 +10,7 @@ backend). Then decode: one ttt_mlp_step at batch 1, H12xD64, us per token, as ca
                                      [--seq-lens 2048,8192,32768] [--ops ttt_mlp,ttt_linear,sdpa] [--no-decode]
     python benchmarks/gpu_ttt_mlp.py --no-split # ours with one program per (sequence, head) throughout
     python benchmarks/gpu_ttt_mlp.py --tilings [64,4,4:32,4,4] --heads 12x64 --shapes 16x2048,4x8192 [--budget S]
+                                     [--compile-only]
     tttlm bench ttt_mlp [same arguments]
 
 --tilings (ours only): for each `triton_parts.Tiling` (FT,FWD_WARPS,BWD_WARPS: hidden units per tile at most,
@@ -17,7 +18,8 @@ warps of the forward and of the backward; by default `triton_parts.CANDIDATE_TIL
 a check against the PyTorch path (float64, on the same bf16 inputs: the output and the gradients of every input
 and initial weight, relative RMSE, with the hidden tiles split over programs and not), then the timings at
 --shapes (B x T) with a NaN check of their output and gradients; a tiling started after --budget seconds is
-skipped.
+skipped. --compile-only compiles all the tilings' kernels into Triton's cache, in parallel processes, and stops:
+run before, it spares the timings the compilation (10-40 s per tiling).
 """
 
 from __future__ import annotations
@@ -189,6 +191,37 @@ def finite_fwd_bwd(B: int, T: int, H: int, D: int) -> bool:
     return bool(o.isfinite().all()) and all(bool(t.grad.isfinite().all()) for t in leaves)
 
 
+def _compile_tiling(t, heads) -> str:
+    """In a process of its own: one tiny forward (without and with autograd) and backward per head shape under
+    tiling t, which leaves its kernels in Triton's cache on disk. Returns t's name, or the error."""
+    from tttlm.ops.ttt_mlp import triton_parts
+
+    triton_parts.CHUNK_WIDTHS_ON_CUDA = (16, 32, 64, 128)
+    try:
+        for H, D in heads:
+            triton_parts.TILINGS = triton_parts.TILINGS | {max(16, 1 << (D - 1).bit_length()): t}
+            fn, _ = make_call("ttt_mlp", 1, 32, H, D)
+            with torch.no_grad():
+                fn()
+            fn().sum().backward()
+        torch.cuda.synchronize()
+        return str(t)
+    except Exception as e:
+        return f"{t}: {e!r}"[:300]
+
+
+def compile_tilings(tilings, heads) -> None:
+    """Compile every tiling's kernels at once, a process each (Triton compiles one kernel at a time per process,
+    10-40 s each), so that the timings find them in the cache."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(len(tilings), mp_context=ctx) as pool:
+        for name in pool.map(_compile_tiling, tilings, [heads] * len(tilings)):
+            print(f"compiled {name}", flush=True)
+
+
 def time_tilings(tilings, heads, shapes, budget: float, out: dict, json_path) -> None:
     """Each tiling at each head shape: the check at CHECK_SHAPES, then forward and forward+backward ms at
     `shapes` (B, T), with bwd = fwd+bwd - fwd; rows into out["tilings"] (and the JSON as it goes)."""
@@ -277,6 +310,8 @@ def main(argv=None) -> int:
     p.add_argument("--tilings", nargs="?", const="candidates", help="colon-separated FT,FWD_WARPS,BWD_WARPS "
                    "(alone: triton_parts.CANDIDATE_TILINGS): check and time ours under each, then stop")
     p.add_argument("--shapes", default="16x2048,4x8192", help="with --tilings: comma-separated BxT")
+    p.add_argument("--compile-only", action="store_true", help="with --tilings: compile every tiling's kernels "
+                   "(into Triton's cache, in parallel processes) and stop")
     p.add_argument("--budget", type=float, default=float("inf"), help="with --tilings: seconds after which no "
                    "further tiling starts")
     p.add_argument("--no-split", action="store_true", help="one program per (sequence, head) in our TTT-MLP "
@@ -312,6 +347,9 @@ def main(argv=None) -> int:
             triton_parts.Tiling(*(int(x) for x in t.split(","))) for t in args.tilings.split(":")]
         shapes = [tuple(int(x) for x in bt.split("x")) for bt in args.shapes.split(",")]
         out["shipped"] = {f"D{D}": str(triton_parts.tiling(D)) for _, D in heads}
+        if args.compile_only:
+            compile_tilings(tilings, heads)
+            return 0
         time_tilings(tilings, heads, shapes, args.budget, out, args.json)
         print_tilings(out, shapes)
         return 0
