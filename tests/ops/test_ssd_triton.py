@@ -96,6 +96,21 @@ def test_packed_documents():
     check(pairs, grads)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_state_split_over_programs(monkeypatch, packed):
+    """Each head's state split over several programs, by rows in the passes over chunks and by columns in B's and
+    C's gradients, the last of each partly past P or N (on CUDA: the 125m heads in 4 and 8 parts)."""
+    from tttlm.ops.ssd import triton_ssd
+
+    monkeypatch.setattr(triton_ssd, "SCAN_ROWS", 16)
+    monkeypatch.setattr(triton_ssd, "DBC_COLUMNS", 16)
+    sizes = SIZES if CUDA else dict(SIZES, P=40, N=40)
+    L = sizes["chunk"]
+    cu = torch.tensor([0, L + 3, 2 * L + 5]) if packed else None
+    pairs, grads = run_both(make_case(1 if packed else 2, 2 * L + 5, seed=7, **sizes), cu=cu)
+    check(pairs, grads)
+
+
 def test_split_continues_from_the_state():
     x, dt, A, B, C, h0 = (t.to(DEV, DTYPE if i in (0, 3, 4) else FLOAT)
                           for i, t in enumerate(make_case(1, 3 * SIZES["chunk"] + 3, seed=5, **SIZES)))
