@@ -27,6 +27,15 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(triton_parts, "POISON_OUTPUTS", True)
 
 
+@pytest.fixture(params=[True, False], ids=["in_scan", "per_chunk"])
+def placement(request, monkeypatch):
+    """Y and dx computed in the passes over chunks, or by one program per chunk from the kept states."""
+    from tttlm.ops.ssd import triton_ssd
+
+    monkeypatch.setattr(triton_ssd, "Y_IN_SCAN", request.param)
+    monkeypatch.setattr(triton_ssd, "DX_IN_SCAN", request.param)
+
+
 def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.detach().to(F64).cpu(), ref.detach().to(F64).cpu()
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -82,12 +91,12 @@ def check(pairs, grads):
 
 
 @pytest.mark.parametrize("T", [2 * SIZES["chunk"] + 5, SIZES["chunk"]] if not CUDA else [2048, 1000])
-def test_rows_with_initial_and_final_states(T):
+def test_rows_with_initial_and_final_states(T, placement):
     pairs, grads = run_both(make_case(2, T, seed=T, **SIZES))
     check(pairs, grads)
 
 
-def test_packed_documents():
+def test_packed_documents(placement):
     L = SIZES["chunk"]
     # documents starting at a chunk start, inside a chunk, of one token, and one longer than two chunks
     lengths = [L, 3, 1, 2 * L + 5, L - 4, 7] if not CUDA else [2048, 17, 1, 3000, 900, 2226]
@@ -97,7 +106,7 @@ def test_packed_documents():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_state_split_over_programs(monkeypatch, packed):
+def test_state_split_over_programs(monkeypatch, packed, placement):
     """Each head's state split over several programs, by rows in the passes over chunks and by columns in B's and
     C's gradients, the last of each partly past P or N (on CUDA: the 125m heads in 4 and 8 parts)."""
     from tttlm.ops.ssd import triton_ssd

@@ -4,13 +4,15 @@ Per row b, head h and chunk c of L tokens, with a_t = dt_t A, cs the cumulative 
 xs_t = dt_t x_t (state S [P, N]):
     Y_i   = sum_{j <= i} (C_i . B_j) exp(cs_i - cs_j) xs_j  +  exp(cs_i) S_in C_i
     S_out = exp(cs_L) S_in + sum_j exp(cs_L - cs_j) xs_j B_j^T
-The state is carried from chunk to chunk on chip: `_scan_kernel` runs one program per (row, head, rows of the
-head dim) through the chunks in order, computing each chunk's Y and passing the state on; nothing of size
-[chunks, P, N] is written in the forward. The backward reruns it to keep the state entering every chunk, then
-`_scan_bwd_kernel` runs through the chunks in reverse carrying the gradient w.r.t. the state, giving the gradient
-of x and keeping the one w.r.t. the state leaving every chunk; `_dbc_kernel` gives those of B and C per group
-(its heads summed in the program, with the chunk's L x L products summed over heads first: no atomics,
-deterministic) and `_ddt_kernel` those of dt and A from the parts the other two leave per token.
+The state passes from chunk to chunk on chip: `_scan_kernel` runs one program per (row, head, slice of the head
+dim's rows of S) through the chunks in order, keeping the state entering every chunk; `_chunk_y_kernel` then
+gives every chunk's Y at once (one program per chunk and head). The backward reruns the pass, then
+`_scan_bwd_kernel` runs through the chunks in reverse carrying the gradient w.r.t. the state and keeps it as it
+leaves every chunk; `_chunk_dx_kernel` gives dx per chunk, `_dbc_kernel` the gradients of B and C per group (its
+heads summed in the program, the chunk's L x L products summed over heads first: no atomics, deterministic) and
+`_ddt_kernel` those of dt and A from the parts the other two leave per token. With Y_IN_SCAN (DX_IN_SCAN) the
+passes compute Y (dx) themselves, so that the forward writes nothing of size [chunks, P, N], at the price of
+sequential programs doing the chunk's L x L and L x N products (benchmarks/gpu_ssd.py --sweep times both).
 
 Packed documents (cu_seqlens) come as each token's document index: terms that cross a document start are
 masked, so the state restarts from zero there. Each document's final state is read from the state entering its
@@ -18,10 +20,9 @@ last chunk (`chunked.document_end_states`), which the forward then returns too; 
 gradient as the backward pass reaches that chunk's start. States, their gradients and every sum are float32
 (float64 for float64 inputs); products take 16-bit operands for 16-bit inputs (`LOW_PRODUCTS`).
 
-Each pass over chunks holds a [rows, N] slice of one head's state (N whole), so the work per token is the
-chunk's L x L and L x N products once per slice: at the 125m preset (P = 64, N = 128, L = 64) the forward moves
-x, B, C and y once, the backward x and dy twice, B and C a few times, and the float32 states and their gradients
-[chunks, P, N] (twice x's size) once written and once read.
+Traffic at the 125m preset (P = 64, N = 128, L = 64): the float32 states and their gradients [chunks, P, N] are
+twice the size of x in bf16, each written once and read twice (once with Y_IN_SCAN and DX_IN_SCAN); x, dy, B and
+C are read two to four times; the per-token parts of dt's gradient are small.
 """
 
 from __future__ import annotations
@@ -42,15 +43,19 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 128
 # Tiles and warps (benchmarks/gpu_ssd.py --sweep times others): head-dim rows of the state per program of the
 # passes over chunks (each holds [SCAN_ROWS, N] of the state in registers), state columns per program of B's
-# and C's gradients.
-# and C's gradients. At the 125m preset on sm_90 (benchmarks/kernel_registers.py --ops ssd) these compile
-# without spills or with a few bytes; 4 warps, or 64 columns, spill hundreds of bytes.
-SCAN_ROWS, SCAN_WARPS, SCAN_STAGES = 32, 8, 2
+# and C's gradients, warps per program of the kernels with one program per chunk and head. At the 125m preset
+# on sm_90 (benchmarks/kernel_registers.py --ops ssd) these compile without spills: the passes in about 112
+# registers (4 programs per SM), the per-chunk kernels in about 155, B's and C's gradients in 255 (1 program per
+# SM). Computing Y or dx in the passes takes 32 rows and 8 warps to stay near that (255 registers).
+SCAN_ROWS, SCAN_WARPS, SCAN_STAGES = 16, 4, 2
 DBC_COLUMNS, DBC_WARPS, DBC_STAGES = 32, 8, 2
+CHUNK_WARPS = 8
 # Products of the states and of float32 parts with x, B, C or dy take operands in the 16-bit inputs' dtype (the
 # tensor cores' fast path, half the registers and shared memory of float32 operands, which run as tf32 on the
 # GPU); sums are float32 either way.
 LOW_PRODUCTS = True
+# Y and dx in the passes over chunks (see above), or by one program per chunk and head.
+Y_IN_SCAN, DX_IN_SCAN = False, False
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 
@@ -126,6 +131,30 @@ def _part(PARTS, part, rows, bh, c, nc, L: tl.constexpr):
     return PARTS + ((part * rows + bh) * nc + c).to(tl.int64) * L + tl.arange(0, L)
 
 
+@triton.jit
+def _chunk_y(x, Bc, Cc, S, dt, inside, gamma):
+    """Y [L, BP] of one chunk from x [L, BP], B and C [L, N] (in the products' dtype), S [BP, N] (the entering
+    state's rows), dt, inside and gamma of `_decays`."""
+    M = tl.dot(Cc, tl.trans(Bc)).to(dt.dtype) * inside * dt[None, :]
+    return tl.dot(M.to(Bc.dtype), x) + gamma[:, None] * tl.dot(Cc, tl.trans(S.to(Bc.dtype)))
+
+
+@triton.jit
+def _chunk_dx(x, dy, Bc, Cc, dS, dt, inside, w, L: tl.constexpr):
+    """One chunk's dx [L, BP], and the parts from these rows of the head dim of the gradient w.r.t. cs [L] (all
+    but the entering state's terms) and of sum_p dx_p x_p / dt [L], from x and dy [L, BP], B and C [L, N] (in the
+    products' dtype), dS [BP, N] (the gradient w.r.t. the leaving state's rows), dt, inside and w of `_decays`."""
+    F = dt.dtype
+    M = tl.dot(Cc, tl.trans(Bc)).to(F) * inside
+    BG = tl.dot(Bc, tl.trans(dS.to(Bc.dtype)))  # B dS^T [L, BP]
+    dxs = tl.dot(tl.trans(M).to(Bc.dtype), dy) + w[:, None] * BG
+    R = M * tl.dot(dy, tl.trans(x)) * dt[None, :]
+    xf = x.to(F)
+    out_w = w * tl.sum(xf * dt[:, None] * BG, 1)  # d/dw_j, times w_j
+    dcs = tl.sum(R, 1) - tl.sum(R, 0) - out_w + tl.where(tl.arange(0, L) == L - 1, tl.sum(out_w, 0), 0.0)
+    return dxs * dt[:, None], dcs, tl.sum(dxs * xf, 1)
+
+
 # ------------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _scan_kernel(
@@ -153,18 +182,39 @@ def _scan_kernel(
         if WRITE_STATES:
             ptr, sm = _state_tile(STATES, (b * nc + c) * H + h, p0, P, N, BP, BN)
             tl.store(ptr, S, mask=sm)
-        x = _tile(X + p0, b, t, tm, h, sxb, sxt, sxh, P - p0, BP).to(F)
+        x = _tile(X + p0, b, t, tm, h, sxb, sxt, sxh, P - p0, BP).to(D)
         Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN).to(D)
         if WRITE_Y:
             Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN).to(D)
-            M = tl.dot(Cc, tl.trans(Bc)).to(F) * inside * dt[None, :]
-            y = tl.dot(M.to(D), x.to(D)) + gamma[:, None] * tl.dot(Cc, tl.trans(S.to(D)))
+            y = _chunk_y(x, Bc, Cc, S, dt, inside, gamma)
             yp, ym = _token_rows(Y, b, t, tm, h, T, H, P, p0, BP)
             tl.store(yp, y.to(Y.dtype.element_ty), mask=ym)
-        S = carry * S + tl.dot(tl.trans((x * (w * dt)[:, None]).to(D)), Bc)
+        S = carry * S + tl.dot(tl.trans((x.to(F) * (w * dt)[:, None]).to(D)), Bc)
     if HAS_FINAL:
         ptr, sm = _state_tile(FINAL, bh, p0, P, N, BP, BN)
         tl.store(ptr, S, mask=sm)
+
+
+@triton.jit
+def _chunk_y_kernel(
+    X, DT, A, Bm, Cm, SEG, STATES, Y, T, H, G, P, N, nc,
+    sxb, sxt, sxh, sdb, sdt, sdh, sbb, sbt, sbg, scb, sct, scg,
+    HAS_SEG: tl.constexpr, D: tl.constexpr, L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+):
+    """Y of chunk c, head h (all chunks at once) from the state entering the chunk (STATES[b, c, h])."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    t, tm = _chunk_tokens(c, T, L)
+    dt, inside, gamma, w, carry = _decays(DT, A, SEG, b, h, c, T, sdb, sdt, sdh, HAS_SEG, L)
+    ptr, sm = _state_tile(STATES, (b * nc + c) * H + h, 0, P, N, BP, BN)
+    x = _tile(X, b, t, tm, h, sxb, sxt, sxh, P, BP).to(D)
+    Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN).to(D)
+    Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN).to(D)
+    y = _chunk_y(x, Bc, Cc, tl.load(ptr, mask=sm, other=0.0), dt, inside, gamma)
+    yp, ym = _token_rows(Y, b, t, tm, h, T, H, P, 0, BP)
+    tl.store(yp, y.to(Y.dtype.element_ty), mask=ym)
 
 
 # ------------------------------------------------------------------------------------------------ backward
@@ -173,13 +223,13 @@ def _scan_bwd_kernel(
     X, DT, A, Bm, Cm, SEG, DY, DFINAL, DENTER, DSTATES, DX, DCS, DDTX, DINIT, T, H, G, P, N, nc,
     sxb, sxt, sxh, sdb, sdt, sdh, sbb, sbt, sbg, scb, sct, scg, syb, syt, syh,
     HAS_SEG: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_DENTER: tl.constexpr, HAS_DINIT: tl.constexpr,
-    D: tl.constexpr, L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    WRITE_DX: tl.constexpr, D: tl.constexpr, L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
 ):
     """Through the chunks of row b, head h in reverse, holding rows p0 .. p0 + BP of dS, the gradient w.r.t. the
-    state (from DFINAL, or zeros): keeps dS leaving every chunk (DSTATES[b, c, h]), writes DX and this program's
-    parts of the gradient w.r.t. cs (DCS[part]) and of sum_p dx_p x_p / dt (DDTX[part]) per token; DENTER (the
-    entering states' gradient from outside) joins dS at each chunk's start, and DINIT gets dS at the row's start.
-    """
+    state (from DFINAL, or zeros): keeps dS leaving every chunk (DSTATES[b, c, h]) and (WRITE_DX) writes DX and
+    this program's parts of the gradient w.r.t. cs (DCS[part]) and of sum_p dx_p x_p / dt (DDTX[part]) per token;
+    DENTER (the entering states' gradient from outside) joins dS at each chunk's start, and DINIT gets dS at the
+    row's start."""
     bh = tl.program_id(0)
     part = tl.program_id(1)
     p0 = part * BP
@@ -187,7 +237,6 @@ def _scan_bwd_kernel(
     g = h // (H // G)
     F = A.dtype.element_ty
     rows = tl.num_programs(0)
-    i = tl.arange(0, L)
     if HAS_DFINAL:
         ip, im = _state_tile(DFINAL, bh, p0, P, N, BP, BN)
         dS = tl.load(ip, mask=im, other=0.0).to(F)
@@ -200,21 +249,16 @@ def _scan_bwd_kernel(
         row = (b * nc + c) * H + h
         ptr, sm = _state_tile(DSTATES, row, p0, P, N, BP, BN)
         tl.store(ptr, dS, mask=sm)
-        x = _tile(X + p0, b, t, tm, h, sxb, sxt, sxh, P - p0, BP).to(D)
         dy = _tile(DY + p0, b, t, tm, h, syb, syt, syh, P - p0, BP).to(D)
-        Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN).to(D)
         Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN).to(D)
-        M = tl.dot(Cc, tl.trans(Bc)).to(F) * inside
-        BG = tl.dot(Bc, tl.trans(dS.to(D)))  # B dS^T [L, BP]
-        dxs = tl.dot(tl.trans(M).to(D), dy) + w[:, None] * BG
-        R = M * tl.dot(dy, tl.trans(x)) * dt[None, :]
-        xs = x.to(F) * dt[:, None]
-        out_w = w * tl.sum(xs * BG, 1)  # d/dw_j, times w_j
-        dcs = tl.sum(R, 1) - tl.sum(R, 0) - out_w + tl.where(i == L - 1, tl.sum(out_w, 0), 0.0)
-        tl.store(_part(DCS, part, rows, bh, c, nc, L), dcs)
-        tl.store(_part(DDTX, part, rows, bh, c, nc, L), tl.sum(dxs * x.to(F), 1))
-        xp, xm = _token_rows(DX, b, t, tm, h, T, H, P, p0, BP)
-        tl.store(xp, (dxs * dt[:, None]).to(DX.dtype.element_ty), mask=xm)
+        if WRITE_DX:
+            x = _tile(X + p0, b, t, tm, h, sxb, sxt, sxh, P - p0, BP).to(D)
+            Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN).to(D)
+            dx, dcs, ddtx = _chunk_dx(x, dy, Bc, Cc, dS, dt, inside, w, L)
+            tl.store(_part(DCS, part, rows, bh, c, nc, L), dcs)
+            tl.store(_part(DDTX, part, rows, bh, c, nc, L), ddtx)
+            xp, xm = _token_rows(DX, b, t, tm, h, T, H, P, p0, BP)
+            tl.store(xp, dx.to(DX.dtype.element_ty), mask=xm)
         dS = carry * dS + tl.dot(tl.trans((dy.to(F) * gamma[:, None]).to(D)), Cc)
         if HAS_DENTER:
             ptr, sm = _state_tile(DENTER, row, p0, P, N, BP, BN)
@@ -222,6 +266,33 @@ def _scan_bwd_kernel(
     if HAS_DINIT:
         ptr, sm = _state_tile(DINIT, bh, p0, P, N, BP, BN)
         tl.store(ptr, dS, mask=sm)
+
+
+@triton.jit
+def _chunk_dx_kernel(
+    X, DT, A, Bm, Cm, SEG, DY, DSTATES, DX, DCS, DDTX, T, H, G, P, N, nc,
+    sxb, sxt, sxh, sdb, sdt, sdh, sbb, sbt, sbg, scb, sct, scg, syb, syt, syh,
+    HAS_SEG: tl.constexpr, D: tl.constexpr, L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+):
+    """DX of chunk c, head h (all chunks at once) and the parts DCS[0], DDTX[0] as `_scan_bwd_kernel` writes them,
+    from the gradient w.r.t. the state leaving the chunk (DSTATES[b, c, h])."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    rows = tl.num_programs(1)
+    t, tm = _chunk_tokens(c, T, L)
+    dt, inside, gamma, w, carry = _decays(DT, A, SEG, b, h, c, T, sdb, sdt, sdh, HAS_SEG, L)
+    ptr, sm = _state_tile(DSTATES, (b * nc + c) * H + h, 0, P, N, BP, BN)
+    x = _tile(X, b, t, tm, h, sxb, sxt, sxh, P, BP).to(D)
+    dy = _tile(DY, b, t, tm, h, syb, syt, syh, P, BP).to(D)
+    Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN).to(D)
+    Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN).to(D)
+    dx, dcs, ddtx = _chunk_dx(x, dy, Bc, Cc, tl.load(ptr, mask=sm, other=0.0), dt, inside, w, L)
+    tl.store(_part(DCS, 0, rows, bh, c, nc, L), dcs)
+    tl.store(_part(DDTX, 0, rows, bh, c, nc, L), ddtx)
+    xp, xm = _token_rows(DX, b, t, tm, h, T, H, P, 0, BP)
+    tl.store(xp, dx.to(DX.dtype.element_ty), mask=xm)
 
 
 @triton.jit
@@ -322,6 +393,7 @@ class _Dims:
         self.F = torch.float64 if x.dtype == torch.float64 else torch.float32
         self.scan_rows = min(self.BP, SCAN_ROWS)  # a power of two >= 16, like BP
         self.scan_parts = triton.cdiv(self.P, self.scan_rows)
+        self.dx_parts = self.scan_parts if DX_IN_SCAN else 1  # programs writing parts of dcs and ddtx per head
         self.dbc_columns = min(self.BN, DBC_COLUMNS)
         low = LOW_PRODUCTS and x.dtype in (torch.float16, torch.bfloat16)
         self.operands = dict(D=_TL[x.dtype] if low else _TL[self.F])  # the dtype of the products' operands
@@ -334,20 +406,32 @@ class _Dims:
         return dict(grid=(self.Bt * self.H, self.scan_parts), tiles=dict(
             L=self.L, BP=self.scan_rows, BN=self.BN, num_warps=SCAN_WARPS, num_stages=SCAN_STAGES))
 
+    def chunks(self) -> dict:
+        """Grid and tiles of the kernels with one program per (chunk, row, head)."""
+        return dict(grid=(self.nc, self.Bt * self.H), tiles=dict(
+            L=self.L, BP=self.BP, BN=self.BN, num_warps=CHUNK_WARPS, num_stages=1))
+
 
 def _scan(x, dt, A, B, C, seg, init, d: _Dims, y: bool, states: bool, final: bool):
-    """`_scan_kernel`'s launch: y [Bt, T, H, P], the state entering every chunk [Bt, nc, H, P, N] and the final
-    state [Bt, H, P, N], each only if asked for (else None)."""
+    """The forward: y [Bt, T, H, P], the state entering every chunk [Bt, nc, H, P, N] and the final state
+    [Bt, H, P, N], each only if asked for (else None)."""
+    in_scan = y and Y_IN_SCAN
     out = [new((d.Bt, d.T, d.H, d.P), x.dtype, x.device) if y else None,
-           new((d.Bt, d.nc, d.H, d.P, d.N), d.F, x.device) if states else None,
+           new((d.Bt, d.nc, d.H, d.P, d.N), d.F, x.device) if states or (y and not in_scan) else None,
            new((d.Bt, d.H, d.P, d.N), d.F, x.device) if final else None]
     launch = d.scan()
     _scan_kernel[launch["grid"]](
         x, dt, A, B, C, seg, init, *out, **d.shape(), **_strides(x=x, d=dt, b=B, c=C), HAS_SEG=seg is not None,
-        HAS_INIT=init is not None, WRITE_Y=y, WRITE_STATES=states, HAS_FINAL=final, **d.operands,
-        **launch["tiles"],
+        HAS_INIT=init is not None, WRITE_Y=in_scan, WRITE_STATES=out[1] is not None, HAS_FINAL=final,
+        **d.operands, **launch["tiles"],
     )
-    return out
+    if y and not in_scan:
+        launch = d.chunks()
+        _chunk_y_kernel[launch["grid"]](
+            x, dt, A, B, C, seg, out[1], out[0], **d.shape(), **_strides(x=x, d=dt, b=B, c=C),
+            HAS_SEG=seg is not None, **d.operands, **launch["tiles"],
+        )
+    return out[0], out[1] if states else None, out[2]
 
 
 class _SSDFn(torch.autograd.Function):
@@ -369,23 +453,30 @@ class _SSDFn(torch.autograd.Function):
         dy = torch.zeros_like(x) if dy is None else _rows(dy)
         _, states, _ = _scan(x, dt, A, B, C, seg, init, d, y=False, states=True, final=False)
         dbc_parts = triton.cdiv(d.N, d.dbc_columns)
-        parts = d.scan_parts + dbc_parts
+        parts = d.dx_parts + dbc_parts
         dstates = new((d.Bt, d.nc, d.H, d.P, d.N), d.F, x.device)
         dx = new(x.shape, x.dtype, x.device)
         dcs = new((parts, d.Bt * d.H, d.nc, d.L), d.F, x.device)
-        ddtx = new((d.scan_parts, d.Bt * d.H, d.nc, d.L), d.F, x.device)
+        ddtx = new((d.dx_parts, d.Bt * d.H, d.nc, d.L), d.F, x.device)
         dinit = new((d.Bt, d.H, d.P, d.N), d.F, x.device) if init is not None else None
         launch = d.scan()
         _scan_bwd_kernel[launch["grid"]](
             x, dt, A, B, C, seg, dy, None if dfinal is None else dfinal.contiguous(),
             None if dentering is None else dentering.contiguous(), dstates, dx, dcs, ddtx, dinit, **d.shape(),
             **_strides(x=x, d=dt, b=B, c=C, y=dy), HAS_SEG=seg is not None, HAS_DFINAL=dfinal is not None,
-            HAS_DENTER=dentering is not None, HAS_DINIT=init is not None, **d.operands, **launch["tiles"],
+            HAS_DENTER=dentering is not None, HAS_DINIT=init is not None, WRITE_DX=DX_IN_SCAN, **d.operands,
+            **launch["tiles"],
         )
+        if not DX_IN_SCAN:
+            launch = d.chunks()
+            _chunk_dx_kernel[launch["grid"]](
+                x, dt, A, B, C, seg, dy, dstates, dx, dcs, ddtx, **d.shape(), **_strides(x=x, d=dt, b=B, c=C, y=dy),
+                HAS_SEG=seg is not None, **d.operands, **launch["tiles"],
+            )
         dB = new(B.shape, d.F, x.device)
         dC = new(C.shape, d.F, x.device)
         _dbc_kernel[(d.nc, d.Bt * d.G, dbc_parts)](
-            x, dt, A, B, C, seg, dy, states, dstates, dB, dC, dcs, **d.shape(), first_part=d.scan_parts,
+            x, dt, A, B, C, seg, dy, states, dstates, dB, dC, dcs, **d.shape(), first_part=d.dx_parts,
             **_strides(x=x, d=dt, b=B, c=C, y=dy), HAS_SEG=seg is not None, **d.operands, L=d.L, BP=d.BP,
             BN=d.dbc_columns,
             num_warps=DBC_WARPS, num_stages=DBC_STAGES,
@@ -393,7 +484,7 @@ class _SSDFn(torch.autograd.Function):
         ddt = new(dt.shape, d.F, x.device)
         da = new((d.Bt, d.H, d.nc), d.F, x.device)
         _ddt_kernel[(d.nc, d.Bt * d.H)](
-            dt, A, dcs, ddtx, ddt, da, d.T, d.H, d.nc, parts, d.scan_parts, *_strides(d=dt).values(), L=d.L,
+            dt, A, dcs, ddtx, ddt, da, d.T, d.H, d.nc, parts, d.dx_parts, *_strides(d=dt).values(), L=d.L,
         )
         return dx, ddt.to(dt.dtype), da.sum((0, 2)), dB.to(B.dtype), dC.to(C.dtype), dinit, None, None, None, None
 
