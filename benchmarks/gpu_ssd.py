@@ -120,18 +120,18 @@ def reference() -> dict:
 
 
 def floor_ms(B: int, T: int) -> tuple[float, float]:
-    """Our kernels' memory floor in ms (forward, forward+backward): the forward reads x, dt, B, C and writes y;
-    the backward reruns the forward's pass keeping the float32 state entering each chunk, its reverse pass reads
-    x, dy, dt, B, C and writes dx and the float32 gradient of the state leaving each chunk, and B's and C's
-    gradients read x, dy, B, C and both state tensors and write float32 dB, dC (the small per-token parts of dt's
-    gradient left out)."""
+    """Our kernels' memory floor in ms (forward, forward+backward) as placed by default, the kept states and
+    their gradients (K) in bf16: the forward's pass reads x, B, dt and writes K, the per-chunk kernel reads them
+    with C and writes y; the backward reruns the pass, its reverse pass reads dy, C, dt and writes dK, dx's kernel
+    reads x, dy, B, C, dt, dK and writes dx, and B's and C's gradients read x, dy, B, C, K, dK and write float32
+    dB, dC (the small per-token parts of dt's gradient left out)."""
     tokens = B * T
     x = tokens * H * P * 2
     bc = tokens * G * N * 2
     dt = tokens * H * 4
-    states = B * -(-T // L) * H * P * N * 4
-    fwd = 2 * x + 2 * bc + dt
-    bwd = (x + bc + dt + states) + (2 * x + 2 * bc + dt + states + x) + (2 * x + 2 * bc + 2 * states + 4 * bc)
+    K = B * -(-T // L) * H * P * N * 2
+    fwd = (x + bc + dt + K) + (2 * x + 2 * bc + dt + K)
+    bwd = (x + bc + dt + K) + (x + bc + dt + K) + (3 * x + 2 * bc + dt + K) + (2 * x + 6 * bc + 2 * K)
     return 1e3 * fwd / BANDWIDTH, 1e3 * (fwd + bwd) / BANDWIDTH
 
 

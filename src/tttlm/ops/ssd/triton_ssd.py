@@ -17,12 +17,14 @@ sequential programs doing the chunk's L x L and L x N products (benchmarks/gpu_s
 Packed documents (cu_seqlens) come as each token's document index: terms that cross a document start are
 masked, so the state restarts from zero there. Each document's final state is read from the state entering its
 last chunk (`chunked.document_end_states`), which the forward then returns too; its gradient joins the carried
-gradient as the backward pass reaches that chunk's start. States, their gradients and every sum are float32
-(float64 for float64 inputs); products take 16-bit operands for 16-bit inputs (`LOW_PRODUCTS`).
+gradient as the backward pass reaches that chunk's start. The state and its gradient are carried in float32
+(float64 for float64 inputs), and every sum is; for 16-bit inputs the products take 16-bit operands
+(`LOW_PRODUCTS`), so the states and gradients kept for other kernels are stored in that dtype too, as those
+kernels read them only as such operands (and for one inner product per chunk, <S_in, dS_out>).
 
-Traffic at the 125m preset (P = 64, N = 128, L = 64): the float32 states and their gradients [chunks, P, N] are
-twice the size of x in bf16, each written once and read twice (once with Y_IN_SCAN and DX_IN_SCAN); x, dy, B and
-C are read two to four times; the per-token parts of dt's gradient are small.
+Traffic at the 125m preset (P = 64, N = 128, L = 64): the kept states and their gradients [chunks, P, N] are
+each the size of x, written once and read twice (once with Y_IN_SCAN and DX_IN_SCAN), so they and x, dy, B and C
+(read two to four times) make most of it; the per-token parts of dt's gradient are small.
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ def _scan_kernel(
         dt, inside, gamma, w, carry = _decays(DT, A, SEG, b, h, c, T, sdb, sdt, sdh, HAS_SEG, L)
         if WRITE_STATES:
             ptr, sm = _state_tile(STATES, (b * nc + c) * H + h, p0, P, N, BP, BN)
-            tl.store(ptr, S, mask=sm)
+            tl.store(ptr, S.to(STATES.dtype.element_ty), mask=sm)
         x = _tile(X + p0, b, t, tm, h, sxb, sxt, sxh, P - p0, BP).to(D)
         Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN).to(D)
         if WRITE_Y:
@@ -248,7 +250,7 @@ def _scan_bwd_kernel(
         dt, inside, gamma, w, carry = _decays(DT, A, SEG, b, h, c, T, sdb, sdt, sdh, HAS_SEG, L)
         row = (b * nc + c) * H + h
         ptr, sm = _state_tile(DSTATES, row, p0, P, N, BP, BN)
-        tl.store(ptr, dS, mask=sm)
+        tl.store(ptr, dS.to(DSTATES.dtype.element_ty), mask=sm)
         dy = _tile(DY + p0, b, t, tm, h, syb, syt, syh, P - p0, BP).to(D)
         Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN).to(D)
         if WRITE_DX:
@@ -304,13 +306,13 @@ def _dbc_kernel(
     """Gradients w.r.t. B and C of chunk c, group g, state columns n0 .. n0 + BN, summed over the group's heads,
     and each head's part of the gradient w.r.t. cs through the entering state's readout and carry
     (DCS[first_part + column block])."""
-    c = tl.program_id(0)
-    bg = tl.program_id(1)
-    n0 = tl.program_id(2) * BN
+    n0 = tl.program_id(0) * BN
+    c = tl.program_id(1)
+    bg = tl.program_id(2)
     b, g = bg // G, bg % G
     F = A.dtype.element_ty
-    rows = tl.num_programs(1) * (H // G)
-    part = first_part + tl.program_id(2)
+    rows = tl.num_programs(2) * (H // G)
+    part = first_part + tl.program_id(0)
     i = tl.arange(0, L)
     t, tm = _chunk_tokens(c, T, L)
     Cn = _tile(Cm + n0, b, t, tm, g, scb, sct, scg, N - n0, BN)
@@ -324,9 +326,9 @@ def _dbc_kernel(
         dt, inside, gamma, w, carry = _decays(DT, A, SEG, b, h, c, T, sdb, sdt, sdh, HAS_SEG, L)
         row = (b * nc + c) * H + h
         ptr, sm = _state_tile(STATES, row, 0, P, N, BP, BN, n0)
-        S = tl.load(ptr, mask=sm, other=0.0)
+        S = tl.load(ptr, mask=sm, other=0.0).to(F)
         ptr, sm = _state_tile(DSTATES, row, 0, P, N, BP, BN, n0)
-        dS = tl.load(ptr, mask=sm, other=0.0)
+        dS = tl.load(ptr, mask=sm, other=0.0).to(F)
         x = _tile(X, b, t, tm, h, sxb, sxt, sxh, P, BP).to(D)
         dy = _tile(DY, b, t, tm, h, syb, syt, syh, P, BP).to(D)
         Q += inside * tl.dot(dy, tl.trans(x)) * dt[None, :]
@@ -397,6 +399,7 @@ class _Dims:
         self.dbc_columns = min(self.BN, DBC_COLUMNS)
         low = LOW_PRODUCTS and x.dtype in (torch.float16, torch.bfloat16)
         self.operands = dict(D=_TL[x.dtype] if low else _TL[self.F])  # the dtype of the products' operands
+        self.kept = x.dtype if low else self.F  # of the states and their gradients kept for other kernels
 
     def shape(self) -> dict:
         return dict(T=self.T, H=self.H, G=self.G, P=self.P, N=self.N, nc=self.nc)
@@ -412,12 +415,14 @@ class _Dims:
             L=self.L, BP=self.BP, BN=self.BN, num_warps=CHUNK_WARPS, num_stages=1))
 
 
-def _scan(x, dt, A, B, C, seg, init, d: _Dims, y: bool, states: bool, final: bool):
-    """The forward: y [Bt, T, H, P], the state entering every chunk [Bt, nc, H, P, N] and the final state
-    [Bt, H, P, N], each only if asked for (else None)."""
+def _scan(x, dt, A, B, C, seg, init, d: _Dims, y: bool, keep: torch.dtype | None, final: bool):
+    """The forward: y [Bt, T, H, P], the state entering every chunk [Bt, nc, H, P, N] (in dtype `keep`) and the
+    final state [Bt, H, P, N], each only if asked for (else None)."""
     in_scan = y and Y_IN_SCAN
+    if y and not in_scan:
+        keep = keep or d.kept
     out = [new((d.Bt, d.T, d.H, d.P), x.dtype, x.device) if y else None,
-           new((d.Bt, d.nc, d.H, d.P, d.N), d.F, x.device) if states or (y and not in_scan) else None,
+           new((d.Bt, d.nc, d.H, d.P, d.N), keep, x.device) if keep else None,
            new((d.Bt, d.H, d.P, d.N), d.F, x.device) if final else None]
     launch = d.scan()
     _scan_kernel[launch["grid"]](
@@ -431,7 +436,7 @@ def _scan(x, dt, A, B, C, seg, init, d: _Dims, y: bool, states: bool, final: boo
             x, dt, A, B, C, seg, out[1], out[0], **d.shape(), **_strides(x=x, d=dt, b=B, c=C),
             HAS_SEG=seg is not None, **d.operands, **launch["tiles"],
         )
-    return out[0], out[1] if states else None, out[2]
+    return out
 
 
 class _SSDFn(torch.autograd.Function):
@@ -440,21 +445,21 @@ class _SSDFn(torch.autograd.Function):
         """y, the final state (with `final`) and the state entering every chunk [Bt, nc, H, P, N] (with
         `entering`: what each packed document's final state is read from). A is in the states' dtype."""
         d = _Dims(x, B, chunk_size)
-        y, states, fin = _scan(x, dt, A, B, C, seg, init, d, y=True, states=entering, final=final)
+        y, states, fin = _scan(x, dt, A, B, C, seg, init, d, y=True, keep=d.F if entering else None, final=final)
         ctx.save_for_backward(x, dt, A, B, C, init, seg)
         ctx.chunk_size = chunk_size
         ctx.set_materialize_grads(False)
-        return y, fin, states
+        return y, fin, (states if entering else None)
 
     @staticmethod
     def backward(ctx, dy, dfinal, dentering):
         x, dt, A, B, C, init, seg = ctx.saved_tensors
         d = _Dims(x, B, ctx.chunk_size)
         dy = torch.zeros_like(x) if dy is None else _rows(dy)
-        _, states, _ = _scan(x, dt, A, B, C, seg, init, d, y=False, states=True, final=False)
+        _, states, _ = _scan(x, dt, A, B, C, seg, init, d, y=False, keep=d.kept, final=False)
         dbc_parts = triton.cdiv(d.N, d.dbc_columns)
         parts = d.dx_parts + dbc_parts
-        dstates = new((d.Bt, d.nc, d.H, d.P, d.N), d.F, x.device)
+        dstates = new((d.Bt, d.nc, d.H, d.P, d.N), d.kept, x.device)
         dx = new(x.shape, x.dtype, x.device)
         dcs = new((parts, d.Bt * d.H, d.nc, d.L), d.F, x.device)
         ddtx = new((d.dx_parts, d.Bt * d.H, d.nc, d.L), d.F, x.device)
@@ -475,7 +480,8 @@ class _SSDFn(torch.autograd.Function):
             )
         dB = new(B.shape, d.F, x.device)
         dC = new(C.shape, d.F, x.device)
-        _dbc_kernel[(d.nc, d.Bt * d.G, dbc_parts)](
+        # the column blocks of one chunk run side by side, reading its x and dy from memory about once
+        _dbc_kernel[(dbc_parts, d.nc, d.Bt * d.G)](
             x, dt, A, B, C, seg, dy, states, dstates, dB, dC, dcs, **d.shape(), first_part=d.dx_parts,
             **_strides(x=x, d=dt, b=B, c=C, y=dy), HAS_SEG=seg is not None, **d.operands, L=d.L, BP=d.BP,
             BN=d.dbc_columns,
