@@ -38,7 +38,7 @@ SWEEP = (
     ("passes 32 rows, 8 warps", dict(SCAN_ROWS=32, SCAN_WARPS=8)),
     ("Y, dx in the passes, 16 rows", dict(Y_IN_SCAN=True, DX_IN_SCAN=True, SCAN_ROWS=16, SCAN_WARPS=8)),
     ("dB dC 16 columns, 4 warps", dict(DBC_COLUMNS=16, DBC_WARPS=4)),
-    ("dB dC 64 columns", dict(DBC_COLUMNS=64)),
+    ("dB dC 32 columns", dict(DBC_COLUMNS=32)),
     ("per-chunk kernels 4 warps", dict(CHUNK_WARPS=4)),
     ("tf32 products", dict(LOW_PRODUCTS=False)),
     ("1 stage", dict(SCAN_STAGES=1, DBC_STAGES=1)),

@@ -17,14 +17,15 @@ sequential programs doing the chunk's L x L and L x N products (benchmarks/gpu_s
 Packed documents (cu_seqlens) come as each token's document index: terms that cross a document start are
 masked, so the state restarts from zero there. Each document's final state is read from the state entering its
 last chunk (`chunked.document_end_states`), which the forward then returns too; its gradient joins the carried
-gradient as the backward pass reaches that chunk's start. The state and its gradient are carried in float32
-(float64 for float64 inputs), and every sum is; for 16-bit inputs the products take 16-bit operands
-(`LOW_PRODUCTS`), so the states and gradients kept for other kernels are stored in that dtype too, as those
-kernels read them only as such operands (and for one inner product per chunk, <S_in, dS_out>).
+gradient as the backward pass reaches that chunk's start. The state and its gradient are float32 (float64 for
+float64 inputs) wherever they are carried, kept or multiplied (float32 operands run as tf32 on the GPU), and so
+is every sum: dt's and A's gradients sum terms that cancel, and bf16 states or state products made dA's error 2-5%
+in an emulation of bf16 rounding (1e-6 with float32 ones). The products of the chunk's L x L matrices with x, dy,
+B and C take 16-bit operands for 16-bit inputs (`LOW_PRODUCTS`); C B^T and dy x^T multiply the inputs as given.
 
-Traffic at the 125m preset (P = 64, N = 128, L = 64): the kept states and their gradients [chunks, P, N] are
-each the size of x, written once and read twice (once with Y_IN_SCAN and DX_IN_SCAN), so they and x, dy, B and C
-(read two to four times) make most of it; the per-token parts of dt's gradient are small.
+Traffic at the 125m preset (P = 64, N = 128, L = 64): the float32 states and their gradients [chunks, P, N] are
+each twice the size of x in bf16, written once and read twice (once with Y_IN_SCAN and DX_IN_SCAN), so they and
+x, dy, B and C (read two to four times) make most of it; the per-token parts of dt's gradient are small.
 """
 
 from __future__ import annotations
@@ -47,14 +48,13 @@ MAX_HEAD_DIM = 128
 # passes over chunks (each holds [SCAN_ROWS, N] of the state in registers), state columns per program of B's
 # and C's gradients, warps per program of the kernels with one program per chunk and head. At the 125m preset
 # on sm_90 (benchmarks/kernel_registers.py --ops ssd) these compile without spills: the passes in about 112
-# registers (4 programs per SM), the per-chunk kernels in about 155, B's and C's gradients in 255 (1 program per
-# SM). Computing Y or dx in the passes takes 32 rows and 8 warps to stay near that (255 registers).
+# registers (4 programs per SM), the per-chunk kernels in 115-163, B's and C's gradients in 236 (1 program per
+# SM; 128 columns spill). Computing Y or dx in the passes takes 32 rows and 8 warps (255 registers).
 SCAN_ROWS, SCAN_WARPS, SCAN_STAGES = 16, 4, 2
-DBC_COLUMNS, DBC_WARPS, DBC_STAGES = 32, 8, 2
+DBC_COLUMNS, DBC_WARPS, DBC_STAGES = 64, 8, 2
 CHUNK_WARPS = 8
-# Products of the states and of float32 parts with x, B, C or dy take operands in the 16-bit inputs' dtype (the
-# tensor cores' fast path, half the registers and shared memory of float32 operands, which run as tf32 on the
-# GPU); sums are float32 either way.
+# Products of the chunk's L x L matrices with x, dy, B or C take operands in the 16-bit inputs' dtype (the tensor
+# cores' fast path; else float32, as tf32 on the GPU).
 LOW_PRODUCTS = True
 # Y and dx in the passes over chunks (see above), or by one program per chunk and head.
 Y_IN_SCAN, DX_IN_SCAN = False, False
@@ -134,22 +134,23 @@ def _part(PARTS, part, rows, bh, c, nc, L: tl.constexpr):
 
 
 @triton.jit
-def _chunk_y(x, Bc, Cc, S, dt, inside, gamma):
-    """Y [L, BP] of one chunk from x [L, BP], B and C [L, N] (in the products' dtype), S [BP, N] (the entering
-    state's rows), dt, inside and gamma of `_decays`."""
-    M = tl.dot(Cc, tl.trans(Bc)).to(dt.dtype) * inside * dt[None, :]
-    return tl.dot(M.to(Bc.dtype), x) + gamma[:, None] * tl.dot(Cc, tl.trans(S.to(Bc.dtype)))
+def _chunk_y(x, Bc, Cc, S, dt, inside, gamma, D: tl.constexpr):
+    """Y [L, BP] of one chunk from x [L, BP], B and C [L, N], S [BP, N] (the entering state's rows), dt, inside
+    and gamma of `_decays`; D the dtype of the L x L matrix's product's operands."""
+    F = dt.dtype
+    M = tl.dot(Cc, tl.trans(Bc)).to(F) * inside * dt[None, :]
+    return tl.dot(M.to(D), x.to(D)) + gamma[:, None] * tl.dot(Cc.to(F), tl.trans(S.to(F)))
 
 
 @triton.jit
-def _chunk_dx(x, dy, Bc, Cc, dS, dt, inside, w, L: tl.constexpr):
+def _chunk_dx(x, dy, Bc, Cc, dS, dt, inside, w, D: tl.constexpr, L: tl.constexpr):
     """One chunk's dx [L, BP], and the parts from these rows of the head dim of the gradient w.r.t. cs [L] (all
-    but the entering state's terms) and of sum_p dx_p x_p / dt [L], from x and dy [L, BP], B and C [L, N] (in the
-    products' dtype), dS [BP, N] (the gradient w.r.t. the leaving state's rows), dt, inside and w of `_decays`."""
+    but the entering state's terms) and of sum_p dx_p x_p / dt [L], from x and dy [L, BP], B and C [L, N], dS
+    [BP, N] (the gradient w.r.t. the leaving state's rows), dt, inside and w of `_decays`; D as in `_chunk_y`."""
     F = dt.dtype
     M = tl.dot(Cc, tl.trans(Bc)).to(F) * inside
-    BG = tl.dot(Bc, tl.trans(dS.to(Bc.dtype)))  # B dS^T [L, BP]
-    dxs = tl.dot(tl.trans(M).to(Bc.dtype), dy) + w[:, None] * BG
+    BG = tl.dot(Bc.to(F), tl.trans(dS.to(F)))  # B dS^T [L, BP]
+    dxs = tl.dot(tl.trans(M).to(D), dy.to(D)) + w[:, None] * BG
     R = M * tl.dot(dy, tl.trans(x)) * dt[None, :]
     xf = x.to(F)
     out_w = w * tl.sum(xf * dt[:, None] * BG, 1)  # d/dw_j, times w_j
@@ -184,14 +185,14 @@ def _scan_kernel(
         if WRITE_STATES:
             ptr, sm = _state_tile(STATES, (b * nc + c) * H + h, p0, P, N, BP, BN)
             tl.store(ptr, S.to(STATES.dtype.element_ty), mask=sm)
-        x = _tile(X + p0, b, t, tm, h, sxb, sxt, sxh, P - p0, BP).to(D)
-        Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN).to(D)
+        x = _tile(X + p0, b, t, tm, h, sxb, sxt, sxh, P - p0, BP)
+        Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN)
         if WRITE_Y:
-            Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN).to(D)
-            y = _chunk_y(x, Bc, Cc, S, dt, inside, gamma)
+            Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN)
+            y = _chunk_y(x, Bc, Cc, S, dt, inside, gamma, D)
             yp, ym = _token_rows(Y, b, t, tm, h, T, H, P, p0, BP)
             tl.store(yp, y.to(Y.dtype.element_ty), mask=ym)
-        S = carry * S + tl.dot(tl.trans((x.to(F) * (w * dt)[:, None]).to(D)), Bc)
+        S = carry * S + tl.dot(tl.trans(x.to(F) * (w * dt)[:, None]), Bc.to(F))
     if HAS_FINAL:
         ptr, sm = _state_tile(FINAL, bh, p0, P, N, BP, BN)
         tl.store(ptr, S, mask=sm)
@@ -211,10 +212,10 @@ def _chunk_y_kernel(
     t, tm = _chunk_tokens(c, T, L)
     dt, inside, gamma, w, carry = _decays(DT, A, SEG, b, h, c, T, sdb, sdt, sdh, HAS_SEG, L)
     ptr, sm = _state_tile(STATES, (b * nc + c) * H + h, 0, P, N, BP, BN)
-    x = _tile(X, b, t, tm, h, sxb, sxt, sxh, P, BP).to(D)
-    Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN).to(D)
-    Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN).to(D)
-    y = _chunk_y(x, Bc, Cc, tl.load(ptr, mask=sm, other=0.0), dt, inside, gamma)
+    x = _tile(X, b, t, tm, h, sxb, sxt, sxh, P, BP)
+    Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN)
+    Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN)
+    y = _chunk_y(x, Bc, Cc, tl.load(ptr, mask=sm, other=0.0), dt, inside, gamma, D)
     yp, ym = _token_rows(Y, b, t, tm, h, T, H, P, 0, BP)
     tl.store(yp, y.to(Y.dtype.element_ty), mask=ym)
 
@@ -251,17 +252,17 @@ def _scan_bwd_kernel(
         row = (b * nc + c) * H + h
         ptr, sm = _state_tile(DSTATES, row, p0, P, N, BP, BN)
         tl.store(ptr, dS.to(DSTATES.dtype.element_ty), mask=sm)
-        dy = _tile(DY + p0, b, t, tm, h, syb, syt, syh, P - p0, BP).to(D)
-        Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN).to(D)
+        dy = _tile(DY + p0, b, t, tm, h, syb, syt, syh, P - p0, BP)
+        Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN)
         if WRITE_DX:
-            x = _tile(X + p0, b, t, tm, h, sxb, sxt, sxh, P - p0, BP).to(D)
-            Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN).to(D)
-            dx, dcs, ddtx = _chunk_dx(x, dy, Bc, Cc, dS, dt, inside, w, L)
+            x = _tile(X + p0, b, t, tm, h, sxb, sxt, sxh, P - p0, BP)
+            Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN)
+            dx, dcs, ddtx = _chunk_dx(x, dy, Bc, Cc, dS, dt, inside, w, D, L)
             tl.store(_part(DCS, part, rows, bh, c, nc, L), dcs)
             tl.store(_part(DDTX, part, rows, bh, c, nc, L), ddtx)
             xp, xm = _token_rows(DX, b, t, tm, h, T, H, P, p0, BP)
             tl.store(xp, dx.to(DX.dtype.element_ty), mask=xm)
-        dS = carry * dS + tl.dot(tl.trans((dy.to(F) * gamma[:, None]).to(D)), Cc)
+        dS = carry * dS + tl.dot(tl.trans(dy.to(F) * gamma[:, None]), Cc.to(F))
         if HAS_DENTER:
             ptr, sm = _state_tile(DENTER, row, p0, P, N, BP, BN)
             dS += tl.load(ptr, mask=sm, other=0.0)
@@ -286,11 +287,11 @@ def _chunk_dx_kernel(
     t, tm = _chunk_tokens(c, T, L)
     dt, inside, gamma, w, carry = _decays(DT, A, SEG, b, h, c, T, sdb, sdt, sdh, HAS_SEG, L)
     ptr, sm = _state_tile(DSTATES, (b * nc + c) * H + h, 0, P, N, BP, BN)
-    x = _tile(X, b, t, tm, h, sxb, sxt, sxh, P, BP).to(D)
-    dy = _tile(DY, b, t, tm, h, syb, syt, syh, P, BP).to(D)
-    Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN).to(D)
-    Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN).to(D)
-    dx, dcs, ddtx = _chunk_dx(x, dy, Bc, Cc, tl.load(ptr, mask=sm, other=0.0), dt, inside, w, L)
+    x = _tile(X, b, t, tm, h, sxb, sxt, sxh, P, BP)
+    dy = _tile(DY, b, t, tm, h, syb, syt, syh, P, BP)
+    Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN)
+    Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN)
+    dx, dcs, ddtx = _chunk_dx(x, dy, Bc, Cc, tl.load(ptr, mask=sm, other=0.0), dt, inside, w, D, L)
     tl.store(_part(DCS, 0, rows, bh, c, nc, L), dcs)
     tl.store(_part(DDTX, 0, rows, bh, c, nc, L), ddtx)
     xp, xm = _token_rows(DX, b, t, tm, h, T, H, P, 0, BP)
@@ -329,12 +330,12 @@ def _dbc_kernel(
         S = tl.load(ptr, mask=sm, other=0.0).to(F)
         ptr, sm = _state_tile(DSTATES, row, 0, P, N, BP, BN, n0)
         dS = tl.load(ptr, mask=sm, other=0.0).to(F)
-        x = _tile(X, b, t, tm, h, sxb, sxt, sxh, P, BP).to(D)
-        dy = _tile(DY, b, t, tm, h, syb, syt, syh, P, BP).to(D)
+        x = _tile(X, b, t, tm, h, sxb, sxt, sxh, P, BP)
+        dy = _tile(DY, b, t, tm, h, syb, syt, syh, P, BP)
         Q += inside * tl.dot(dy, tl.trans(x)) * dt[None, :]
-        dyS = tl.dot(dy, S.to(D))  # [L, BN]
+        dyS = tl.dot(dy.to(F), S)  # [L, BN]
         dC += gamma[:, None] * dyS
-        dB += tl.dot((x.to(F) * (w * dt)[:, None]).to(D), dS.to(D))
+        dB += tl.dot(x.to(F) * (w * dt)[:, None], dS)
         kappa = tl.sum(tl.sum(S * dS, 1), 0)  # <S_in, dS_out> over these columns
         dcs = gamma * tl.sum(Cn.to(F) * dyS, 1) + tl.where(i == L - 1, carry * kappa, 0.0)
         tl.store(_part(DCS, part, rows, b * H + h, c, nc, L), dcs)
@@ -398,8 +399,7 @@ class _Dims:
         self.dx_parts = self.scan_parts if DX_IN_SCAN else 1  # programs writing parts of dcs and ddtx per head
         self.dbc_columns = min(self.BN, DBC_COLUMNS)
         low = LOW_PRODUCTS and x.dtype in (torch.float16, torch.bfloat16)
-        self.operands = dict(D=_TL[x.dtype] if low else _TL[self.F])  # the dtype of the products' operands
-        self.kept = x.dtype if low else self.F  # of the states and their gradients kept for other kernels
+        self.operands = dict(D=_TL[x.dtype] if low else _TL[self.F])  # of the L x L matrices' products
 
     def shape(self) -> dict:
         return dict(T=self.T, H=self.H, G=self.G, P=self.P, N=self.N, nc=self.nc)
@@ -415,14 +415,13 @@ class _Dims:
             L=self.L, BP=self.BP, BN=self.BN, num_warps=CHUNK_WARPS, num_stages=1))
 
 
-def _scan(x, dt, A, B, C, seg, init, d: _Dims, y: bool, keep: torch.dtype | None, final: bool):
-    """The forward: y [Bt, T, H, P], the state entering every chunk [Bt, nc, H, P, N] (in dtype `keep`) and the
-    final state [Bt, H, P, N], each only if asked for (else None)."""
+def _scan(x, dt, A, B, C, seg, init, d: _Dims, y: bool, keep: bool, final: bool):
+    """The forward: y [Bt, T, H, P], the state entering every chunk [Bt, nc, H, P, N] and the final state
+    [Bt, H, P, N], each only if asked for (else None; the states are kept anyway for Y outside the pass)."""
     in_scan = y and Y_IN_SCAN
-    if y and not in_scan:
-        keep = keep or d.kept
+    keep = keep or (y and not in_scan)
     out = [new((d.Bt, d.T, d.H, d.P), x.dtype, x.device) if y else None,
-           new((d.Bt, d.nc, d.H, d.P, d.N), keep, x.device) if keep else None,
+           new((d.Bt, d.nc, d.H, d.P, d.N), d.F, x.device) if keep else None,
            new((d.Bt, d.H, d.P, d.N), d.F, x.device) if final else None]
     launch = d.scan()
     _scan_kernel[launch["grid"]](
@@ -445,7 +444,7 @@ class _SSDFn(torch.autograd.Function):
         """y, the final state (with `final`) and the state entering every chunk [Bt, nc, H, P, N] (with
         `entering`: what each packed document's final state is read from). A is in the states' dtype."""
         d = _Dims(x, B, chunk_size)
-        y, states, fin = _scan(x, dt, A, B, C, seg, init, d, y=True, keep=d.F if entering else None, final=final)
+        y, states, fin = _scan(x, dt, A, B, C, seg, init, d, y=True, keep=entering, final=final)
         ctx.save_for_backward(x, dt, A, B, C, init, seg)
         ctx.chunk_size = chunk_size
         ctx.set_materialize_grads(False)
@@ -456,10 +455,10 @@ class _SSDFn(torch.autograd.Function):
         x, dt, A, B, C, init, seg = ctx.saved_tensors
         d = _Dims(x, B, ctx.chunk_size)
         dy = torch.zeros_like(x) if dy is None else _rows(dy)
-        _, states, _ = _scan(x, dt, A, B, C, seg, init, d, y=False, keep=d.kept, final=False)
+        _, states, _ = _scan(x, dt, A, B, C, seg, init, d, y=False, keep=True, final=False)
         dbc_parts = triton.cdiv(d.N, d.dbc_columns)
         parts = d.dx_parts + dbc_parts
-        dstates = new((d.Bt, d.nc, d.H, d.P, d.N), d.kept, x.device)
+        dstates = new((d.Bt, d.nc, d.H, d.P, d.N), d.F, x.device)
         dx = new(x.shape, x.dtype, x.device)
         dcs = new((parts, d.Bt * d.H, d.nc, d.L), d.F, x.device)
         ddtx = new((d.dx_parts, d.Bt * d.H, d.nc, d.L), d.F, x.device)
