@@ -121,7 +121,7 @@ def reference() -> dict:
 
 def floor_ms(B: int, T: int) -> tuple[float, float]:
     """Our kernels' memory floor in ms (forward, forward+backward) as placed by default, the kept states and
-    their gradients (K) in bf16: the forward's pass reads x, B, dt and writes K, the per-chunk kernel reads them
+    their gradients (K) in float32: the forward's pass reads x, B, dt and writes K, the per-chunk kernel reads them
     with C and writes y; the backward reruns the pass, its reverse pass reads dy, C, dt and writes dK, dx's kernel
     reads x, dy, B, C, dt, dK and writes dx, and B's and C's gradients read x, dy, B, C, K, dK and write float32
     dB, dC (the small per-token parts of dt's gradient left out)."""
@@ -129,7 +129,7 @@ def floor_ms(B: int, T: int) -> tuple[float, float]:
     x = tokens * H * P * 2
     bc = tokens * G * N * 2
     dt = tokens * H * 4
-    K = B * -(-T // L) * H * P * N * 2
+    K = B * -(-T // L) * H * P * N * 4
     fwd = (x + bc + dt + K) + (2 * x + 2 * bc + dt + K)
     bwd = (x + bc + dt + K) + (x + bc + dt + K) + (3 * x + 2 * bc + dt + K) + (2 * x + 6 * bc + 2 * K)
     return 1e3 * fwd / BANDWIDTH, 1e3 * (fwd + bwd) / BANDWIDTH

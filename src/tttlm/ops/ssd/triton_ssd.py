@@ -47,9 +47,9 @@ MAX_HEAD_DIM = 128
 # Tiles and warps (benchmarks/gpu_ssd.py --sweep times others): head-dim rows of the state per program of the
 # passes over chunks (each holds [SCAN_ROWS, N] of the state in registers), state columns per program of B's
 # and C's gradients, warps per program of the kernels with one program per chunk and head. At the 125m preset
-# on sm_90 (benchmarks/kernel_registers.py --ops ssd) these compile without spills: the passes in about 112
-# registers (4 programs per SM), the per-chunk kernels in 115-163, B's and C's gradients in 236 (1 program per
-# SM; 128 columns spill). Computing Y or dx in the passes takes 32 rows and 8 warps (255 registers).
+# on sm_90 (benchmarks/kernel_registers.py --ops ssd) these compile without spills: the passes in 134-156
+# registers (3 programs per SM), the per-chunk kernels in 204-246 and B's and C's gradients in 255 (1 program per
+# SM). Computing Y or dx in the passes takes 32 rows and 8 warps (255 registers).
 SCAN_ROWS, SCAN_WARPS, SCAN_STAGES = 16, 4, 2
 DBC_COLUMNS, DBC_WARPS, DBC_STAGES = 64, 8, 2
 CHUNK_WARPS = 8
