@@ -136,7 +136,12 @@ def floor_ms(B: int, T: int) -> tuple[float, float]:
 def run_tests() -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ops/test_ssd_triton.py"]
     start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        print("tests: timed out after 90 s\n" + out[-2000:], flush=True)
+        return dict(returncode=None, seconds=90.0, summary="timed out after 90 s")
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
     print("tests: " + "\n".join(tail), flush=True)
     return dict(returncode=proc.returncode, seconds=round(time.time() - start, 1), summary=tail[-1] if tail else "")

@@ -68,7 +68,6 @@ def supports(x: Tensor, chunk_size: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-# ------------------------------------------------------------------------------------------------ pieces
 @triton.jit
 def _chunk_tokens(c, T, L: tl.constexpr):
     """Token indices of chunk c (in the row) and which of them exist."""
@@ -184,7 +183,7 @@ def _scan_kernel(
         dt, inside, gamma, w, carry = _decays(DT, A, SEG, b, h, c, T, sdb, sdt, sdh, HAS_SEG, L)
         if WRITE_STATES:
             ptr, sm = _state_tile(STATES, (b * nc + c) * H + h, p0, P, N, BP, BN)
-            tl.store(ptr, S.to(STATES.dtype.element_ty), mask=sm)
+            tl.store(ptr, S, mask=sm)
         x = _tile(X + p0, b, t, tm, h, sxb, sxt, sxh, P - p0, BP)
         Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN)
         if WRITE_Y:
@@ -251,7 +250,7 @@ def _scan_bwd_kernel(
         dt, inside, gamma, w, carry = _decays(DT, A, SEG, b, h, c, T, sdb, sdt, sdh, HAS_SEG, L)
         row = (b * nc + c) * H + h
         ptr, sm = _state_tile(DSTATES, row, p0, P, N, BP, BN)
-        tl.store(ptr, dS.to(DSTATES.dtype.element_ty), mask=sm)
+        tl.store(ptr, dS, mask=sm)
         dy = _tile(DY + p0, b, t, tm, h, syb, syt, syh, P - p0, BP)
         Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN)
         if WRITE_DX:
