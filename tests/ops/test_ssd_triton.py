@@ -109,11 +109,13 @@ def test_packed_documents(placement):
 @pytest.mark.parametrize("packed", [False, True])
 def test_state_split_over_programs(monkeypatch, packed, placement):
     """Each head's state split over several programs, by rows in the passes over chunks and by columns in B's and
-    C's gradients, the last of each partly past P or N (on CUDA: the 125m heads in 4 and 8 parts)."""
+    C's gradients, the last of each partly past P or N (on CUDA: the 125m heads in 4 and 8 parts); the per-chunk
+    kernels' chunks split over programs with a partial last one."""
     from tttlm.ops.ssd import triton_ssd
 
     monkeypatch.setattr(triton_ssd, "SCAN_ROWS", 16)
     monkeypatch.setattr(triton_ssd, "DBC_COLUMNS", 16)
+    monkeypatch.setattr(triton_ssd, "CHUNK_STEP", 2)  # 3 chunks: the second program of the per-chunk kernels has 1
     sizes = SIZES if CUDA else dict(SIZES, P=40, N=40)
     L = sizes["chunk"]
     cu = torch.tensor([0, L + 3, 2 * L + 5]) if packed else None

@@ -6,7 +6,7 @@ xs_t = dt_t x_t (state S [P, N]):
     S_out = exp(cs_L) S_in + sum_j exp(cs_L - cs_j) xs_j B_j^T
 The state passes from chunk to chunk on chip: `_scan_kernel` runs one program per (row, head, slice of the head
 dim's rows of S) through the chunks in order, keeping the state entering every chunk; `_chunk_y_kernel` then
-gives every chunk's Y at once (one program per chunk and head). The backward reruns the pass, then
+gives every chunk's Y at once (one program per few chunks of one head). The backward reruns the pass, then
 `_scan_bwd_kernel` runs through the chunks in reverse carrying the gradient w.r.t. the state and keeps it as it
 leaves every chunk; `_chunk_dx_kernel` gives dx per chunk, `_dbc_kernel` the gradients of B and C per group (its
 heads summed in the program, the chunk's L x L products summed over heads first: no atomics, deterministic) and
@@ -46,13 +46,13 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 128
 # Tiles and warps (benchmarks/gpu_ssd.py --sweep times others): head-dim rows of the state per program of the
 # passes over chunks (each holds [SCAN_ROWS, N] of the state in registers), state columns per program of B's
-# and C's gradients, warps per program of the kernels with one program per chunk and head. At the 125m preset
+# and C's gradients; chunks per program of the per-chunk kernels (unrolled) and their warps. At the 125m preset
 # on sm_90 (benchmarks/kernel_registers.py --ops ssd) these compile without spills: the passes in 134-156
 # registers (3 programs per SM), the per-chunk kernels in 204-246 and B's and C's gradients in 255 (1 program per
 # SM). Computing Y or dx in the passes takes 32 rows and 8 warps (255 registers).
 SCAN_ROWS, SCAN_WARPS, SCAN_STAGES = 16, 4, 2
 DBC_COLUMNS, DBC_WARPS, DBC_STAGES = 64, 8, 2
-CHUNK_WARPS = 8
+CHUNK_STEP, CHUNK_WARPS = 1, 8
 # Products of the chunk's L x L matrices with x, dy, B or C take operands in the 16-bit inputs' dtype (the tensor
 # cores' fast path; else float32, as tf32 on the GPU).
 LOW_PRODUCTS = True
@@ -202,21 +202,26 @@ def _chunk_y_kernel(
     X, DT, A, Bm, Cm, SEG, STATES, Y, T, H, G, P, N, nc,
     sxb, sxt, sxh, sdb, sdt, sdh, sbb, sbt, sbg, scb, sct, scg,
     HAS_SEG: tl.constexpr, D: tl.constexpr, L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    STEP: tl.constexpr,
 ):
-    """Y of chunk c, head h (all chunks at once) from the state entering the chunk (STATES[b, c, h])."""
-    c = tl.program_id(0)
+    """Y of chunks c0 .. c0 + STEP of row b, head h from the state entering each (STATES[b, c, h]); the chunks are
+    independent (unrolled, so that one chunk's loads may run ahead of another's products)."""
+    c0 = tl.program_id(0) * STEP
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     g = h // (H // G)
-    t, tm = _chunk_tokens(c, T, L)
-    dt, inside, gamma, w, carry = _decays(DT, A, SEG, b, h, c, T, sdb, sdt, sdh, HAS_SEG, L)
-    ptr, sm = _state_tile(STATES, (b * nc + c) * H + h, 0, P, N, BP, BN)
-    x = _tile(X, b, t, tm, h, sxb, sxt, sxh, P, BP)
-    Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN)
-    Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN)
-    y = _chunk_y(x, Bc, Cc, tl.load(ptr, mask=sm, other=0.0), dt, inside, gamma, D)
-    yp, ym = _token_rows(Y, b, t, tm, h, T, H, P, 0, BP)
-    tl.store(yp, y.to(Y.dtype.element_ty), mask=ym)
+    for k in tl.static_range(STEP):
+        c = c0 + k
+        if c < nc:
+            t, tm = _chunk_tokens(c, T, L)
+            dt, inside, gamma, w, carry = _decays(DT, A, SEG, b, h, c, T, sdb, sdt, sdh, HAS_SEG, L)
+            ptr, sm = _state_tile(STATES, (b * nc + c) * H + h, 0, P, N, BP, BN)
+            x = _tile(X, b, t, tm, h, sxb, sxt, sxh, P, BP)
+            Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN)
+            Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN)
+            y = _chunk_y(x, Bc, Cc, tl.load(ptr, mask=sm, other=0.0), dt, inside, gamma, D)
+            yp, ym = _token_rows(Y, b, t, tm, h, T, H, P, 0, BP)
+            tl.store(yp, y.to(Y.dtype.element_ty), mask=ym)
 
 
 # ------------------------------------------------------------------------------------------------ backward
@@ -275,26 +280,31 @@ def _chunk_dx_kernel(
     X, DT, A, Bm, Cm, SEG, DY, DSTATES, DX, DCS, DDTX, T, H, G, P, N, nc,
     sxb, sxt, sxh, sdb, sdt, sdh, sbb, sbt, sbg, scb, sct, scg, syb, syt, syh,
     HAS_SEG: tl.constexpr, D: tl.constexpr, L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    STEP: tl.constexpr,
 ):
-    """DX of chunk c, head h (all chunks at once) and the parts DCS[0], DDTX[0] as `_scan_bwd_kernel` writes them,
-    from the gradient w.r.t. the state leaving the chunk (DSTATES[b, c, h])."""
-    c = tl.program_id(0)
+    """DX of chunks c0 .. c0 + STEP of row b, head h and the parts DCS[0], DDTX[0] as `_scan_bwd_kernel` writes
+    them, from the gradient w.r.t. the state leaving each chunk (DSTATES[b, c, h]); chunks as in
+    `_chunk_y_kernel`."""
+    c0 = tl.program_id(0) * STEP
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     g = h // (H // G)
     rows = tl.num_programs(1)
-    t, tm = _chunk_tokens(c, T, L)
-    dt, inside, gamma, w, carry = _decays(DT, A, SEG, b, h, c, T, sdb, sdt, sdh, HAS_SEG, L)
-    ptr, sm = _state_tile(DSTATES, (b * nc + c) * H + h, 0, P, N, BP, BN)
-    x = _tile(X, b, t, tm, h, sxb, sxt, sxh, P, BP)
-    dy = _tile(DY, b, t, tm, h, syb, syt, syh, P, BP)
-    Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN)
-    Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN)
-    dx, dcs, ddtx = _chunk_dx(x, dy, Bc, Cc, tl.load(ptr, mask=sm, other=0.0), dt, inside, w, D, L)
-    tl.store(_part(DCS, 0, rows, bh, c, nc, L), dcs)
-    tl.store(_part(DDTX, 0, rows, bh, c, nc, L), ddtx)
-    xp, xm = _token_rows(DX, b, t, tm, h, T, H, P, 0, BP)
-    tl.store(xp, dx.to(DX.dtype.element_ty), mask=xm)
+    for k in tl.static_range(STEP):
+        c = c0 + k
+        if c < nc:
+            t, tm = _chunk_tokens(c, T, L)
+            dt, inside, gamma, w, carry = _decays(DT, A, SEG, b, h, c, T, sdb, sdt, sdh, HAS_SEG, L)
+            ptr, sm = _state_tile(DSTATES, (b * nc + c) * H + h, 0, P, N, BP, BN)
+            x = _tile(X, b, t, tm, h, sxb, sxt, sxh, P, BP)
+            dy = _tile(DY, b, t, tm, h, syb, syt, syh, P, BP)
+            Bc = _tile(Bm, b, t, tm, g, sbb, sbt, sbg, N, BN)
+            Cc = _tile(Cm, b, t, tm, g, scb, sct, scg, N, BN)
+            dx, dcs, ddtx = _chunk_dx(x, dy, Bc, Cc, tl.load(ptr, mask=sm, other=0.0), dt, inside, w, D, L)
+            tl.store(_part(DCS, 0, rows, bh, c, nc, L), dcs)
+            tl.store(_part(DDTX, 0, rows, bh, c, nc, L), ddtx)
+            xp, xm = _token_rows(DX, b, t, tm, h, T, H, P, 0, BP)
+            tl.store(xp, dx.to(DX.dtype.element_ty), mask=xm)
 
 
 @triton.jit
@@ -409,9 +419,9 @@ class _Dims:
             L=self.L, BP=self.scan_rows, BN=self.BN, num_warps=SCAN_WARPS, num_stages=SCAN_STAGES))
 
     def chunks(self) -> dict:
-        """Grid and tiles of the kernels with one program per (chunk, row, head)."""
-        return dict(grid=(self.nc, self.Bt * self.H), tiles=dict(
-            L=self.L, BP=self.BP, BN=self.BN, num_warps=CHUNK_WARPS, num_stages=1))
+        """Grid and tiles of the kernels with one program per (CHUNK_STEP chunks, row, head)."""
+        return dict(grid=(triton.cdiv(self.nc, CHUNK_STEP), self.Bt * self.H), tiles=dict(
+            L=self.L, BP=self.BP, BN=self.BN, STEP=CHUNK_STEP, num_warps=CHUNK_WARPS, num_stages=1))
 
 
 def _scan(x, dt, A, B, C, seg, init, d: _Dims, y: bool, keep: bool, final: bool):
