@@ -89,8 +89,8 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         state = None if cache is None else cache.state
         if state is not None and T == 1:
-            y, state = _selective_scan_step_op(xs[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], self.D, delta_bias=self.dt_bias,
-                                           delta_softplus=True, state=state)
+            y, state = _selective_scan_step_op(xs[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], self.D,
+                                               delta_bias=self.dt_bias, delta_softplus=True, state=state)
             y = y[:, None]
         else:
             y, state = _selective_scan_op(
