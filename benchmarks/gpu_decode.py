@@ -269,7 +269,8 @@ def _run(args, argv: list[str], device: torch.device) -> None:
                     row.update(_measure(lambda m=m, L=L, B=B: _decode_row(models[m], B, L, args.steps, graph,
                                                                           args.plain_steps)))
                     save(row)
-        for L in () if args.no_prefill else args.contexts:
+        # the longest prompts first: a budget that runs out skips the short ones
+        for L in () if args.no_prefill else sorted(args.contexts, reverse=True):
             for m in sorted(args.mixers, key=PREFILL_ORDER.index):
                 row = rows.setdefault((m, L, 1), dict(mixer=m, context=L, batch=1))
                 if time.monotonic() > deadline:
