@@ -17,8 +17,9 @@ The decode timing starts from a static cache filled with random values of the ri
 weights, gradient sums and mini-batch offsets; Mesa's statistics, h_kk made positive definite; Mamba2's SSM and
 convolution states; the Transformer's keys and values at `context` positions), not from a real prefill: a step's
 work does not depend on the values (Mesa's CG runs its fixed number of steps), and prefilling 64 rows of 32k
-tokens per mixer would cost minutes. Rows not reached before --budget seconds are recorded as skipped; the JSON
-is written again after every row, so a run stopped from outside keeps what it measured.
+tokens per mixer would cost minutes. The rows the issue's targets name run first (batch 1 at the first context,
+the largest batch and the prefill at the longest); rows not reached before --budget seconds are recorded as
+skipped; the JSON is written again after every row, so a run stopped from outside keeps what it measured.
 
     python benchmarks/gpu_decode.py [--json OUT.json] [--mixers ...] [--contexts 2048 8192 32768]
         [--batches 1 64] [--steps 50] [--plain-steps 10] [--budget 240] [--no-compile]
@@ -199,6 +200,17 @@ def _kernels(model, context: int) -> dict:
     return out
 
 
+def _order(batches, contexts, prefill: bool) -> list[tuple[str, int, int]]:
+    """(kind, batch, context) in the order they run: first what issue #23's targets name (batch 1 at the first
+    context, which compiles; the largest batch and the prefill at the longest context), then the rest, the
+    longest prompts first, so that a budget that runs out skips the least wanted rows."""
+    small, big, longest = min(batches), max(batches), max(contexts)
+    first = [("decode", small, contexts[0]), ("decode", big, longest)] + ([("prefill", 1, longest)] if prefill else [])
+    rest = [("decode", B, L) for B in sorted(batches) for L in contexts]
+    rest += [("prefill", 1, L) for L in sorted(contexts, reverse=True)] if prefill else []
+    return first + [task for task in rest if task not in first]
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -258,27 +270,19 @@ def _run(args, argv: list[str], device: torch.device) -> None:
         with device:
             models[m] = build_model(f"{m}-{args.size}").to(torch.bfloat16).eval()
     with torch.no_grad():
-        for B in sorted(args.batches):
-            for L in args.contexts:
-                for m in args.mixers:
-                    row = rows.setdefault((m, L, B), dict(mixer=m, context=L, batch=B))
-                    if time.monotonic() > deadline:
-                        row["note"] = "skipped: time budget"
-                        save(row)
-                        continue
-                    row.update(_measure(lambda m=m, L=L, B=B: _decode_row(models[m], B, L, args.steps, graph,
-                                                                          args.plain_steps)))
-                    save(row)
-        # the longest prompts first: a budget that runs out skips the short ones
-        for L in () if args.no_prefill else sorted(args.contexts, reverse=True):
-            for m in sorted(args.mixers, key=PREFILL_ORDER.index):
-                row = rows.setdefault((m, L, 1), dict(mixer=m, context=L, batch=1))
+        for kind, B, L in _order(args.batches, args.contexts, not args.no_prefill):
+            for m in args.mixers if kind == "decode" else sorted(args.mixers, key=PREFILL_ORDER.index):
+                row = rows.setdefault((m, L, B), dict(mixer=m, context=L, batch=B))
                 if time.monotonic() > deadline:
-                    row["prefill_note"] = "skipped: time budget"
+                    row["note" if kind == "decode" else "prefill_note"] = "skipped: time budget"
                     save(row)
                     continue
-                res = _measure(lambda m=m, L=L: time_prefill(models[m], L, args.prefill_repeats))
-                row.update(res if "error" not in res else {"prefill_error": res["error"]})
+                if kind == "decode":
+                    row.update(_measure(lambda m=m, L=L, B=B: _decode_row(models[m], B, L, args.steps, graph,
+                                                                          args.plain_steps)))
+                else:
+                    res = _measure(lambda m=m, L=L: time_prefill(models[m], L, args.prefill_repeats))
+                    row.update(res if "error" not in res else {"prefill_error": res["error"]})
                 save(row)
         # last: the profiler must not run before (or during) any timing or capture
         for m in args.mixers if graph else ():

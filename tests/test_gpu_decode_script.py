@@ -42,6 +42,10 @@ def test_pieces_on_cpu(capsys):
         assert prefill["prefill_ms"] > 0 and prefill["prefill_first_s"] > 0
         rows.append(dict(mixer=m, context=40, batch=1, **res, **prefill))
     assert "error" in bench._measure(lambda: 1 / 0)
+    order = bench._order([1, 64], [2048, 8192, 32768], prefill=True)
+    assert order[:3] == [("decode", 1, 2048), ("decode", 64, 32768), ("prefill", 1, 32768)]
+    assert sorted(order) == sorted({*((k, B, L) for k, B in (("decode", 1), ("decode", 64), ("prefill", 1))
+                                      for L in (2048, 8192, 32768))})
     bench.print_table(rows, MIXERS, [40], [1])
     table = capsys.readouterr().out
     assert table.count("| 40 |") == len(MIXERS)
