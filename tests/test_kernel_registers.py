@@ -66,8 +66,7 @@ def test_reports_every_mesa_kernel():
 
 def test_reports_every_ssd_and_fused_loss_kernel():
     rows = report("--ops", "ssd,linear_ce")
-    ssd = {"_chunk_state_kernel", "_state_passing_kernel", "_chunk_scan_kernel", "_chunk_dstate_kernel",
-           "_dstate_passing_kernel", "_chunk_dx_kernel", "_chunk_dbc_kernel"}
+    ssd = {"_scan_kernel", "_chunk_y_kernel", "_scan_bwd_kernel", "_chunk_dx_kernel", "_dbc_kernel", "_ddt_kernel"}
     assert ssd <= {r[1] for r in rows if r[0] == "ssd 24×64"}
     assert {r[1] for r in rows if r[0] == "loss"} == {"_ce_rows_kernel"}
     for r in rows:
