@@ -8,12 +8,18 @@ backend). Then decode: one ttt_mlp_step at batch 1, H12xD64, us per token, as ca
 
     python benchmarks/gpu_ttt_mlp.py [--json OUT.json] [--tokens 32768] [--heads 12x64,32x64,16x128]
                                      [--seq-lens 2048,8192,32768] [--ops ttt_mlp,ttt_linear,sdpa] [--no-decode]
-    python benchmarks/gpu_ttt_mlp.py --sweep    # ours only: each tile width and warps per program, T = 2k
     python benchmarks/gpu_ttt_mlp.py --no-split # ours with one program per (sequence, head) throughout
+    python benchmarks/gpu_ttt_mlp.py --tilings [64,4,4:32,4,4] --heads 12x64 --shapes 16x2048,4x8192 [--budget S]
+                                     [--compile-only]
     tttlm bench ttt_mlp [same arguments]
 
-peak_mib is the most memory allocated during one forward+backward beyond what was allocated before it (the
-inputs and their gradients' leaves), torch.cuda.max_memory_allocated.
+--tilings (ours only): for each `triton_parts.Tiling` (FT,FWD_WARPS,BWD_WARPS: hidden units per tile at most,
+warps of the forward and of the backward; by default `triton_parts.CANDIDATE_TILINGS`) at every --heads, first
+a check against the PyTorch path (float64, on the same bf16 inputs: the output and the gradients of every input
+and initial weight, relative RMSE, with the hidden tiles split over programs and not), then the timings at
+--shapes (B x T) with a NaN check of their output and gradients; a tiling started after --budget seconds is
+skipped. --compile-only compiles all the tilings' kernels into Triton's cache, in parallel processes, and stops:
+run before, it spares the timings the compilation (10-40 s per tiling).
 """
 
 from __future__ import annotations
@@ -143,27 +149,137 @@ def time_decode(B: int = 1, H: int = 12, D: int = 64) -> dict:
     return {key: round(val, 2) for key, val in res.items()}
 
 
-def sweep(heads, T: int, tokens: int) -> None:
-    """Ours at T with each hidden-tile width and warps per program, the forward's and the backward's in
-    turn (the other at its default)."""
-    from tttlm.ops.ttt_mlp import triton_chunk, triton_chunk_bwd, triton_parts
+CHECK_SHAPES = ((2, 160), (16, 48))  # B x T of the check: 2 x H programs split the hidden tiles, 16 x H do not
+CHECK_TOL = 5e-3  # relative RMSE, as tests/ops/test_ttt_mlp_triton.py allows bf16 on CUDA
 
+
+def check_tiling(B: int, T: int, H: int, D: int, seed: int = 0) -> dict:
+    """The Triton kernels (bf16) against the PyTorch path (float64, the same values) at B x T: the largest
+    relative RMSE over the output and the gradients of q, k, v, eta, the LayerNorm and the initial weights, the
+    name of that quantity, and whether anything was not finite."""
+    from tttlm.ops import TTTMLPState, ttt_mlp
+
+    g = torch.Generator().manual_seed(seed)
+    F4 = 4 * D
+    inputs = [torch.randn(B, T, H, D, generator=g) for _ in range(3)] + [torch.rand(B, T, H, generator=g) * 2 / D]
+    inputs += [1 + 0.3 * torch.randn(H, D, generator=g), 0.3 * torch.randn(H, D, generator=g)]
+    inputs = [t.to(torch.bfloat16) for t in inputs]
+    shapes, scales = ((D, F4), (F4,), (F4, D), (D,)), (D**-0.5, 0.1, F4**-0.5, 0.1)
+    params = [scale * torch.randn(B, H, *shape, generator=g) for shape, scale in zip(shapes, scales)]
+    do = torch.randn(B, T, H, D, generator=g).to(torch.bfloat16)
+
+    def run(dtype, pdtype, backend):
+        leaves = [t.to("cuda", dtype).requires_grad_() for t in inputs]
+        leaves += [t.to("cuda", pdtype).requires_grad_() for t in params]
+        o = ttt_mlp(*leaves[:6], TTTMLPState.start(*leaves[6:]), backend=backend)[0]
+        grads = torch.autograd.grad(o, leaves, do.to("cuda", o.dtype))
+        return [o.double(), *(t.double() for t in grads)]
+
+    got = run(torch.bfloat16, torch.float32, "triton")
+    ref = run(torch.float64, torch.float64, "torch")
+    names = ("o", "dq", "dk", "dv", "deta", "dln_w", "dln_b", "dW1", "db1", "dW2", "db2")
+    errs = {n: ((a - b).norm() / b.norm().clamp_min(1e-30)).item() for n, a, b in zip(names, got, ref)}
+    worst = max(errs, key=lambda n: errs[n] if errs[n] == errs[n] else float("inf"))
+    return dict(max_rel_err=errs[worst], worst=worst, finite=all(bool(t.isfinite().all()) for t in got))
+
+
+def finite_fwd_bwd(B: int, T: int, H: int, D: int) -> bool:
+    """Whether a forward+backward of the benchmark's call gives finite outputs and gradients."""
+    fn, leaves = make_call("ttt_mlp", B, T, H, D)
+    o = fn()
+    o.backward(torch.randn_like(o))
+    return bool(o.isfinite().all()) and all(bool(t.grad.isfinite().all()) for t in leaves)
+
+
+def _compile_tiling(t, heads) -> str:
+    """In a process of its own: one tiny forward (without and with autograd) and backward per head shape under
+    tiling t, which leaves its kernels in Triton's cache on disk. Returns t's name, or the error."""
+    from tttlm.ops.ttt_mlp import triton_parts
+
+    triton_parts.CHUNK_WIDTHS_ON_CUDA = (16, 32, 64, 128)
+    try:
+        for H, D in heads:
+            triton_parts.TILINGS = triton_parts.TILINGS | {max(16, 1 << (D - 1).bit_length()): t}
+            fn, _ = make_call("ttt_mlp", 1, 32, H, D)
+            with torch.no_grad():
+                fn()
+            fn().sum().backward()
+        torch.cuda.synchronize()
+        return str(t)
+    except Exception as e:
+        return f"{t}: {e!r}"[:300]
+
+
+def compile_tilings(tilings, heads) -> None:
+    """Compile every tiling's kernels at once, a process each (Triton compiles one kernel at a time per process,
+    10-40 s each), so that the timings find them in the cache."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(len(tilings), mp_context=ctx) as pool:
+        for name in pool.map(_compile_tiling, tilings, [heads] * len(tilings)):
+            print(f"compiled {name}", flush=True)
+
+
+def time_tilings(tilings, heads, shapes, budget: float, out: dict, json_path) -> None:
+    """Each tiling at each head shape: the check at CHECK_SHAPES, then forward and forward+backward ms at
+    `shapes` (B, T), with bwd = fwd+bwd - fwd; rows into out["tilings"] (and the JSON as it goes)."""
+    import time
+
+    from tttlm.ops.ttt_mlp import triton_parts
+
+    start = time.time()
+    shipped = dict(triton_parts.TILINGS)
+    out["tilings"] = []
     for H, D in heads:
         bd = max(16, 1 << (D - 1).bit_length())
-        for tile in (32, 64):
-            triton_parts.MAX_F_TILE = tile
-            for name, table in (("fwd", triton_chunk.NUM_WARPS), ("bwd", triton_chunk_bwd.NUM_WARPS)):
-                default = table[bd]
-                for warps in (4, 8):
-                    table[bd] = warps
-                    try:
-                        r = time_op("ttt_mlp", max(1, tokens // T), T, H, D)
-                        res = f"fwd {r['fwd_ms']} ms, fwd+bwd {r['fwdbwd_ms']} ms"
-                    except Exception as e:  # a setting that does not compile must not hide the others
-                        res = repr(e)[:160]
-                    print(f"sweep H{H}xD{D} T={T} tile {tile} {name} warps {warps}: {res}", flush=True)
-                table[bd] = default
-        triton_parts.MAX_F_TILE = 64
+        for t in tilings:
+            row = dict(tiling=str(t), H=H, D=D)
+            if time.time() - start > budget:
+                row["error"] = f"skipped: over the {budget:.0f} s budget"
+            else:
+                triton_parts.TILINGS = shipped | {bd: t}
+                try:
+                    checks = [check_tiling(B, T, H, D) for B, T in CHECK_SHAPES]
+                    worst = max(checks, key=lambda c: c["max_rel_err"] if c["finite"] else float("inf"))
+                    ok = all(c["finite"] for c in checks) and worst["max_rel_err"] <= CHECK_TOL
+                    row |= dict(correct=ok, max_rel_err=float(f"{worst['max_rel_err']:.2e}"), worst=worst["worst"],
+                                finite=all(c["finite"] for c in checks))
+                    for B, T in shapes:
+                        r = time_op("ttt_mlp", B, T, H, D)
+                        key = f"{B}x{T}"
+                        row[key] = r | dict(bwd_ms=round(r["fwdbwd_ms"] - r["fwd_ms"], 3),
+                                            finite=finite_fwd_bwd(B, T, H, D))
+                        torch.cuda.empty_cache()
+                except Exception as e:  # one tiling that fails must not hide the others
+                    row["error"] = repr(e)[:300]
+            row["elapsed_s"] = round(time.time() - start, 1)
+            out["tilings"].append(row)
+            print(json.dumps(row), flush=True)
+            if json_path:
+                with open(json_path, "w") as f:
+                    json.dump(out, f, indent=1)
+    triton_parts.TILINGS = shipped
+
+
+def print_tilings(out: dict, shapes) -> None:
+    shipped = out["shipped"]
+    print(f"\n{out['device']}, bf16, TTT-MLP tilings (shipped: {shipped}); check: max relative RMSE against "
+          f"the PyTorch path (float64) over o and every gradient, tolerance {CHECK_TOL}; ms")
+    cols = [f"{B}x{T} {k}" for B, T in shapes for k in ("fwd", "fwd+bwd", "bwd", "finite")]
+    print("| H×D | tiling | correct | max rel err (of) | " + " | ".join(cols) + " |")
+    print("|---|---|---|---|" + "---|" * len(cols))
+    for r in out["tilings"]:
+        if "error" in r:
+            print(f"| H{r['H']}xD{r['D']} | {r['tiling']} | {r['error']} |")
+            continue
+        cells = []
+        for B, T in shapes:
+            t = r.get(f"{B}x{T}", {})
+            cells += [str(t.get(k, "-")) for k in ("fwd_ms", "fwdbwd_ms", "bwd_ms", "finite")]
+        print(f"| H{r['H']}xD{r['D']} | {r['tiling']} | {r['correct']} | {r['max_rel_err']} ({r['worst']}) | "
+              + " | ".join(cells) + " |")
 
 
 def print_table(out: dict, heads, seq_lens, ops) -> None:
@@ -191,7 +307,13 @@ def main(argv=None) -> int:
     p.add_argument("--seq-lens", default=",".join(map(str, SEQ_LENS)), help="comma-separated T")
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated, of " + ", ".join(OPS))
     p.add_argument("--no-decode", action="store_true")
-    p.add_argument("--sweep", action="store_true", help="time our kernels under each tile width and warps, then stop")
+    p.add_argument("--tilings", nargs="?", const="candidates", help="colon-separated FT,FWD_WARPS,BWD_WARPS "
+                   "(alone: triton_parts.CANDIDATE_TILINGS): check and time ours under each, then stop")
+    p.add_argument("--shapes", default="16x2048,4x8192", help="with --tilings: comma-separated BxT")
+    p.add_argument("--compile-only", action="store_true", help="with --tilings: compile every tiling's kernels "
+                   "(into Triton's cache, in parallel processes) and stop")
+    p.add_argument("--budget", type=float, default=float("inf"), help="with --tilings: seconds after which no "
+                   "further tiling starts")
     p.add_argument("--no-split", action="store_true", help="one program per (sequence, head) in our TTT-MLP "
                    "kernels also where few sequences would split the hidden width over several")
     args = p.parse_args(argv)
@@ -220,8 +342,16 @@ def main(argv=None) -> int:
         "rows": [],
     }
     print(f"device: {out['device']}, torch {out['torch']}, bf16, {args.tokens} tokens per call", flush=True)
-    if args.sweep:
-        sweep(heads, seq_lens[0], args.tokens)
+    if args.tilings:
+        tilings = triton_parts.CANDIDATE_TILINGS if args.tilings == "candidates" else [
+            triton_parts.Tiling(*(int(x) for x in t.split(","))) for t in args.tilings.split(":")]
+        shapes = [tuple(int(x) for x in bt.split("x")) for bt in args.shapes.split(",")]
+        out["shipped"] = {f"D{D}": str(triton_parts.tiling(D)) for _, D in heads}
+        if args.compile_only:
+            compile_tilings(tilings, heads)
+            return 0
+        time_tilings(tilings, heads, shapes, args.budget, out, args.json)
+        print_tilings(out, shapes)
         return 0
     for H, D in heads:
         for T in seq_lens:

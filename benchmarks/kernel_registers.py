@@ -5,13 +5,17 @@ ahead-of-time compile for the target architecture (default sm_90, the H100), and
 Triton reports what each kernel uses. Pointers are marked 16-byte aligned and integers that are multiples of 16
 marked so, as Triton's launcher specialises them on the GPU; on the H100 this gave the register counts that the
 driver reported there (190 for the old rebuild kernel, 135 for the old finish kernel at D=128). Kernels that spill
-(a stack frame, spill stores) hold more than the registers allow, which costs time on the GPU. The last column
-names the shapes of the Hopper wgmma instructions in each kernel's PTX (`-` for none).
+(a stack frame, spill stores) hold more than the registers allow, which costs time on the GPU. "code B" is the
+machine code's size (its .text sections). The last column names the shapes of the Hopper wgmma instructions in
+each kernel's PTX (`-` for none), "(A regs)" where the A operand comes from registers rather than shared memory.
 
     python benchmarks/kernel_registers.py [--heads 16x128,32x64] [--arch 90] [--ops ttt_linear,ttt_mlp,mesa,ssd,...]
+                                          [--tiling FT,FWD_WARPS,BWD_WARPS]
 
 --ops (all by default): ttt_linear, ttt_mlp and mesa compiled at each --heads; ssd (the Mamba2 scan) at the 125m
-preset's heads (24 of 64, state 128) and linear_ce (the fused loss) at its width and vocabulary, once.
+preset's heads (24 of 64, state 128) and linear_ce (the fused loss) at its width and vocabulary, once. --tiling
+compiles TTT-MLP's whole-sequence kernels at every --heads with that `triton_parts.Tiling` (hidden units per
+tile at most, warps of the forward and of the backward) instead of the shipped one.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import contextlib
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -38,6 +43,22 @@ POINTER_TYPES = {
     torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32"
 }
 HIDDEN_CONSTEXPRS = ("D", "BT", "DV", "BDV")  # the head dims are in their own column; the mini-batch is always 16
+
+
+def _code_bytes(cubin: str) -> int:
+    """Bytes of machine code in a cubin (its ELF's .text sections): a kernel whose hot loop outgrows the SM's
+    instruction caches fetches its instructions from L2 at every pass."""
+    with open(cubin, "rb") as f:
+        elf = f.read()
+    shoff, = struct.unpack_from("<Q", elf, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", elf, shoff + i * shentsize) for i in range(shnum)]
+    names = headers[shstrndx][4]
+    total = 0
+    for name, _, _, _, _, size in headers:
+        if elf[names + name: elf.index(b"\0", names + name)].startswith(b".text."):
+            total += size
+    return total
 
 
 def _resources(kernel: JITFunction, args, kwargs, arch: int) -> dict:
@@ -72,9 +93,15 @@ def _resources(kernel: JITFunction, args, kwargs, arch: int) -> dict:
             text=True,
             check=True,
         )
+        code = _code_bytes(os.path.join(tmp, "kernel.cubin"))
     text = report.stdout + report.stderr
     regs = re.search(r"Used (\d+) registers", text)
-    wgmma = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", compiled.asm["ptx"])))
+    # a shape whose A operand comes from registers ("{...}" after the accumulators, not a descriptor) is marked
+    wgmma = sorted(set(
+        shape + (" (A regs)" if a == "{" else "")
+        for shape, a in re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)\S*\s+\{[^}]*\},\s*(\{|%)",
+                                   compiled.asm["ptx"])
+    ))
     spills = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return dict(
         kernel=kernel.__name__,
@@ -85,6 +112,7 @@ def _resources(kernel: JITFunction, args, kwargs, arch: int) -> dict:
         spill_store_bytes=int(spills.group(2)),
         spill_load_bytes=int(spills.group(3)),
         shared_bytes=compiled.metadata.shared,
+        code_bytes=code,
         wgmma=",".join(wgmma) or "-",
     )
 
@@ -234,7 +262,7 @@ def _print(label: str, rows: list[dict]) -> None:
         print(
             f"| {label} | {r['kernel']} | {r['constexprs']} | {r['warps']} | {r['registers']} | "
             f"{r['stack_bytes']} | {r['spill_store_bytes']} | {r['spill_load_bytes']} | {r['shared_bytes']} | "
-            f"{r['wgmma']} |",
+            f"{r['code_bytes']} | {r['wgmma']} |",
             flush=True,
         )
 
@@ -245,14 +273,21 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for the H100")
     names = [*OPS, *FIXED_OPS]
     p.add_argument("--ops", default=",".join(names), help="comma-separated, of " + ", ".join(names))
+    p.add_argument("--tiling", help="FT,FWD_WARPS,BWD_WARPS: TTT-MLP's whole-sequence kernels with this tiling")
     args = p.parse_args(argv)
     print(f"sm_{args.arch}, triton {triton.__version__}")
+    if args.tiling:
+        from tttlm.ops.ttt_mlp import triton_parts
+
+        chosen = triton_parts.Tiling(*(int(x) for x in args.tiling.split(",")))
+        triton_parts.TILINGS = dict.fromkeys(triton_parts.TILINGS, chosen)
+        print(f"TTT-MLP tiling: {chosen}")
     ops = args.ops.split(",")
     if not set(ops) <= set(names):
         p.error(f"--ops must name some of {', '.join(names)}; got {args.ops}")
     print("| H×D | kernel | constexprs | warps | registers | stack B | spill stores B | spill loads B | shared B "
-          "| wgmma |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| code B | wgmma |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for hd in args.heads.split(",") if set(ops) & set(OPS) else ():
         H, D = (int(x) for x in hd.split("x"))
         with compile_only(args.arch) as rows:

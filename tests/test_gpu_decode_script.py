@@ -32,25 +32,48 @@ def test_pieces_on_cpu(capsys):
         assert all(bool(t.isfinite().all()) for t in tensors) and any(bool(t.float().std() > 0) for t in tensors)
         if m == "transformer":
             assert cache.capacity == 45
+        again = bench.random_cache(model, 3, 40, 5)
+        assert all(torch.equal(a, b) for la, lb in zip(cache.layers, again.layers) for a, b in
+                   zip(la.tensors(), lb.tensors(), strict=True)), "the same seed gave other states"
         res = bench.time_decode(model, 3, 40, 2, graph=False)
         assert res["ms_per_token"] > 0 and res["tokens_per_s"] > 0 and res["graph"] is False
-        rows.append(dict(mixer=m, context=40, batch=1, **res, prefill_ms=bench.time_prefill(model, 40, 1)))
+        assert res.pop("logits").shape == (3, 97) and res["first_step_s"] > 0
+        prefill = bench.time_prefill(model, 40, 1)
+        assert prefill["prefill_ms"] > 0 and prefill["prefill_first_s"] > 0
+        rows.append(dict(mixer=m, context=40, batch=1, **res, **prefill))
     assert "error" in bench._measure(lambda: 1 / 0)
+    order = bench._order([1, 64], [2048, 8192, 32768], prefill=True)
+    assert order[:3] == [("decode", 1, 2048), ("decode", 64, 32768), ("prefill", 1, 32768)]
+    assert sorted(order) == sorted({*((k, B, L) for k, B in (("decode", 1), ("decode", 64), ("prefill", 1))
+                                      for L in (2048, 8192, 32768))})
     bench.print_table(rows, MIXERS, [40], [1])
     table = capsys.readouterr().out
     assert table.count("| 40 |") == len(MIXERS)
 
 
-def test_run_on_cpu(tmp_path, capsys):
+def test_run_on_cpu(tmp_path, capsys, monkeypatch):
+    """A whole run of two mixers, with compiled blocks ("aot_eager" on the CPU): the batch-1 rows compare the
+    compiled step with the uncompiled one."""
+    from tttlm import fast
+
+    monkeypatch.setattr(fast, "BACKEND", "aot_eager")
+    monkeypatch.setenv("TTTLM_COMPILE", "1")
+    torch._dynamo.reset()
     out = tmp_path / "decode.json"
-    argv = ["--device", "cpu", "--size", "tiny", "--contexts", "40", "--batches", "1", "3", "--steps", "1",
-            "--prefill-repeats", "1", "--json", str(out)]
-    assert _script().main(argv) == 0
+    mixers = ["transformer", "mesa"]
+    argv = ["--device", "cpu", "--size", "tiny", "--mixers", *mixers, "--contexts", "40", "--batches", "1", "3",
+            "--steps", "1", "--plain-steps", "1", "--prefill-repeats", "1", "--json", str(out)]
+    try:
+        assert _script().main(argv) == 0
+    finally:
+        torch._dynamo.reset()
     res = json.loads(out.read_text())
     assert res["command"] == "python benchmarks/gpu_decode.py " + " ".join(argv)
     assert {"device", "date", "rows"} <= set(res)
     rows = {(r["mixer"], r["context"], r["batch"]): r for r in res["rows"]}
-    assert set(rows) == {(m, 40, B) for m in MIXERS for B in (1, 3)}
+    assert set(rows) == {(m, 40, B) for m in mixers for B in (1, 3)}
+    assert res["compile"] is True
     for (_, _, B), r in rows.items():
         assert r["ms_per_token"] > 0 and r["tokens_per_s"] > 0 and ("prefill_ms" in r) == (B == 1), r
-    assert capsys.readouterr().out.count("| 40 |") == len(MIXERS)
+        assert ("plain_ms_per_token" in r) == (B == 1) and r.get("plain_rel_err", 0) <= 1e-5, r
+    assert capsys.readouterr().out.count("| 40 |") == len(mixers)

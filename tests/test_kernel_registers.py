@@ -51,7 +51,7 @@ def test_ttt_mlp_width_64_compiles_to_the_wgmma_verified_on_a_gpu():
     rows = report("--heads", "1x64", "--ops", "ttt_mlp")
     assert len(rows) == 5
     for r in rows:
-        assert r[-1] == ("-" if r[1] == "_step_kernel" else "m64n64k8"), r
+        assert r[-1] == ("-" if r[1] == "_step_kernel" else "m64n64k8 (A regs)"), r
 
 
 def test_reports_every_mesa_kernel():
@@ -66,8 +66,7 @@ def test_reports_every_mesa_kernel():
 
 def test_reports_every_ssd_and_fused_loss_kernel():
     rows = report("--ops", "ssd,linear_ce")
-    ssd = {"_chunk_state_kernel", "_state_passing_kernel", "_chunk_scan_kernel", "_chunk_dstate_kernel",
-           "_dstate_passing_kernel", "_chunk_dx_kernel", "_chunk_dbc_kernel"}
+    ssd = {"_scan_kernel", "_chunk_y_kernel", "_scan_bwd_kernel", "_chunk_dx_kernel", "_dbc_kernel", "_ddt_kernel"}
     assert ssd <= {r[1] for r in rows if r[0] == "ssd 24×64"}
     assert {r[1] for r in rows if r[0] == "loss"} == {"_ce_rows_kernel"}
     for r in rows:

@@ -1,7 +1,7 @@
 """The compiled model equals the plain one, on the CPU with torch.compile's "aot_eager" backend (Dynamo's
 tracing, the graph breaks around the ops' own kernels and AOT autograd, without code generation): losses and
-gradients of plain and packed batches, decoding after a compiled forward (on a dynamic and on a static cache), and
-one compilation shared by every block. The generated GPU code is checked against the plain model by
+gradients of plain and packed batches, compiled decoding after a compiled forward (on a dynamic and on a static
+cache), and one compilation shared by every block. The generated GPU code is checked against the plain model by
 benchmarks/gpu_fast_paths.py."""
 
 import pytest
@@ -47,7 +47,7 @@ def test_compiled_model_equals_plain_model(mixer, tiny, tokens, monkeypatch):
             got = [_loss_and_grads(model, ids), _loss_and_grads(model, ids, position_ids=pos)]
             assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
             model.eval()
-            with torch.no_grad():  # decoding (dynamic or static cache) stays eager after a compiled forward
+            with torch.no_grad():  # decoding (dynamic or static cache) is compiled too
                 assert (model(ids).logits - full).abs().max().item() <= 1e-5
                 graphs = counters["stats"]["unique_graphs"]
                 for mode in ("eager", "static"):
@@ -56,7 +56,7 @@ def test_compiled_model_equals_plain_model(mixer, tiny, tokens, monkeypatch):
                     steps += [model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(30, 40)]
                     assert cache.is_static == (mode == "static")
                     assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-4, mode
-                assert counters["stats"]["unique_graphs"] == graphs, "decoding compiled something"
+                assert counters["stats"]["unique_graphs"] > graphs, "decoding compiled nothing"
     finally:
         torch._dynamo.reset()
     for (loss, grads), (want_loss, want_grads) in zip(got, plain, strict=True):

@@ -5,16 +5,25 @@ On CPU the static path runs without a CUDA graph (decode="static": the graph pat
 place, every row at its own position), in float32; on CUDA the same tests also run with the graph
 (decode="graph"), in float64 (the float32 Triton prefill multiplies in tf32, which would blur the comparisons
 of packed and single prompts), and a bf16 test runs the GPU's own decode kernels under the graph.
+
+The main tests run with the blocks compiled and not (`compiled`), against references computed uncompiled: on
+CUDA with inductor (the default there), on the CPU with the "aot_eager" backend (Dynamo's tracing, graph breaks,
+guards and in-place buffer writes without code generation; `test_compiled_step_with_inductor` generates code).
 """
 
 import logging
+import shutil
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
+from tttlm import fast
+from tttlm.layers import SeqInfo
 from tttlm.models import MIXERS, TTTLMCache, build_model, decode
-from tttlm.models.modeling import CACHE_FIELD
+from tttlm.models.modeling import CACHE_FIELD, TTTLMBlock
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -23,6 +32,28 @@ MODES = ["static", "graph"] if CUDA else ["static"]
 TOL = 1e-4
 # every mixer, plus the TTT Transformer backbone and Mesa's forget-gate cap
 VARIANTS = [(m, {}) for m in MIXERS] + [("ttt_mlp", {"ttt_backbone": "transformer"}), ("mesa", {"mesa_gate_cap": True})]
+# (compiled, ...) cases: every case plain, every mixer compiled (compiling is what costs the time on the CPU)
+STEP_CASES = [(False, m, o) for m, o in VARIANTS] + [(True, m, {}) for m in MIXERS]
+PROMPT_CASES = [(False, m, p) for m in MIXERS for p in ("left_padded", "cu_seqlens")] + [
+    (True, m, "left_padded") for m in MIXERS
+]
+
+
+@pytest.fixture
+def compiled(request, monkeypatch):
+    """Whether the code under test runs with its blocks compiled (see the module docstring); the references of
+    the tests run under `fast.fast_paths(compile=False)`."""
+    if request.param and not CUDA:
+        monkeypatch.setattr(fast, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    with fast.fast_paths(compile=request.param):
+        yield request.param
+    torch._dynamo.reset()
+
+
+def _plain():
+    return fast.fast_paths(compile=False)
 
 
 def _cache(model, mode):
@@ -38,23 +69,85 @@ def _left_padded(seqs, lengths):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("mixer, overrides", VARIANTS)
+@pytest.mark.parametrize("compiled, mixer, overrides", STEP_CASES, indirect=["compiled"])
 @torch.no_grad()
-def test_static_steps_equal_eager(mixer, overrides, mode, tiny, tokens):
-    """Prefill 9 tokens, then 31 single-token steps (TTT's mini-batch offset crosses 16 and 32)."""
+def test_static_steps_equal_eager(mixer, overrides, mode, compiled, tiny, tokens):
+    """Prefill 9 tokens, then 31 single-token steps (TTT's mini-batch offset crosses 16 and 32). Compiled, the
+    steps after the first two compile nothing more: positions and TTT's offsets are tensors, and a static cache's
+    buffers keep their shapes."""
     model = tiny(mixer, **overrides).to(DEV, DTYPE)
     ids = tokens(2, 40).to(DEV)
     eager, static = _cache(model, "eager"), _cache(model, mode)
-    logits = {}
-    for name, cache in (("eager", eager), ("static", static)):
-        out = [model(ids[:, :9], use_cache=True, **{CACHE_FIELD: cache}).logits[:, -1:]]
-        out += [model(ids[:, t : t + 1], **{CACHE_FIELD: cache}).logits for t in range(9, 40)]
-        logits[name] = torch.cat(out, 1)
+    with _plain():
+        out = [model(ids[:, :9], use_cache=True, **{CACHE_FIELD: eager}).logits[:, -1:]]
+        out += [model(ids[:, t : t + 1], **{CACHE_FIELD: eager}).logits for t in range(9, 40)]
+    logits = {"eager": torch.cat(out, 1)}
+    out = [model(ids[:, :9], use_cache=True, **{CACHE_FIELD: static}).logits[:, -1:]]
+    out += [model(ids[:, t : t + 1], **{CACHE_FIELD: static}).logits for t in range(9, 11)]
+    graphs = counters["stats"]["unique_graphs"]
+    assert (graphs > 0) == compiled
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out += [model(ids[:, t : t + 1], **{CACHE_FIELD: static}).logits for t in range(11, 40)]
+    assert counters["stats"]["unique_graphs"] == graphs
+    logits["static"] = torch.cat(out, 1)
     assert static.is_static and not eager.is_static
     assert static.positions.tolist() == [40, 40] and static.seen_tokens == eager.seen_tokens == 40
     assert (logits["static"] - logits["eager"]).abs().max().item() <= TOL
     if mode == "graph":
         assert static.decoder.graph is not None, "the step was not captured"
+
+
+def _static_after_prefill(model, ids):
+    """A static cache after reading ids[:, :-1] (uncompiled): the prefill and one step."""
+    cache = _cache(model, "static")
+    with _plain():
+        model(ids[:, :-2], use_cache=True, **{CACHE_FIELD: cache})
+        model(ids[:, -2:-1], **{CACHE_FIELD: cache})
+    return cache
+
+
+@pytest.mark.parametrize("mixer, overrides", VARIANTS[: len(MIXERS) + 1])
+@torch.no_grad()
+def test_compiled_step_breaks_only_at_the_op(mixer, overrides, tiny, tokens):
+    """A block's step on a static cache compiles to four graphs: the block up to its mixer, the mixer up to its
+    op, the rest of the mixer, the rest of the block. The only graph breaks are at the op, whose own kernels run
+    between the graphs (`tttlm.fast.opaque`); anything else that stops the tracing (a host sync, a call Dynamo
+    cannot follow) would add graphs, and kernels to every step."""
+    model = tiny(mixer, **overrides).to(DEV, DTYPE)
+    ids = tokens(2, 11).to(DEV)
+    cache = _static_after_prefill(model, ids)
+    x = model.model.embed_tokens(ids[:, -1:])
+    info = SeqInfo(cache.positions[:, None].clone())
+    torch._dynamo.reset()
+    try:
+        found = torch._dynamo.explain(TTTLMBlock._forward)(model.model.layers[0], x, info, cache.layers[0])
+    finally:
+        torch._dynamo.reset()
+    reasons = [str(r.reason).splitlines()[0] for r in found.break_reasons]
+    assert found.graph_count == 4 and all("torch.compiler.disable" in r for r in reasons), reasons
+
+
+@pytest.mark.skipif(CUDA, reason="on CUDA the compiled tests above generate code")
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor's CPU code needs a C++ compiler")
+@pytest.mark.parametrize("mixer", ["transformer"])
+@torch.no_grad()
+def test_compiled_step_with_inductor(mixer, tiny, tokens):
+    """The step compiled by inductor (the generated code CUDA runs, here for the CPU), in float64, equals the
+    uncompiled step over 7 tokens, with the in-place writes of the static buffers: attention's keys and values at
+    each row's position (an index_put_ that must write the buffers, not copies of them)."""
+    model = tiny(mixer).double()
+    ids = tokens(2, 17)
+    caches = [_static_after_prefill(model, ids[:, :11]) for _ in range(2)]
+    logits = []
+    torch._dynamo.reset()
+    try:
+        for cache, on in zip(caches, (False, True), strict=True):
+            with fast.fast_paths(compile=on):
+                logits.append(torch.cat([model(ids[:, t : t + 1], **{CACHE_FIELD: cache}).logits
+                                         for t in range(10, 17)], 1))
+    finally:
+        torch._dynamo.reset()
+    assert (logits[1] - logits[0]).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -77,12 +170,12 @@ def test_mesa_runs_fixed_cg_steps(mode, tiny, tokens):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("prefill", ["left_padded", "cu_seqlens"])
-@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("compiled, mixer, prefill", PROMPT_CASES, indirect=["compiled"])
 @torch.no_grad()
-def test_prompts_of_different_lengths(mixer, prefill, mode, tiny, tokens):
+def test_prompts_of_different_lengths(mixer, prefill, mode, compiled, tiny, tokens):
     """Four prompts of 7, 1, 14 and 20 tokens read in one call, then 14 steps of all rows together, equal each
-    sequence read alone (TTT rows at different mini-batch offsets, crossing 16 and 32)."""
+    sequence read alone (TTT rows at different mini-batch offsets, crossing 16 and 32); compiled, the prefill
+    of the packed prompts too."""
     model = tiny(mixer).to(DEV, DTYPE)
     lengths, steps = [7, 1, 14, 20], 14
     seqs = [tokens(1, n + steps, seed=i)[0].to(DEV) for i, n in enumerate(lengths)]
@@ -105,7 +198,8 @@ def test_prompts_of_different_lengths(mixer, prefill, mode, tiny, tokens):
     got = torch.cat(got, 1)  # [4, steps + 1, V]
     assert cache.positions.tolist() == [n + steps for n in lengths]
     for b, n in enumerate(lengths):
-        alone = model(seqs[b][None]).logits[0, n - 1 :]
+        with _plain():
+            alone = model(seqs[b][None]).logits[0, n - 1 :]
         assert (got[b] - alone).abs().max().item() <= TOL, b
 
 
@@ -170,11 +264,13 @@ def _beam_search_matches(model, tokens) -> None:
     kw = dict(num_beams=3, max_new_tokens=8, pad_token_id=0, attention_mask=mask)
     cache = _cache(model, MODES[-1])
     beams = model.generate(ids, **{CACHE_FIELD: cache}, **kw)
-    assert cache.is_static and torch.equal(beams, model.generate(ids, use_cache=False, **kw))
+    with _plain():
+        assert cache.is_static and torch.equal(beams, model.generate(ids, use_cache=False, **kw))
 
 
-@pytest.mark.parametrize("mixer", ["ttt_linear", "transformer"])
-def test_beam_search_on_static_cache(mixer, tiny, tokens):
+@pytest.mark.parametrize("compiled, mixer", [(False, "ttt_linear"), (False, "transformer"), (True, "transformer")],
+                         indirect=["compiled"])
+def test_beam_search_on_static_cache(mixer, compiled, tiny, tokens):
     """Beam search reorders the static buffers' rows in place (the captured graph keeps its buffers)."""
     _beam_search_matches(tiny(mixer).to(DEV, DTYPE), tokens)
 
@@ -261,9 +357,10 @@ def test_fallbacks_are_logged(tiny, tokens, caplog):
 @pytest.mark.parametrize("mixer", MIXERS)
 @torch.no_grad()
 def test_graph_bf16_small_model(mixer):
-    """The "small" preset in bf16 on the GPU's own kernels: the graph's logits equal the eager path's within bf16
-    noise, teacher-forced for 40 steps after a 100-token prompt; and every token of greedy generate() through the
-    graph is the eager full forward's argmax, up to bf16 near-ties."""
+    """The "small" preset in bf16 on the GPU's own kernels: the graph's logits (compiled blocks, unless
+    TTTLM_COMPILE=0) equal the uncompiled eager path's within bf16 noise, teacher-forced for 40 steps after a
+    100-token prompt; and every token of greedy generate() through the graph is the eager full forward's argmax,
+    up to bf16 near-ties."""
     torch.manual_seed(0)
     model = build_model(f"{mixer}-small").to("cuda", torch.bfloat16).eval()
     model.model.norm.weight.data.mul_(20)  # peaked logits: fewer near-ties in a random model's greedy choices
@@ -271,8 +368,9 @@ def test_graph_bf16_small_model(mixer):
     logits = {}
     for mode in ("eager", "graph"):
         cache = _cache(model, mode)
-        out = [model(ids[:, :100], use_cache=True, logits_to_keep=1, **{CACHE_FIELD: cache}).logits]
-        out += [model(ids[:, t : t + 1], **{CACHE_FIELD: cache}).logits for t in range(100, 140)]
+        with fast.fast_paths(compile=False) if mode == "eager" else fast.fast_paths():
+            out = [model(ids[:, :100], use_cache=True, logits_to_keep=1, **{CACHE_FIELD: cache}).logits]
+            out += [model(ids[:, t : t + 1], **{CACHE_FIELD: cache}).logits for t in range(100, 140)]
         logits[mode] = torch.cat(out, 1).float()
         if mode == "graph":
             assert cache.decoder.graph is not None, "the step was not captured"

@@ -27,6 +27,16 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(triton_parts, "POISON_OUTPUTS", True)
 
 
+@pytest.fixture(params=[False] if CUDA else [False, True], ids=lambda in_scan: "in_scan" if in_scan else "per_chunk")
+def placement(request, monkeypatch):
+    """Y and dx computed by one program per chunk from the kept states (the default), or in the passes over chunks
+    (on CUDA, benchmarks/gpu_ssd.py --sweep gives that setting's error instead, saving its compile time)."""
+    from tttlm.ops.ssd import triton_ssd
+
+    monkeypatch.setattr(triton_ssd, "Y_IN_SCAN", request.param)
+    monkeypatch.setattr(triton_ssd, "DX_IN_SCAN", request.param)
+
+
 def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.detach().to(F64).cpu(), ref.detach().to(F64).cpu()
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -82,17 +92,34 @@ def check(pairs, grads):
 
 
 @pytest.mark.parametrize("T", [2 * SIZES["chunk"] + 5, SIZES["chunk"]] if not CUDA else [2048, 1000])
-def test_rows_with_initial_and_final_states(T):
+def test_rows_with_initial_and_final_states(T, placement):
     pairs, grads = run_both(make_case(2, T, seed=T, **SIZES))
     check(pairs, grads)
 
 
-def test_packed_documents():
+def test_packed_documents(placement):
     L = SIZES["chunk"]
     # documents starting at a chunk start, inside a chunk, of one token, and one longer than two chunks
     lengths = [L, 3, 1, 2 * L + 5, L - 4, 7] if not CUDA else [2048, 17, 1, 3000, 900, 2226]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     pairs, grads = run_both(make_case(1, int(cu[-1]), seed=1, **SIZES), cu=cu)
+    check(pairs, grads)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_state_split_over_programs(monkeypatch, packed, placement):
+    """Each head's state split over several programs, by rows in the passes over chunks and by columns in B's and
+    C's gradients, the last of each partly past P or N (on CUDA: the 125m heads in 4 and 8 parts); the per-chunk
+    kernels' chunks split over programs with a partial last one."""
+    from tttlm.ops.ssd import triton_ssd
+
+    monkeypatch.setattr(triton_ssd, "SCAN_ROWS", 16)
+    monkeypatch.setattr(triton_ssd, "DBC_COLUMNS", 16)
+    monkeypatch.setattr(triton_ssd, "CHUNK_STEP", 2)  # 3 chunks: the second program of the per-chunk kernels has 1
+    sizes = SIZES if CUDA else dict(SIZES, P=40, N=40)
+    L = sizes["chunk"]
+    cu = torch.tensor([0, L + 3, 2 * L + 5]) if packed else None
+    pairs, grads = run_both(make_case(1 if packed else 2, 2 * L + 5, seed=7, **sizes), cu=cu)
     check(pairs, grads)
 
 

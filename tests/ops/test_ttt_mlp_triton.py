@@ -209,6 +209,23 @@ def test_split_kernels(monkeypatch, split, shape):
     check_forward(*shape)
 
 
+@pytest.mark.skipif(CUDA, reason="on a GPU benchmarks/gpu_ttt_mlp.py --tilings checks them")
+@pytest.mark.usefixtures("concurrent_programs")
+@pytest.mark.parametrize("tiling", sorted({t.max_f_tile for t in triton_parts.CANDIDATE_TILINGS} - {64}))
+def test_candidate_tilings(monkeypatch, tiling):
+    """The tile widths that benchmarks/gpu_ttt_mlp.py --tilings offers (at head width 64 there) on the shape of a
+    split case: one program per (sequence, head) and the hidden tiles split over 2 (the interpreter has no
+    warps)."""
+    B, T, H, D, cu = SHAPES[1]
+    tilings = dict(triton_parts.TILINGS)
+    tilings[linear_parts.block_d(D)] = triton_parts.Tiling(tiling, 4, 4)
+    monkeypatch.setattr(triton_parts, "TILINGS", tilings)
+    assert 4 * D // triton_parts.chunk_f_tile(D) == 4 * D // tiling
+    check_kernel(B, T, H, D, cu)
+    monkeypatch.setattr(triton_parts, "splits", lambda programs, D, device: 2)
+    check_kernel(B, T, H, D, cu)
+
+
 def check_kernel(B, T, H, D, cu):
     dev_leaves, offset, weights, o_ref, f_ref, grads = reference_case(B, T, H, D, cu)
     for with_state in (True, False):

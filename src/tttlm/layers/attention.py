@@ -8,9 +8,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from tttlm.fast import opaque
 from tttlm.layers.common import SeqInfo, check_heads, rope
 from tttlm.ops.attention import attention
 from tttlm.ops.attention_cached import cached_attention
+
+_cached_attention_op = opaque(cached_attention)  # its kernels run outside the compiled decode step around it
 
 
 class AttentionMixer(nn.Module):
@@ -44,7 +47,7 @@ class AttentionMixer(nn.Module):
             rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
             k_buf.index_put_((rows, info.pos), k.to(k_buf.dtype))
             v_buf.index_put_((rows, info.pos), v.to(v_buf.dtype))
-            o = cached_attention(q, k_buf, v_buf, info.pos)
+            o = _cached_attention_op(q, k_buf, v_buf, info.pos)
             return self.o_proj(o.reshape(B, T, C))
         if cache is not None and info.cu_seqlens is not None:
             cache.state = (info.rows(k), info.rows(v))

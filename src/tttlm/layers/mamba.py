@@ -24,7 +24,8 @@ from tttlm.fast import opaque
 from tttlm.layers.common import SeqInfo, ShortConv
 from tttlm.ops.selective_scan import selective_scan, selective_scan_step
 
-_selective_scan_op = opaque(selective_scan)  # its kernels run outside the compiled code around it
+# their kernels run outside the compiled code around them
+_selective_scan_op, _selective_scan_step_op = opaque(selective_scan), opaque(selective_scan_step)
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
 
@@ -88,8 +89,8 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         state = None if cache is None else cache.state
         if state is not None and T == 1:
-            y, state = selective_scan_step(xs[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], self.D, delta_bias=self.dt_bias,
-                                           delta_softplus=True, state=state)
+            y, state = _selective_scan_step_op(xs[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], self.D,
+                                               delta_bias=self.dt_bias, delta_softplus=True, state=state)
             y = y[:, None]
         else:
             y, state = _selective_scan_op(

@@ -16,7 +16,8 @@ from tttlm.fast import opaque
 from tttlm.layers.common import SeqInfo, ShortConv
 from tttlm.ops.ssd import ssd, ssd_step
 
-_ssd_op = opaque(ssd)  # its kernels run outside the compiled code around it
+# their kernels run outside the compiled code around them
+_ssd_op, _ssd_step_op = opaque(ssd), opaque(ssd_step)
 
 
 class Mamba2Mixer(nn.Module):
@@ -70,7 +71,7 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         state = None if cache is None else cache.state
         if state is not None and T == 1:
-            y, state = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state)
+            y, state = _ssd_step_op(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state)
             y = y[:, None]
         else:
             y, state = _ssd_op(

@@ -19,7 +19,8 @@ from tttlm.fast import opaque
 from tttlm.layers.common import SeqInfo, ShortConv, check_heads
 from tttlm.ops import mesa, mesa_step
 
-_mesa_op = opaque(mesa)  # its kernels run outside the compiled code around it
+# their kernels run outside the compiled code around them
+_mesa_op, _mesa_step_op = opaque(mesa), opaque(mesa_step)
 
 LAMB_MIN = 0.25
 GATE_CAP = 0.9975  # the optional cap on the forget gate of repeated inputs: gamma * (1 - (1 - cap) * beta^2)
@@ -110,7 +111,7 @@ class MesaMixer(nn.Module):
         kw, convs = self._project(x, info, cache)
         state = None if cache is None else cache.state
         if state is not None and T == 1:
-            o, state = mesa_step(
+            o, state = _mesa_step_op(
                 *(kw[n][:, 0] for n in ("q", "k", "v", "g", "beta")),
                 kw["lamb"],
                 state,

@@ -22,9 +22,10 @@ from tttlm.fast import opaque
 from tttlm.layers.common import RMSNorm, SeqInfo, ShortConv, check_heads, rope
 from tttlm.ops import TTTLinearState, TTTMLPState, ttt_linear, ttt_linear_step, ttt_mlp, ttt_mlp_step
 
+# the one-token steps run their kernels outside the compiled decode step around them
 _INNER = {
-    "linear": (ttt_linear, ttt_linear_step, TTTLinearState),
-    "mlp": (ttt_mlp, ttt_mlp_step, TTTMLPState),
+    "linear": (ttt_linear, opaque(ttt_linear_step), TTTLinearState),
+    "mlp": (ttt_mlp, opaque(ttt_mlp_step), TTTMLPState),
 }
 
 

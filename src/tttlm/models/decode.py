@@ -4,7 +4,9 @@ A decode step of a small model is hundreds of small kernels; launched one by one
 host time than GPU time. Here the cache's tensors live in buffers allocated once (`TTTLMCache.make_static`), the
 step writes them in place and never waits for the host (Mesa's CG runs its fixed number of steps, attention
 reads each row's valid length from memory), so the whole step is captured once in a CUDA graph; each later
-token costs a copy of the new ids into the graph's input buffer and one replay.
+token costs a copy of the new ids into the graph's input buffer and one replay. The graph replays every kernel
+the step launches, so the blocks run compiled where `tttlm.fast` compiles them (on CUDA by default): the norms,
+RoPE, gates and glue of a block fuse into a few kernels around the matrix products and the op's own step kernel.
 
 `TTTLMForCausalLM.forward` routes every call that continues a cache through `plan`: on CUDA the graph by default
 (generate() included), the eager per-layer path on CPU, static buffers without a graph when the graph cannot

@@ -5,8 +5,8 @@ Forward inputs are [B, T] token ids. Packed batches (several documents per row, 
 every row start is a document start too). Documents never see each other: recurrent states and convolutions
 restart, attention is block-diagonal, and the loss never predicts across a boundary. Prompts of different
 lengths for generation come left-padded (zeros at the start of attention_mask rows) and are read packed.
-Calls without a cache run through the fast paths of `tttlm.fast` (compiled blocks on CUDA); decoding from a cache
-runs through `tttlm.models.decode` (a CUDA graph on CUDA).
+Every call runs through the fast paths of `tttlm.fast` (compiled blocks on CUDA, with or without a cache);
+decoding from a cache runs through `tttlm.models.decode` (a CUDA graph of the compiled step on CUDA).
 """
 
 from __future__ import annotations
@@ -92,10 +92,10 @@ class TTTLMBlock(GradientCheckpointingLayer):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size) if mlp else None
 
     def forward(self, h: Tensor, info: SeqInfo, cache=None) -> Tensor:
-        # a call with a cache stays eager: the cache changes every call (decoding's static step runs from a CUDA
-        # graph instead, tttlm.models.decode)
-        if cache is None and compile_enabled(h.device):
-            return compiled(TTTLMBlock._forward)(self, h, info)
+        # compiled with or without a cache: the cache's tensors are inputs of the compiled code (a static cache's
+        # buffers written in place, see tttlm.models.decode), so one compilation serves every layer and step
+        if compile_enabled(h.device):
+            return compiled(TTTLMBlock._forward)(self, h, info, cache)
         return self._forward(h, info, cache)
 
     def _forward(self, h: Tensor, info: SeqInfo, cache=None) -> Tensor:
@@ -151,7 +151,7 @@ class TTTLMModel(TTTLMPreTrainedModel):
         h = inputs_embeds
         for i, block in enumerate(self.layers):
             h = block(h, info=info, cache=None if cache is None else cache.layers[i])
-        if cache is None and compile_enabled(h.device):
+        if compile_enabled(h.device):
             return compiled(RMSNorm.forward)(self.norm, h)
         return self.norm(h)
 

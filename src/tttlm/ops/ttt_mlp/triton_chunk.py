@@ -12,7 +12,7 @@ where (gW1, gb1, gW2, gb2) are the state's partial sums (nonzero only in the fir
 One program per (sequence, head) walks its mini-batches in order. W1 [D, 4D], b1 and W2 [4D, D] stay in
 global memory in float32 (the final state's tensors serve as the workspace, updated in place; 2 x 64 KB per
 head at D=64, which L2 holds between mini-batches) and are read in tiles of FT hidden units
-(`triton_parts.f_tile`), twice per mini-batch: a first pass forms Z2 (the LayerNorm-L2 gradient needs all of
+(`triton_parts.chunk_f_tile`), twice per mini-batch: a first pass forms Z2 (the LayerNorm-L2 gradient needs all of
 it), a second forms E1, the output and the update of each tile. b2 stays on chip. The matrix products run on
 the tensor cores (tf32 for float32 operands). With few sequences (B = 1 at long T) the hidden tiles of a
 (sequence, head) are split over 2, 4 or 8 programs (`triton_parts.splits`), which sum their shares of Z2,
@@ -62,13 +62,11 @@ from tttlm.ops.ttt_mlp.triton_parts import (
     _tile_offsets,
     _w1_tile,
     _w2_tile,
+    chunk_f_tile,
     exchange,
-    f_tile,
+    tiling,
 )
 
-# Warps per program by on-chip head dim. At 64, 4 (with 8 the kernels compile to a wgmma of shape m64n32k8 and
-# gave NaN on an H200; with 4 they passed there: `triton_parts.CHUNK_WIDTHS_ON_CUDA`).
-NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 STATS = 4  # per token and head, kept for the backward: rstd, mean(G), mean(G xhat) of Z2's LayerNorm, Zq2's rstd
 
 
@@ -225,10 +223,6 @@ def _fwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ autograd
-def num_warps(D: int) -> int:
-    return NUM_WARPS[block_d(D)]
-
-
 class _TTTMLPFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, eta, ln_weight, ln_bias, s, W1, b1, W2, b2, gW1, gb1, gW2, gb2, cu, offset, eps, save):
@@ -256,8 +250,8 @@ class _TTTMLPFn(torch.autograd.Function):
         X, cnt = exchange(N * H, split, BD, BT, dev)
         _fwd_kernel[(N * H * split,)](
             q, k, v, eta, ln_weight, ln_bias, s, cu, offset, *final, gW1, gb1, gW2, gb2, *final_sums,
-            o, Z1S, XH2S, XQS, STS, X, cnt, eps, H, split, D=D, BD=BD, BT=BT, F=F, FT=f_tile(D), SAVE=save,
-            num_warps=num_warps(D),
+            o, Z1S, XH2S, XQS, STS, X, cnt, eps, H, split, D=D, BD=BD, BT=BT, F=F, FT=chunk_f_tile(D), SAVE=save,
+            num_warps=tiling(D).fwd_warps,
         )
         if save:
             ctx.save_for_backward(q, k, v, eta, ln_weight, ln_bias, s, gW1, gb1, gW2, gb2, cu, offset, *final[:3],

@@ -66,12 +66,10 @@ from tttlm.ops.ttt_mlp.triton_parts import (
     _tile_offsets,
     _w1_tile,
     _w2_tile,
+    chunk_f_tile,
     exchange,
-    f_tile,
+    tiling,
 )
-
-# Warps per program by on-chip head dim (at 64, 4: `triton_chunk.NUM_WARPS`).
-NUM_WARPS = {16: 4, 32: 4, 64: 4, 128: 8}
 
 
 @triton.jit
@@ -417,7 +415,8 @@ def chunk_backward(q, k, v, eta, ln_weight, ln_bias, s, sums, cu, offset, final,
     _bwd_kernel[(programs,)](
         q, k, v, eta, do, ln_weight, ln_bias, s, cu, offset, W1, b1, W2, *sums, *dW, *dgf, *saved,
         dq, dk, dv, deta, *dsums, dln_p, ds_p, scratch, X, cnt,
-        H, split, D=D, BD=BD, BT=BT, F=4 * D, FT=f_tile(D), HAS_DFINAL=has_dfinal, num_warps=NUM_WARPS[BD],
+        H, split, D=D, BD=BD, BT=BT, F=4 * D, FT=chunk_f_tile(D), HAS_DFINAL=has_dfinal,
+        num_warps=tiling(D).bwd_warps,
     )
     dln = dln_p.view(N, H, split, 2, D).sum((0, 2))
     return (dq, dk, dv, deta, dln[:, 0].to(ln_weight.dtype), dln[:, 1].to(ln_bias.dtype), ds_p.sum(0),

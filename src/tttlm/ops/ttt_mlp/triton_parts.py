@@ -9,6 +9,7 @@ memory, where they stay in L2 between mini-batches. The LayerNorm pieces over th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -22,21 +23,52 @@ from tttlm.ops.ttt_linear.triton_parts import block_d
 MAX_D = 128
 SUPPORTED_MINI_BATCH = (16,)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Hidden units per tile, at most. Compiled for sm_90 (8 warps), 64 gave the fewest instructions per mini-batch
-# step of both kernels at D=64 and D=128 (backward, per thread: 18k against 27k with 32 at D=64; 47k against
-# 67k at D=128), though more of them spill; benchmarks/gpu_ttt_mlp.py --sweep times the alternatives.
+# Hidden units per tile of the decode step, at most (the whole-sequence kernels': `Tiling.max_f_tile`).
 MAX_F_TILE = 64
 GELU_C = tl.constexpr(math.sqrt(2.0 / math.pi))
 
 
-# On-chip head widths (`block_d`) at which the whole-sequence kernels run by default on CUDA: those whose tests
-# (tests/ops/test_ttt_mlp_triton.py) passed on an H200 (Triton 3.6 with its ptxas 12.8). Elsewhere CUDA runs the
-# PyTorch path and refuses backend="triton". Width 64 compiles with 4 warps: with 8 it compiled to a wgmma of
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """How the whole-sequence kernels (`triton_chunk`, `triton_chunk_bwd`) run at one on-chip head width: at most
+    `max_f_tile` hidden units per tile (`chunk_f_tile`), and the warps per program of the forward and of the
+    backward."""
+
+    max_f_tile: int
+    fwd_warps: int
+    bwd_warps: int
+
+    def __str__(self) -> str:
+        return f"FT{self.max_f_tile} fwd {self.fwd_warps} bwd {self.bwd_warps} warps"
+
+
+# By on-chip head width (`block_d`). Compiled for sm_90 at D=64 every tiling takes 255 registers per thread and
+# spills (`benchmarks/kernel_registers.py --tiling`); 64 hidden units per tile gave the fewest instructions per
+# mini-batch step at D=64 and D=128 (8 warps; backward, per thread: 18k against 27k with 32 at D=64; 47k
+# against 67k at D=128). Width 64 compiles with 4 warps: with 8 (and tiles of 64) it compiled to a wgmma of
 # shape m64n32k8 with its A operand in registers and gave NaN although its PTX is right (run on CPU by
 # benchmarks/ptx_emulate.py it matches the PyTorch path; ptxas before 13.3 mishandles register-operand wgmma,
 # triton-lang/triton issue 9433); with 4 it compiles to the m64n64k8 of width 128 (tests/test_kernel_registers.py
-# checks it) and passed. Widths 16 and 32 (wgmma m64n16k8 and m64n32k8) have never run on a GPU. The decode step
-# has no matrix products and runs at every width.
+# checks it) and passed on an H200. `benchmarks/gpu_ttt_mlp.py --tilings` times the alternatives and checks each
+# against the PyTorch path.
+TILINGS = {16: Tiling(64, 4, 4), 32: Tiling(64, 4, 4), 64: Tiling(64, 4, 4), 128: Tiling(64, 8, 8)}
+# The tilings that `benchmarks/gpu_ttt_mlp.py --tilings` checks and times at width 64 unless told others (the
+# shipped one first; 64 hidden units with 8 warps is the one that gave NaN). Compiled for sm_90 (backward without
+# the final state's gradient): 16 and 32 units at 4 warps spill 2.6 and 4.5 KB per thread (64: 7.7 KB) in 25 and
+# 38 KB of shared memory (64: 84 KB), wgmma m64n16k8 and m64n32k8 with A in registers; 32 at 8 warps 3.2 KB in
+# 38 KB, m64n16k8 (one program per SM: 255 registers of 256 threads).
+CANDIDATE_TILINGS = (Tiling(64, 4, 4), Tiling(32, 4, 4), Tiling(32, 8, 8), Tiling(16, 4, 4))
+
+
+def tiling(D: int) -> Tiling:
+    """The whole-sequence kernels' `Tiling` at head dim D."""
+    return TILINGS[block_d(D)]
+
+
+# On-chip head widths (`block_d`) at which the whole-sequence kernels run by default on CUDA: those whose tests
+# (tests/ops/test_ttt_mlp_triton.py) passed on an H200 (Triton 3.6 with its ptxas 12.8), with the tilings of
+# TILINGS. Elsewhere CUDA runs the PyTorch path and refuses backend="triton". Widths 16 and 32 (wgmma m64n16k8
+# and m64n32k8) have never run on a GPU. The decode step has no matrix products and runs at every width.
 CHUNK_WIDTHS_ON_CUDA = (64, 128)
 
 
@@ -64,7 +96,7 @@ def split_count(programs: int, D: int, sms: int) -> int:
     most of SPLITS that divides the number of hidden tiles and gives every program of the launch an SM of its
     own (the programs of a (sequence, head) wait for each other at every mini-batch, so all must be resident);
     else 1."""
-    tiles = 4 * D // f_tile(D)
+    tiles = 4 * D // chunk_f_tile(D)
     return next((s for s in SPLITS if tiles % s == 0 and programs * s <= sms), 1)
 
 
@@ -86,11 +118,16 @@ def exchange(groups: int, split: int, BD: int, BT: int, device) -> tuple[Tensor,
             torch.zeros(groups, dtype=torch.int32, device=device))
 
 
-def f_tile(D: int) -> int:
+def f_tile(D: int, most: int = MAX_F_TILE) -> int:
     """Columns of W1 (rows of W2) per tile for head dim D: the largest power of two that divides F = 4D, at most
-    MAX_F_TILE (so 64 at D=64, 96 and 128; 32 at D=24, 16 at D=12)."""
+    `most` (so with 64: 64 at D=64, 96 and 128; 32 at D=24, 16 at D=12)."""
     F = 4 * D
-    return min(F & -F, MAX_F_TILE)
+    return min(F & -F, most)
+
+
+def chunk_f_tile(D: int) -> int:
+    """`f_tile` of the whole-sequence kernels at head dim D, at most its `tiling`'s max_f_tile."""
+    return f_tile(D, tiling(D).max_f_tile)
 
 
 # ---------------------------------------------------------------------------------------------- kernel pieces
