@@ -37,7 +37,7 @@ SWEEP = (
     ("dB dC 32 columns", dict(DBC_COLUMNS=32)),
     ("passes 32 rows, 8 warps", dict(SCAN_ROWS=32, SCAN_WARPS=8)),
     ("per-chunk kernels 2 chunks each", dict(CHUNK_STEP=2)),
-    ("per-chunk kernels 4 warps", dict(CHUNK_WARPS=4)),
+    ("per-chunk kernels 8 warps", dict(CHUNK_WARPS=8)),
     ("tf32 products", dict(LOW_PRODUCTS=False)),
     ("Y, dx in the passes", dict(Y_IN_SCAN=True, DX_IN_SCAN=True, SCAN_ROWS=32, SCAN_WARPS=8)),
 )

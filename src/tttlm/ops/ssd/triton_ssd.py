@@ -48,11 +48,14 @@ MAX_HEAD_DIM = 128
 # passes over chunks (each holds [SCAN_ROWS, N] of the state in registers), state columns per program of B's
 # and C's gradients; chunks per program of the per-chunk kernels (unrolled) and their warps. At the 125m preset
 # on sm_90 (benchmarks/kernel_registers.py --ops ssd) these compile without spills: the passes in 134-156
-# registers (3 programs per SM), the per-chunk kernels in 204-246 and B's and C's gradients in 255 (1 program per
-# SM). Computing Y or dx in the passes takes 32 rows and 8 warps (255 registers).
+# registers (3 programs per SM), the per-chunk kernels in 202-255 and B's and C's gradients in 255 (1 program per
+# SM). Computing Y or dx in the passes takes 32 rows and 8 warps (255 registers). On an H200 (2026-12-03, the
+# sweep at B16xT2048, every setting within 2.9e-3 of float64) 4 warps for the per-chunk kernels ran
+# forward+backward in 3.25 ms against 3.72 with 8; no other setting moved it by more than 1%, and Y and dx in the
+# passes took 5.5 ms.
 SCAN_ROWS, SCAN_WARPS, SCAN_STAGES = 16, 4, 2
 DBC_COLUMNS, DBC_WARPS, DBC_STAGES = 64, 8, 2
-CHUNK_STEP, CHUNK_WARPS = 1, 8
+CHUNK_STEP, CHUNK_WARPS = 1, 4
 # Products of the chunk's L x L matrices with x, dy, B or C take operands in the 16-bit inputs' dtype (the tensor
 # cores' fast path; else float32, as tf32 on the GPU).
 LOW_PRODUCTS = True
