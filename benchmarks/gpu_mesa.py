@@ -34,6 +34,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from tttlm.ops.compare import rel_rmse
+
 TOKENS = 32768
 SEQ_LENS = (2048, 8192, 32768)
 OPS = ("tttlm.mesa", "fla.chunk_mesa_net", "fla.chunk_gated_delta_rule")
@@ -171,11 +173,6 @@ def exact_output(inp: dict) -> torch.Tensor:
 
     with torch.no_grad():
         return mesa_ref(*(inp[n].double() for n in ("q", "k", "v", "g", "beta", "lamb")))[0]
-
-
-def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm()).item()
 
 
 def accuracy(H: int, D: int, fla, T: int = 1024) -> dict:

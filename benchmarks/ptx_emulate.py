@@ -26,6 +26,8 @@ from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from tttlm.ops.compare import rel_rmse  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ptx_emulator import Emulator, Heap  # noqa: E402
 
@@ -102,11 +104,6 @@ def emulated(arch: int = 90):
         yield findings
     finally:
         JITFunction.run = real_run
-
-
-def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().double(), ref.detach().double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def ttt_mlp_case(B: int, T: int, H: int, D: int, cu, backward: bool, seed: int) -> tuple[dict, list]:

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tttlm.ops.compare import rel_rmse
 from tttlm.ops.ttt_linear.triton_parts import _dot, _dot_acc, _head_ln, _ln_bwd, _ln_l2_grad
 
 BT = 16
@@ -231,10 +232,6 @@ RECURRENCES = {  # name: kernels (rows, cols), inputs, launch, float64 reference
 }
 
 
-def rel_err(x, ref) -> float:
-    return ((x.double() - ref).norm() / ref.norm()).item()
-
-
 def main() -> int:
     if not torch.cuda.is_available():
         print("ttt_linear_step_floor: needs a CUDA GPU (tests/test_step_floor.py checks its math on CPU)",
@@ -254,7 +251,7 @@ def main() -> int:
                         call, outputs = launch(kernel, inputs, B, T, warps)
                         call()
                         ms = triton.testing.do_bench(call, warmup=5, rep=50)
-                        err = "" if expected is None else f"{rel_err(outputs[0], expected):.1e}"
+                        err = "" if expected is None else f"{rel_rmse(outputs[0], expected):.1e}"
                         print(f"| {name} | {H}×{D} | {B}×{T} | {orientation} | {warps} | "
                               f"{1e3 * ms / (T // BT):.2f} | {ms:.3f} | {err} |", flush=True)
     return 0

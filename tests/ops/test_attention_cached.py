@@ -9,17 +9,13 @@ import torch
 
 from tttlm.ops.attention import attention_ref
 from tttlm.ops.attention_cached import cached_attention, cached_attention_ref
+from tttlm.ops.compare import rel_rmse
 
 F64 = torch.float64
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 TOL = 1e-2 if CUDA else 1e-5  # relative RMSE
-
-
-def rel_rmse(x, ref):
-    x, ref = x.to(F64).cpu(), ref.to(F64).cpu()
-    return ((x - ref).norm() / ref.norm()).item()
 
 
 def make_cache(B, S, H, D, lengths, seed=0):

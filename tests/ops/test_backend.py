@@ -1,6 +1,8 @@
 """The one rule by which every op picks its Triton kernels or its PyTorch path (`tttlm.ops.backend`)."""
 
-import importlib
+import importlib.util
+import sys
+import types
 
 import pytest
 import torch
@@ -12,53 +14,80 @@ from tttlm.ops.backend import use_triton
 X = torch.zeros(2)
 
 
-def _never():
-    raise AssertionError("supports() must not be asked")
+@pytest.fixture
+def kernels(monkeypatch):
+    """A kernels module, "fake_kernels", whose supports(x, size) answers `answer[0]` (None: must not be asked)."""
+    module = types.ModuleType("fake_kernels")
+    module.LIMITS = "sizes up to 4"
+    module.answer = [None]
+
+    def supports(x, size):
+        assert module.answer[0] is not None, "supports() must not be asked"
+        return module.answer[0]
+
+    module.supports = supports
+    monkeypatch.setitem(sys.modules, "fake_kernels", module)
+    return module
 
 
-def test_default_follows_the_kernels_switch(monkeypatch):
-    assert not use_triton(X, None, _never, _never)  # a CPU tensor: tttlm's GPU kernels are for CUDA
+def test_default_follows_the_kernels_switch(monkeypatch, kernels):
+    assert not use_triton(None, "fake_kernels", x=X, size=2)  # a CPU tensor: tttlm's GPU kernels are for CUDA
     monkeypatch.setattr(fast, "KERNEL_DEVICES", ("cuda", "cpu"))
-    assert use_triton(X, None, lambda: True, _never)
-    assert not use_triton(X, None, lambda: False, _never)  # shapes the kernels do not take: PyTorch, no error
+    kernels.answer[0] = True
+    assert use_triton(None, "fake_kernels", x=X, size=2)
+    kernels.answer[0] = False
+    assert not use_triton(None, "fake_kernels", x=X, size=8)  # inputs the kernels do not take: PyTorch, no error
     with fast.fast_paths(kernels=False):
-        assert not use_triton(X, None, _never, _never)
-        assert use_triton(X, "triton", lambda: True, _never)  # a forced backend is taken whatever the switch
+        kernels.answer[0] = None
+        assert not use_triton(None, "fake_kernels", x=X, size=2)
+        kernels.answer[0] = True
+        assert use_triton("triton", "fake_kernels", x=X, size=2)  # a forced backend is taken whatever the switch
 
 
-def test_forced_backends():
-    assert not use_triton(X, "torch", _never, _never)
-    with pytest.raises(ValueError, match="the kernels cannot"):
-        use_triton(X, "triton", lambda: False, lambda: "the kernels cannot")
+def test_forced_backends(kernels):
+    assert not use_triton("torch", "fake_kernels", x=X, size=2)
+    kernels.answer[0] = False
+    message = r"do not support x \[2\] \(torch.float32\) on cpu, size=8; they take sizes up to 4"
+    with pytest.raises(ValueError, match=message):
+        use_triton("triton", "fake_kernels", x=X, size=8)
     with pytest.raises(ValueError, match="backend must be one of"):
-        use_triton(X, "cuda", _never, _never)
+        use_triton("cuda", "fake_kernels", x=X, size=2)
 
 
-def test_without_triton(monkeypatch):
+def test_without_triton(monkeypatch, kernels):
     monkeypatch.setattr(backend, "have_triton", lambda: False)
     monkeypatch.setattr(fast, "KERNEL_DEVICES", ("cuda", "cpu"))
-    assert not use_triton(X, None, _never, _never)
+    assert not use_triton(None, "fake_kernels", x=X, size=2)
     with pytest.raises(ValueError, match="needs the triton package"):
-        use_triton(X, "triton", _never, _never)
+        use_triton("triton", "fake_kernels", x=X, size=2)
+
+
+@pytest.mark.parametrize("kernels_module", ["tttlm.ops.ttt_linear.triton_chunk", "tttlm.ops.ttt_mlp.triton_parts",
+                                            "tttlm.ops.mesa.triton_chunk", "tttlm.ops.selective_scan.triton_scan",
+                                            "tttlm.ops.ssd.triton_ssd", "tttlm.ops.attention_cached_triton"])
+def test_every_kernels_module_says_what_it_takes(kernels_module):
+    module = importlib.import_module(kernels_module)
+    assert callable(module.supports) and "TRITON_INTERPRET" in module.LIMITS
 
 
 @pytest.mark.parametrize("op", ["ttt_linear", "ttt_mlp", "mesa", "selective_scan", "ssd", "cached_attention"])
 def test_every_op_follows_the_rule(op, monkeypatch):
     """Each op hands its choice to `backend.use_triton` (a spy sees the call and turns the kernels down)."""
-    from tttlm.ops import attention_cached, ttt_common
+    from tttlm.ops import attention_cached
     from tttlm.ops.state import TTTLinearState, TTTMLPState
 
     mesa, selective_scan, ssd = (importlib.import_module(f"tttlm.ops.{m}") for m in ("mesa", "selective_scan", "ssd"))
 
     seen = []
 
-    def spy(x, backend_, supports, unsupported):
-        seen.append(backend_)
+    def spy(backend_, kernels_, **inputs):
+        seen.append((backend_, kernels_))
         return False
 
-    for module in (attention_cached, mesa, selective_scan, ssd):
+    modules = [attention_cached, mesa, selective_scan, ssd]
+    modules += [importlib.import_module(f"tttlm.ops.{m}") for m in ("ttt_linear", "ttt_mlp")]
+    for module in modules:
         monkeypatch.setattr(module, "use_triton", spy)
-    monkeypatch.setattr(ttt_common, "backend_choice", spy)
     B, T, H, D = 1, 4, 2, 8
     x = torch.randn(B, T, H, D)
     eta = torch.rand(B, T, H)
@@ -85,4 +114,4 @@ def test_every_op_follows_the_rule(op, monkeypatch):
                 backend="torch")
     else:
         attention_cached.cached_attention(x[:, :1], x, x, torch.zeros(B, 1, dtype=torch.long), backend="torch")
-    assert seen == ["torch"]
+    assert [b for b, _ in seen] == ["torch"] and importlib.util.find_spec(seen[0][1])

@@ -7,24 +7,14 @@ TRITON_INTERPRET=1 (tests/conftest.py) in float32 at small sizes, with chunks of
 import pytest
 import torch
 
+from tttlm.ops.compare import rel_rmse
 from tttlm.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref, triton_ce
-from tttlm.ops.ttt_linear import triton_parts
 
 F64 = torch.float64
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 TOL = 1e-2 if CUDA else 1e-5  # relative RMSE of the gradients (bf16 logits and products on the GPU)
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(triton_parts, "POISON_OUTPUTS", True)
-
-
-def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().to(F64).cpu(), ref.detach().to(F64).cpu()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_case(M, C, V, seed):

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tttlm.ops.compare import rel_rmse
 from tttlm.ops.mesa import mesa, mesa_step, triton_chunk
 from tttlm.ops.mesa.reference import mesa_ref
 from tttlm.ops.state import MesaState
-from tttlm.ops.ttt_linear import triton_parts
 
 F64 = torch.float64
 CUDA = torch.cuda.is_available()
@@ -22,16 +22,6 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 TOL = 5e-3 if CUDA else 1e-5  # relative RMSE
 CHUNK = 64 if CUDA else 16
 ITERS = 30 if CUDA else 20
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(triton_parts, "POISON_OUTPUTS", True)
-
-
-def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().to(F64).cpu(), ref.detach().to(F64).cpu()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_case(B, T, H, D, Dv, N, seed):

@@ -10,25 +10,15 @@ reference runs on those same values in float64.
 import pytest
 import torch
 
+from tttlm.ops.compare import rel_rmse
 from tttlm.ops.selective_scan import selective_scan, selective_scan_step, triton_scan
 from tttlm.ops.selective_scan.reference import selective_scan_ref
-from tttlm.ops.ttt_linear import triton_parts
 
 F64 = torch.float64
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 TOL = 5e-3 if CUDA else 1e-5  # relative RMSE
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(triton_parts, "POISON_OUTPUTS", True)
-
-
-def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().to(F64).cpu(), ref.detach().to(F64).cpu()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(B, T, E, N, cu=None, *, seed=0, dtype=F64, h0=True, D=True, bias=True):

@@ -9,8 +9,8 @@ small heads and chunks of 16 tokens. Inputs are rounded to the kernel dtype and 
 import pytest
 import torch
 
+from tttlm.ops.compare import rel_rmse
 from tttlm.ops.ssd import ssd, ssd_ref
-from tttlm.ops.ttt_linear import triton_parts
 
 F64 = torch.float64
 CUDA = torch.cuda.is_available()
@@ -22,11 +22,6 @@ TOL = 1e-2 if CUDA else 1e-9  # relative RMSE
 SIZES = dict(H=24, P=64, G=1, N=128, chunk=64) if CUDA else dict(H=4, P=8, G=2, N=24, chunk=16)
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(triton_parts, "POISON_OUTPUTS", True)
-
-
 @pytest.fixture(params=[False] if CUDA else [False, True], ids=lambda in_scan: "in_scan" if in_scan else "per_chunk")
 def placement(request, monkeypatch):
     """Y and dx computed by one program per chunk from the kept states (the default), or in the passes over chunks
@@ -35,11 +30,6 @@ def placement(request, monkeypatch):
 
     monkeypatch.setattr(triton_ssd, "Y_IN_SCAN", request.param)
     monkeypatch.setattr(triton_ssd, "DX_IN_SCAN", request.param)
-
-
-def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().to(F64).cpu(), ref.detach().to(F64).cpu()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_case(Bt, T, seed, H, P, G, N, **_):

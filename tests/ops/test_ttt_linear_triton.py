@@ -7,11 +7,11 @@ small heads. Inputs are cast to the kernel dtype first and the reference runs on
 import pytest
 import torch
 
+from tttlm.ops.compare import rel_rmse
 from tttlm.ops.state import TTTLinearState
 from tttlm.ops.ttt_linear import (
     triton_chunk,
     triton_chunk_bwd,
-    triton_parts,
     triton_split,
     triton_split_chain,
     ttt_linear,
@@ -25,16 +25,6 @@ DEV = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 TOL = 5e-3 if CUDA else 1e-5  # relative RMSE
 B_MB = 16
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(triton_parts, "POISON_OUTPUTS", True)
-
-
-def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().to(F64).cpu(), ref.detach().to(F64).cpu()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_case(B, T, H, D, N, seed):

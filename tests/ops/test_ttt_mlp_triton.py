@@ -10,6 +10,7 @@ import functools
 import pytest
 import torch
 
+from tttlm.ops.compare import rel_rmse
 from tttlm.ops.state import TTTMLPState
 from tttlm.ops.ttt_linear import triton_parts as linear_parts
 from tttlm.ops.ttt_mlp import triton_parts, ttt_mlp, ttt_mlp_step
@@ -23,11 +24,6 @@ TOL = 5e-3 if CUDA else 1e-5  # relative RMSE
 B_MB = 16
 STATE = ("W1", "b1", "W2", "b2", "grad_W1", "grad_b1", "grad_W2", "grad_b2")
 GRADS = ("dq", "dk", "dv", "deta", "dln_w", "dln_b", "dtoken_scale") + tuple("d" + name for name in STATE)
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(linear_parts, "POISON_OUTPUTS", True)
 
 
 CUDA_WIDTHS = triton_parts.CHUNK_WIDTHS_ON_CUDA  # as shipped
@@ -55,11 +51,6 @@ def one_program_per_head(monkeypatch):
     """One program per (sequence, head), which the GPU runs unless few sequences leave SMs idle;
     `test_split_kernels` checks the others."""
     monkeypatch.setattr(triton_parts, "splits", lambda programs, D, device: 1)
-
-
-def rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().to(F64).cpu(), ref.detach().to(F64).cpu()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_case(B, T, H, D, N, seed):

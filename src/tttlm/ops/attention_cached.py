@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tttlm.ops.backend import kernel_device, use_triton
+from tttlm.ops.backend import use_triton
+
+KERNELS = "tttlm.ops.attention_cached_triton"
 
 
 def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor) -> None:
@@ -46,9 +48,7 @@ def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, *
         o: [B, T, H, Dv] in q's dtype. Scale 1/sqrt(D).
     """
     _check(q, k_cache, v_cache, pos)
-    if use_triton(q, backend, lambda: q.shape[1] == 1 and kernel_device(q),
-                  lambda: f"backend='triton' takes one query per row (T == 1) on CUDA (or the CPU under "
-                          f"TRITON_INTERPRET=1), got q {list(q.shape)} on {q.device}"):
+    if use_triton(backend, KERNELS, q=q):
         from tttlm.ops.attention_cached_triton import cached_attention_triton
 
         return cached_attention_triton(q[:, 0], k_cache, v_cache, pos[:, 0])[:, None]

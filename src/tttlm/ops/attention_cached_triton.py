@@ -15,8 +15,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from tttlm.ops.backend import kernel_device
+
 BLOCK_N = 64  # keys per loop step
 MAX_SPLITS = 128  # splits per (row, head) at most: the merge kernel holds them all at once
+
+LIMITS = "one query per row (T == 1), on CUDA (or the CPU under TRITON_INTERPRET=1)"
+
+
+def supports(q: Tensor) -> bool:
+    """Whether these kernels take q [B, T, H, D]: one query per row."""
+    return q.shape[1] == 1 and kernel_device(q)
 
 
 def split_size(S: int) -> int:

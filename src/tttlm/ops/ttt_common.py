@@ -14,7 +14,6 @@ leading dims are [R, H] (rows, heads), parameters included:
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -25,7 +24,6 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from tttlm.fast import compile_enabled
-from tttlm.ops.backend import use_triton as backend_choice
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -151,17 +149,6 @@ def check_ttt_inputs(
     if check_values and bool(((state.offset < 0) | (state.offset >= mini_batch_size)).any()):
         raise ValueError(f"state.offset must lie in [0, mini_batch_size = {mini_batch_size})")
     return N
-
-
-# ------------------------------------------------------------------------------------------------ backends
-def use_triton(q: Tensor, mini_batch_size: int, backend: str | None, kernels: str) -> bool:
-    """`tttlm.ops.backend.use_triton` for a TTT op whose kernels' module `kernels` has `supports(q,
-    mini_batch_size)`."""
-    return backend_choice(
-        q, backend, lambda: importlib.import_module(kernels).supports(q, mini_batch_size),
-        lambda: f"the Triton kernels do not support q of shape {list(q.shape)} ({q.dtype}) on {q.device} "
-                f"with mini_batch_size={mini_batch_size}",
-    )
 
 
 # ------------------------------------------------------------------------------------------ mini-batch layout

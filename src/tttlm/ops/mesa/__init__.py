@@ -24,23 +24,7 @@ from tttlm.ops.state import MesaState
 
 __all__ = ["mesa", "mesa_step"]
 
-def _use_triton(q: Tensor, k: Tensor, v: Tensor, chunk_size: int | None, backend: str | None) -> bool:
-    def supports() -> bool:
-        from tttlm.ops.mesa import triton_chunk
-
-        return triton_chunk.supports(q, k, v, chunk_size)
-
-    def unsupported() -> str:
-        from tttlm.ops.mesa import triton_chunk
-
-        where = "" if chunk_size is None else f" with chunk_size={chunk_size}"
-        return (
-            f"the Triton kernels do not support q {list(q.shape)} ({q.dtype}), k ({k.dtype}), v {list(v.shape)} "
-            f"({v.dtype}) on {q.device}{where}: they take head dims up to {triton_chunk.MAX_D}, chunk_size in "
-            f"{triton_chunk.SUPPORTED_CHUNKS}, float16, bfloat16 or float32 inputs, on CUDA"
-        )
-
-    return use_triton(q, backend, supports, unsupported)
+KERNELS = "tttlm.ops.mesa.triton_chunk"
 
 
 def mesa(
@@ -109,7 +93,7 @@ def mesa(
     check_state(state, N, H, D, v.shape[-1], q.device)
     # Autocast would run the inner products in bf16 and spoil the float32 states and solves.
     with torch.autocast(q.device.type, enabled=False):
-        if _use_triton(q, k, v, chunk_size, backend):
+        if use_triton(backend, KERNELS, q=q, k=k, v=v, chunk_size=chunk_size):
             from tttlm.ops.mesa.triton_chunk import mesa_triton
 
             return mesa_triton(
@@ -175,7 +159,7 @@ def mesa_step(
     B, H, D = q_t.shape
     check_state(state, B, H, D, v_t.shape[-1], q_t.device)
     with torch.autocast(q_t.device.type, enabled=False):
-        if _use_triton(q_t, k_t, v_t, None, backend):
+        if use_triton(backend, KERNELS, q=q_t, k=k_t, v=v_t, chunk_size=None):
             from tttlm.ops.mesa.triton_step import mesa_step_triton
 
             return mesa_step_triton(

@@ -30,6 +30,8 @@ from tttlm.ops.ttt_linear.triton_parts import block_d, new
 MAX_D = 128
 SUPPORTED_CHUNKS = (16, 32, 64)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LIMITS = (f"head dims up to {MAX_D}, chunk_size in {SUPPORTED_CHUNKS}, float16, bfloat16 or float32, on CUDA (or "
+          "the CPU under TRITON_INTERPRET=1)")
 SCAN_BLOCK = 32  # columns of [H | G] per program of the state passes
 GRADS_BLOCK = 64  # columns of dk, dv made at once by `triton_grads._grads_kernel`
 # Warps per program by on-chip head dim, for the per-chunk kernels (solves, gradients) and the state passes.

@@ -20,19 +20,7 @@ from tttlm.ops.selective_scan.chunked import selective_scan_chunked, selective_s
 
 __all__ = ["selective_scan", "selective_scan_step"]
 
-def _use_triton(u: Tensor, N: int, backend: str | None) -> bool:
-    def supports() -> bool:
-        from tttlm.ops.selective_scan import triton_scan
-
-        return triton_scan.supports(u, N)
-
-    def unsupported() -> str:
-        from tttlm.ops.selective_scan import triton_scan
-
-        return (f"the Triton kernels do not support u {u.dtype} on {u.device} with state size N={N} "
-                f"(float16/bfloat16/float32, N <= {triton_scan.MAX_N}, CUDA)")
-
-    return use_triton(u, backend, supports, unsupported)
+KERNELS = "tttlm.ops.selective_scan.triton_scan"
 
 
 def selective_scan(
@@ -74,7 +62,7 @@ def selective_scan(
     check_state("initial_state", initial_state, S, E, N, u.device)
     kwargs = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
                   cu_seqlens=cu_seqlens, output_final_state=output_final_state)
-    if _use_triton(u, N, backend):
+    if use_triton(backend, KERNELS, u=u, N=N):
         from tttlm.ops.selective_scan.triton_scan import selective_scan_triton
 
         return selective_scan_triton(u, delta, A, B, C, D, **kwargs)

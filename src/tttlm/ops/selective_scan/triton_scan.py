@@ -28,6 +28,7 @@ from tttlm.ops.ttt_linear.triton_parts import new
 BT = 16  # tokens per tile
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_N = 64
+LIMITS = f"state sizes N up to {MAX_N}, float16, bfloat16 or float32, on CUDA (or the CPU under TRITON_INTERPRET=1)"
 
 
 def supports(u: Tensor, N: int) -> bool:

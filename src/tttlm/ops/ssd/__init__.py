@@ -18,20 +18,7 @@ from tttlm.ops.ssd.checks import check, check_state
 from tttlm.ops.ssd.chunked import ssd_chunked
 from tttlm.ops.ssd.reference import ssd_ref, ssd_step
 
-
-def _use_triton(x: Tensor, chunk_size: int, backend: str | None) -> bool:
-    def supports() -> bool:
-        from tttlm.ops.ssd import triton_ssd
-
-        return triton_ssd.supports(x, chunk_size)
-
-    def unsupported() -> str:
-        from tttlm.ops.ssd import triton_ssd
-
-        return (f"the Triton kernels do not support x of shape {list(x.shape)} and dtype {x.dtype} on {x.device} "
-                f"with chunk_size={chunk_size} (chunk sizes {triton_ssd.CHUNK_SIZES})")
-
-    return use_triton(x, backend, supports, unsupported)
+KERNELS = "tttlm.ops.ssd.triton_ssd"
 
 
 def ssd(
@@ -77,7 +64,7 @@ def ssd(
     check_state(initial_state, Bt, H, P, N, "initial_state")
     kwargs = dict(chunk_size=chunk_size, initial_state=initial_state, cu_seqlens=cu_seqlens,
                   output_final_state=output_final_state)
-    if _use_triton(x, chunk_size, backend):
+    if use_triton(backend, KERNELS, x=x, chunk_size=chunk_size):
         from tttlm.ops.ssd.triton_ssd import ssd_triton
 
         return ssd_triton(x, dt, A, B, C, **kwargs)

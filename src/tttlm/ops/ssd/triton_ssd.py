@@ -44,6 +44,8 @@ from tttlm.ops.ttt_linear.triton_parts import new
 CHUNK_SIZES = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 128
+LIMITS = (f"head dims up to {MAX_HEAD_DIM}, chunk_size in {CHUNK_SIZES}, float16, bfloat16, float32 or float64, "
+          "on CUDA (or the CPU under TRITON_INTERPRET=1)")
 # Tiles and warps (benchmarks/gpu_ssd.py --sweep times others): head-dim rows of the state per program of the
 # passes over chunks (each holds [SCAN_ROWS, N] of the state in registers), state columns per program of B's
 # and C's gradients; chunks per program of the per-chunk kernels (unrolled) and their warps. At the 125m preset

@@ -57,6 +57,8 @@ from tttlm.ops.ttt_linear.triton_parts import (
 MAX_D = 128
 SUPPORTED_MINI_BATCH = (16,)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LIMITS = (f"head dims up to {MAX_D}, mini_batch_size in {SUPPORTED_MINI_BATCH}, float16, bfloat16 or float32, "
+          "on CUDA (or the CPU under TRITON_INTERPRET=1)")
 
 
 def supports(q: Tensor, mini_batch_size: int) -> bool:

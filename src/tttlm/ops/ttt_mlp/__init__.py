@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from tttlm.ops.backend import use_triton
 from tttlm.ops.state import TTTMLPState
-from tttlm.ops.ttt_common import check_ttt_inputs, use_triton
+from tttlm.ops.ttt_common import check_ttt_inputs
 from tttlm.ops.ttt_mlp.chunked import MLP, ttt_mlp_chunked, ttt_mlp_step_recurrent
 
-KERNELS = "tttlm.ops.ttt_mlp.triton_parts"  # its `supports` says which shapes the Triton kernels take
+KERNELS = "tttlm.ops.ttt_mlp.triton_parts"
 
 
 def ttt_mlp(
@@ -36,7 +37,7 @@ def ttt_mlp(
                      token_scale, cu_seqlens)
     kwargs = dict(mini_batch_size=mini_batch_size, token_scale=token_scale, eps=eps, cu_seqlens=cu_seqlens,
                   output_final_state=output_final_state)
-    if use_triton(q, mini_batch_size, backend, KERNELS):
+    if use_triton(backend, KERNELS, q=q, mini_batch_size=mini_batch_size):
         from tttlm.ops.ttt_mlp.triton_chunk import ttt_mlp_triton
 
         return ttt_mlp_triton(q, k, v, eta, ln_weight, ln_bias, state, **kwargs)
@@ -53,7 +54,7 @@ def ttt_mlp_step(
     check_ttt_inputs(q_t, k_t, v_t, eta_t, ln_weight, ln_bias, state, TTTMLPState, MLP.param_shapes,
                      mini_batch_size, token_scale, None, step=True)
     kwargs = dict(mini_batch_size=mini_batch_size, token_scale=token_scale, eps=eps)
-    if use_triton(q_t, mini_batch_size, backend, KERNELS):
+    if use_triton(backend, KERNELS, q=q_t, mini_batch_size=mini_batch_size):
         from tttlm.ops.ttt_mlp.triton_step import ttt_mlp_step_triton
 
         return ttt_mlp_step_triton(q_t, k_t, v_t, eta_t, ln_weight, ln_bias, state, **kwargs)

@@ -70,6 +70,9 @@ def tiling(D: int) -> Tiling:
 # TILINGS. Elsewhere CUDA runs the PyTorch path and refuses backend="triton". Widths 16 and 32 (wgmma m64n16k8
 # and m64n32k8) have never run on a GPU. The decode step has no matrix products and runs at every width.
 CHUNK_WIDTHS_ON_CUDA = (64, 128)
+LIMITS = (f"head dims up to {MAX_D} that are multiples of 4, mini_batch_size in {SUPPORTED_MINI_BATCH}, float16, "
+          f"bfloat16 or float32, on CUDA (whole sequences at head dims {CHUNK_WIDTHS_ON_CUDA} only) or the CPU "
+          "under TRITON_INTERPRET=1")
 
 
 def supports(q: Tensor, mini_batch_size: int) -> bool:
