@@ -67,3 +67,28 @@ def test_exit_code_and_stderr_of_the_real_command(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tttlm", "data", "--corpus", str(tmp_path / "missing")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("tttlm data: error:") and "Traceback" not in r.stderr
+
+
+def test_entry_point_exit_status(monkeypatch):
+    """`tttlm` exits with main()'s status; a process that joined a torchrun group leaves through os._exit (after
+    flushing), skipping the interpreter teardown in which torch's gloo threads can abort it (`tttlm.cli.run`)."""
+    import os
+
+    from tttlm import cli
+    from tttlm.train import distributed
+
+    monkeypatch.setattr(cli, "main", lambda: 75)
+    with pytest.raises(SystemExit) as exited:
+        cli.run()
+    assert exited.value.code == 75
+    class Left(Exception):
+        pass
+
+    def left(code):
+        raise Left(code)
+
+    monkeypatch.setattr(distributed, "_joined", True)
+    monkeypatch.setattr(os, "_exit", left)
+    with pytest.raises(Left) as exited:
+        cli.run()
+    assert exited.value.args == (75,)

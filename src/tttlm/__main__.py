@@ -1,5 +1,3 @@
-import sys
+from tttlm.cli import run
 
-from tttlm.cli import main
-
-sys.exit(main())
+run()

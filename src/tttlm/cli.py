@@ -118,5 +118,24 @@ def main(argv: list[str] | None = None) -> int:
     return int(code or 0)
 
 
+def run() -> None:
+    """The console entry point: main()'s status as the exit code.
+
+    A process that has joined a torchrun process group leaves without the interpreter's teardown (os._exit,
+    after flushing its streams), its work done and its files closed: with torch 2.13 the gloo group's worker
+    threads outlive destroy_process_group while DDP's reducer still holds the group, and one of them that frees
+    the last collective's tensors while the interpreter tears down aborts the process (SIGABRT, "terminate
+    called without an active exception"), which torchrun reports as a failed run.
+    """
+    code = main()
+    from tttlm.train import distributed
+
+    if distributed.joined():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

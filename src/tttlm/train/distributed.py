@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+_joined = False  # set by start when this process joins a process group
+
 
 @dataclass
 class Runtime:
@@ -71,6 +73,7 @@ class Runtime:
 
 def start(device: str = "auto", dtype: str = "auto") -> Runtime:
     """Joins the torchrun process group when WORLD_SIZE > 1 (NCCL on GPUs, gloo on CPU) and picks the device."""
+    global _joined
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -90,6 +93,7 @@ def start(device: str = "auto", dtype: str = "auto") -> Runtime:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        _joined = True
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     return Runtime(rank, world, local, dev, getattr(torch, dtype))
@@ -98,6 +102,11 @@ def start(device: str = "auto", dtype: str = "auto") -> Runtime:
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def joined() -> bool:
+    """Whether this process has joined a torchrun process group (see `tttlm.cli.run` for why that matters)."""
+    return _joined
 
 
 def wrap(model: torch.nn.Module, rt: Runtime, parallel: str) -> torch.nn.Module:
