@@ -1,12 +1,11 @@
 """The fast paths of a forward pass, and the one switch of each.
 
-compile: torch.compile of the model's blocks, with or without a decoding cache (Mesa's only without one:
-    `tttlm.models.modeling.UNCOMPILED_WITH_CACHE`; each block's code is compiled once and shared by every layer;
-    the ops' own kernels run between the compiled parts; decoding's CUDA graph captures the compiled step) and of
-    the TTT ops' PyTorch mini-batch step. The setting
-    is None (the default: on for CUDA tensors, off on the CPU, where float32 results stay those of the plain
-    PyTorch code), True (on any device) or False; the environment variable TTTLM_COMPILE=0 / 1 sets the default,
-    and `tttlm train` / `tttlm throughput` take --compile / --no-compile.
+compile: torch.compile of the model's blocks, with or without a decoding cache (each block's code is compiled
+    once and shared by every layer; the ops' own kernels run between the compiled parts; decoding's CUDA graph
+    captures the compiled step) and of the TTT ops' PyTorch mini-batch step. The setting is None (the default: on
+    for CUDA tensors, off on the CPU, where float32 results stay those of the plain PyTorch code), True (on any
+    device) or False; the environment variable TTTLM_COMPILE=0 / 1 sets the default, and `tttlm train` /
+    `tttlm throughput` take --compile / --no-compile.
 kernels: tttlm's own GPU paths on CUDA tensors: the Triton kernels of every op called with backend=None (TTT-Linear,
     TTT-MLP, Mesa, the Mamba and Mamba2 scans, decoding's attention over a static cache; the rule is
     `tttlm.ops.backend.use_triton`), FlexAttention over the documents of a packed batch and the fused linear +

@@ -85,7 +85,7 @@ def test_static_steps_equal_eager(mixer, overrides, mode, compiled, tiny, tokens
     out = [model(ids[:, :9], use_cache=True, **{CACHE_FIELD: static}).logits[:, -1:]]
     out += [model(ids[:, t : t + 1], **{CACHE_FIELD: static}).logits for t in range(9, 11)]
     graphs = counters["stats"]["unique_graphs"]
-    assert (graphs > 0) == compiled  # Mesa: its final norm (its blocks stay uncompiled with a cache)
+    assert graphs >= 5 if compiled else graphs == 0  # every block (4 graphs, see below) and the final norm
     with torch._dynamo.config.patch(error_on_recompile=True):
         out += [model(ids[:, t : t + 1], **{CACHE_FIELD: static}).logits for t in range(11, 40)]
     assert counters["stats"]["unique_graphs"] == graphs
@@ -357,25 +357,32 @@ def test_fallbacks_are_logged(tiny, tokens, caplog):
 @pytest.mark.parametrize("mixer", MIXERS)
 @torch.no_grad()
 def test_graph_bf16_small_model(mixer):
-    """The "small" preset in bf16 on the GPU's own kernels: the graph's logits (compiled blocks, unless
-    TTTLM_COMPILE=0) equal the uncompiled eager path's within bf16 noise, teacher-forced for 40 steps after a
-    100-token prompt; and every token of greedy generate() through the graph is the eager full forward's argmax,
-    up to bf16 near-ties."""
+    """The "small" preset in bf16 on the GPU's own kernels, teacher-forced for 40 steps after a 100-token prompt,
+    through the graph (compiled blocks, unless TTTLM_COMPILE=0) and through the uncompiled eager path: each
+    against the same model's float32 eager logits, the graph no further from them than 1.5 times the eager bf16
+    path's distance (or 2e-2). Both are bf16 roundings of one model, so the bound is relative: a random Mesa model
+    is several times more sensitive to bf16 rounding than the others (eager bf16 vs float32: 5.9% against 0.9-1.3%
+    on the CPU), and its two bf16 paths differ by more than the others' do for that reason alone. Then every
+    token of greedy generate() through the graph is the eager full forward's argmax, up to bf16 near-ties."""
     torch.manual_seed(0)
-    model = build_model(f"{mixer}-small").to("cuda", torch.bfloat16).eval()
+    model = build_model(f"{mixer}-small").to("cuda").eval()
     model.model.norm.weight.data.mul_(20)  # peaked logits: fewer near-ties in a random model's greedy choices
     ids = torch.randint(0, model.config.vocab_size, (3, 140), device="cuda")
-    logits = {}
-    for mode in ("eager", "graph"):
+
+    def logits(mode):
         cache = _cache(model, mode)
         with fast.fast_paths(compile=False) if mode == "eager" else fast.fast_paths():
             out = [model(ids[:, :100], use_cache=True, logits_to_keep=1, **{CACHE_FIELD: cache}).logits]
             out += [model(ids[:, t : t + 1], **{CACHE_FIELD: cache}).logits for t in range(100, 140)]
-        logits[mode] = torch.cat(out, 1).float()
         if mode == "graph":
             assert cache.decoder.graph is not None, "the step was not captured"
-    err = (logits["graph"] - logits["eager"]).norm() / logits["eager"].norm()
-    assert err.item() <= 2e-2, err.item()
+        return torch.cat(out, 1).float()
+
+    with fast.fast_paths(kernels=False):
+        reference = logits("eager")
+    model.to(torch.bfloat16)
+    err = {mode: ((logits(mode) - reference).norm() / reference.norm()).item() for mode in ("eager", "graph")}
+    assert err["graph"] <= max(1.5 * err["eager"], 2e-2), err
     cache = _cache(model, "auto")
     out = model.generate(ids[:, :100], max_new_tokens=32, do_sample=False, pad_token_id=0, **{CACHE_FIELD: cache})
     assert cache.decoder.graph is not None

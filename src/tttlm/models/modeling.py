@@ -77,12 +77,6 @@ def make_mixer(config: TTTLMConfig) -> nn.Module:
     raise ValueError(f"unknown mixer {m!r}")
 
 
-# Mixers whose blocks run uncompiled with a cache (prefill and decoding): compiled by inductor, Mesa's bf16 decode
-# step's first logits differed from the uncompiled step's by 8.6% on an H200 (the other mixers' by 1.3-2.6%) and
-# its bf16 graph test failed (tests/models/test_static_decode.py::test_graph_bf16_small_model), not yet explained.
-UNCOMPILED_WITH_CACHE = ("mesa",)
-
-
 class TTTLMBlock(GradientCheckpointingLayer):
     """h + mixer(RMSNorm(h)), then h + SwiGLU(RMSNorm(h)); TTT on the Mamba backbone adds a pre-conv first, and
     Mamba's blocks are the mixer alone (no MLP), as in its paper's models."""
@@ -93,7 +87,6 @@ class TTTLMBlock(GradientCheckpointingLayer):
         self.pre_conv = PreConv(config) if ttt_mamba else None
         self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mixer = make_mixer(config)
-        self.mixer_kind = config.mixer
         mlp = config.mixer != "mamba"
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if mlp else None
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size) if mlp else None
@@ -101,7 +94,7 @@ class TTTLMBlock(GradientCheckpointingLayer):
     def forward(self, h: Tensor, info: SeqInfo, cache=None) -> Tensor:
         # compiled with or without a cache: the cache's tensors are inputs of the compiled code (a static cache's
         # buffers written in place, see tttlm.models.decode), so one compilation serves every layer and step
-        if compile_enabled(h.device) and (cache is None or self.mixer_kind not in UNCOMPILED_WITH_CACHE):
+        if compile_enabled(h.device):
             return compiled(TTTLMBlock._forward)(self, h, info, cache)
         return self._forward(h, info, cache)
 
