@@ -1,11 +1,14 @@
 """Short convolution (state, resets), RoPE, and the layers' op inputs."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tttlm.layers import Mamba2Mixer, SeqInfo, ShortConv, TTTMixer, rope
+from tttlm.layers import Mamba2Mixer, SeqInfo, ShortConv, TTTMixer, rope, rope_tables
 from tttlm.models import build_model, preset_config
+from tttlm.models.modeling import TTTLMBlock
 from tttlm.ops import mesa
 
 
@@ -37,11 +40,13 @@ def test_short_conv_resets_at_document_starts():
 def test_rope_preserves_norms_and_relative_positions():
     torch.manual_seed(0)
     q, k = torch.randn(2, 1, 1, 1, 8, dtype=torch.float64).unbind(0)
-    pos = torch.tensor([[3]])
-    assert torch.allclose(rope(q, pos).norm(), q.norm())
-    dots = [(rope(q, torch.tensor([[a + 5]])) * rope(k, torch.tensor([[a]]))).sum() for a in (0, 7)]
+    def at(x, p):
+        return rope(x, rope_tables(torch.tensor([[p]]), 8))
+
+    assert torch.allclose(at(q, 3).norm(), q.norm())
+    dots = [(at(q, a + 5) * at(k, a)).sum() for a in (0, 7)]
     torch.testing.assert_close(dots[0], dots[1])
-    farther = (rope(q, torch.tensor([[6]])) * rope(k, torch.tensor([[0]]))).sum()
+    farther = (at(q, 6) * at(k, 0)).sum()
     assert (farther - dots[0]).abs() > 1e-3  # the product does depend on the distance
 
 
@@ -51,7 +56,7 @@ def test_rope_rotates_each_pair_by_position_times_its_frequency(theta):
     D = 8
     x = torch.randn(1, 2, 3, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     pos = torch.tensor([[0, 3]])
-    y = rope(x, pos, theta)
+    y = rope(x, rope_tables(pos, D, theta))
     torch.testing.assert_close(y[:, 0], x[:, 0])
     for i in range(D // 2):
         angle = torch.tensor(3 * theta ** (-2 * i / D), dtype=torch.float64)
@@ -127,3 +132,34 @@ def test_bad_layer_arguments_raise():
     y, state = conv(x, SeqInfo.contiguous(2, 5, 0, x.device).pos)
     torch.testing.assert_close(y, x * conv.weight[:, 0] + conv.bias)
     assert state.shape == (2, 0, 3)
+
+
+@pytest.mark.parametrize("mixer", ["transformer", "ttt_linear"])
+def test_rope_tables_built_once_per_batch_are_each_layers(mixer, monkeypatch):
+    """The model builds RoPE's tables once per batch (`SeqInfo.rope`, TTT's positions modulo its mini-batch) and
+    every layer uses them: the logits equal those of layers that build their own, in plain and packed batches."""
+    torch.manual_seed(0)
+    model = build_model(f"{mixer}-tiny", vocab_size=64).eval()
+    ids = torch.randint(0, 64, (2, 40))
+    cu = torch.tensor([0, 7, 30, 80])
+    seen = []
+    built = type(model.model.layers[0].mixer).rope_tables
+
+    def counted(self, pos):
+        seen.append(pos.shape)
+        return built(self, pos)
+
+    monkeypatch.setattr(type(model.model.layers[0].mixer), "rope_tables", counted)
+    with torch.no_grad():
+        shared = [model(ids).logits, model(ids.reshape(1, 80), cu_seqlens=cu).logits]
+        assert len(seen) == 2  # once per call, not once per layer
+        original = TTTLMBlock._forward
+
+        def own_tables(self, h, info, cache=None):  # each block as if the model had built no tables
+            return original(self, h, dataclasses.replace(info, rope=None), cache)
+
+        monkeypatch.setattr(TTTLMBlock, "_forward", own_tables)
+        own = [model(ids).logits, model(ids.reshape(1, 80), cu_seqlens=cu).logits]
+    assert len(seen) == 2 + 2 * (1 + len(model.model.layers))  # the model's (unused), then every layer's
+    for a, b in zip(shared, own, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from tttlm.fast import opaque
-from tttlm.layers.common import SeqInfo, check_heads, rope
+from tttlm.layers.common import SeqInfo, check_heads, rope, rope_tables
 from tttlm.ops.attention import attention
 from tttlm.ops.attention_cached import cached_attention
 
@@ -36,11 +36,16 @@ class AttentionMixer(nn.Module):
         self.v_proj = nn.Linear(C, C, bias=False)
         self.o_proj = nn.Linear(C, C, bias=False)
 
+    def rope_tables(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE's cos and sin tables of positions pos [B, T]."""
+        return rope_tables(pos, self.head_dim, self.rope_theta)
+
     def forward(self, x: Tensor, info: SeqInfo, cache=None) -> Tensor:
         B, T, C = x.shape
         shape = (B, T, self.num_heads, self.head_dim)
-        q = rope(self.q_proj(x).view(shape), info.pos, self.rope_theta)
-        k = rope(self.k_proj(x).view(shape), info.pos, self.rope_theta)
+        tables = info.rope if info.rope is not None else self.rope_tables(info.pos)
+        q = rope(self.q_proj(x).view(shape), tables)
+        k = rope(self.k_proj(x).view(shape), tables)
         v = self.v_proj(x).view(shape)
         if cache is not None and cache.static:
             k_buf, v_buf = cache.state

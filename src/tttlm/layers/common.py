@@ -28,11 +28,15 @@ class SeqInfo:
     cu_seqlens: int64 [N+1] document boundaries of a packed batch (B == 1), or None.
     attn_mask: the attention's document mask of a packed batch (`tttlm.ops.attention.document_mask`), built
         once per batch for every layer, or None.
+    rope: the `rope_tables` of these positions as the model's mixers rotate them (their `rope_tables(pos)`),
+        built once per batch for every layer by the model, or None (each mixer builds its own). Compiled, each
+        block would otherwise compute the angles' cos and sin again for every head.
     """
 
     pos: Tensor
     cu_seqlens: Tensor | None = None
     attn_mask: object | None = None
+    rope: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def contiguous(cls, batch: int, length: int, offset: int, device) -> SeqInfo:
@@ -100,15 +104,17 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def rope(x: Tensor, pos: Tensor, theta: float = 10000.0) -> Tensor:
-    """Rotary position embedding (Su et al. 2021), rotating the two halves of the head dim.
+def rope_tables(pos: Tensor, D: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin [B, T, 1, D/2] (float32) of the rotary angles pos * theta^(-2i/D) of positions pos [B, T]."""
+    inv_freq = theta ** (-torch.arange(0, D, 2, device=pos.device, dtype=torch.float32) / D)  # [D/2]
+    ang = pos.to(torch.float32)[..., None, None] * inv_freq
+    return ang.cos(), ang.sin()
 
-    x [B, T, H, D] (D even), pos [B, T] integer positions. Angles are computed in float32.
-    """
-    D = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # [D/2]
-    ang = pos.to(torch.float32)[..., None, None] * inv_freq  # [B, T, 1, D/2]
-    cos, sin = ang.cos(), ang.sin()
+
+def rope(x: Tensor, tables: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotary position embedding (Su et al. 2021), rotating the two halves of the head dim: x [B, T, H, D] (D
+    even) by the `rope_tables` of its positions, in float32."""
+    cos, sin = tables
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from transformers import initialization as init
 
 from tttlm.fast import opaque
-from tttlm.layers.common import RMSNorm, SeqInfo, ShortConv, check_heads, rope
+from tttlm.layers.common import RMSNorm, SeqInfo, ShortConv, check_heads, rope, rope_tables
 from tttlm.ops import TTTLinearState, TTTMLPState, ttt_linear, ttt_linear_step, ttt_mlp, ttt_mlp_step
 
 # the one-token steps run their kernels outside the compiled decode step around them
@@ -110,6 +110,10 @@ class TTTMixer(nn.Module):
         cdt = torch.float64 if dtype == torch.float64 else torch.float32
         return self.state_cls.start(*(p.to(cdt).expand(n, *p.shape) for p in self.inner_params()))
 
+    def rope_tables(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE's cos and sin tables of positions pos [B, T], taken modulo the mini-batch size."""
+        return rope_tables(pos % self.mini_batch_size, self.head_dim, self.rope_theta)
+
     def _project(self, x: Tensor, info: SeqInfo, cache) -> tuple[dict, dict]:
         """The op's keyword arguments for x [B, T, C] but its state, and the new convolution states."""
         B, T, C = x.shape
@@ -121,9 +125,9 @@ class TTTMixer(nn.Module):
         else:
             q, k = self.q_proj(x), self.k_proj(x)
         shape = (B, T, self.num_heads, self.head_dim)
-        pos = info.pos % self.mini_batch_size
-        q = rope(q.view(shape), pos, self.rope_theta)
-        k = rope(k.view(shape), pos, self.rope_theta)
+        tables = info.rope if info.rope is not None else self.rope_tables(info.pos)
+        q = rope(q.view(shape), tables)
+        k = rope(k.view(shape), tables)
         v = self.v_proj(x).view(shape)
         lr = self.base_lr * self.lr_scale / self.head_dim
         eta = lr * torch.sigmoid(self.lr_proj(x).float())  # [B, T, H]

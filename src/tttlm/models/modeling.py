@@ -355,6 +355,9 @@ class TTTLMForCausalLM(TTTLMPreTrainedModel, GenerationMixin):
             x = x.reshape(1, -1, x.shape[-1])
         else:
             info = SeqInfo.contiguous(B, T, 0 if cache is None else cache.seen_tokens, x.device)
+        mixer = self.model.layers[0].mixer
+        if hasattr(mixer, "rope_tables"):  # every layer's, built once here, outside the compiled blocks
+            info.rope = mixer.rope_tables(info.pos)
 
         h = self.model(x, info, cache)
         last_of_each = cu is not None and cache is not None and keep is None and logits_to_keep == 1
