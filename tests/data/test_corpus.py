@@ -37,6 +37,9 @@ def test_formats_skips_and_deterministic_split(tmp_path):
     splits = {i: s for s, i, _ in docs}
     again = {i: s for s, i, _ in Corpus(str(tmp_path), val_fraction=0.5).documents()}
     assert splits == again and set(splits.values()) == {"train", "val"}
+    pq.write_table(pa.table({"body": ["x"], "id": [1]}), tmp_path / "h.parquet")
+    with pytest.raises(UserError, match=r"h.parquet has no column 'text' \(columns: body, id\); choose"):
+        list(Corpus(str(tmp_path / "h.parquet")).documents())
 
 
 def test_glob_and_missing_paths(tmp_path, text_dir):
@@ -52,6 +55,9 @@ def test_jsonl_without_the_text_field_is_a_clear_error(tmp_path):
     (tmp_path / "x.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
     with pytest.raises(UserError, match="no field 'text'"):
         list(Corpus(str(tmp_path / "x.jsonl")).documents())
+    (tmp_path / "y.jsonl").write_text(json.dumps({"text": 3}) + "\n")
+    with pytest.raises(UserError, match="field 'text' is int, not text"):
+        list(Corpus(str(tmp_path / "y.jsonl")).documents())
     assert [t for _, _, t in Corpus(str(tmp_path / "x.jsonl"), text_field="body").documents()] == ["hello"]
 
 
@@ -62,6 +68,8 @@ def test_saved_datasets_dataset(tmp_path):
     assert c.kind == "datasets"
     assert [t for _, _, t in c.documents()] == ["one doc", "two doc"]
     assert c.skipped.empty == 1
+    with pytest.raises(UserError, match=r"has no column 'body' \(columns: text\); choose the text field"):
+        list(Corpus(str(tmp_path / "ds"), text_field="body").documents())
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):

@@ -3,7 +3,7 @@ import pytest
 
 from tttlm.data.corpus import Corpus
 from tttlm.data.shards import prepare_data
-from tttlm.data.tokenizer import EOS, as_transformers
+from tttlm.data.tokenizer import EOS, as_transformers, load_tokenizer
 from tttlm.errors import UserError
 
 
@@ -21,6 +21,8 @@ def test_shards_hold_every_document_framed_by_eos_and_are_reused(tmp_path, text_
         assert all(d[0] == eos and d[-1] == eos for d in docs)
         assert sorted(tok.decode(d[1:-1].tolist()) for d in docs) == texts[split]
     assert 0 < data.meta["unigram_val_loss"] < np.log(300)
+    text = "def value(self):\n    return total"  # the shard directory carries the tokenizer of its tokens
+    assert load_tokenizer(data.path).encode(text).ids == tok.encode(text).ids
 
     again = prepare_data(Corpus(str(text_dir), val_fraction=0.2), vocab_size=300, cache_dir=tmp_path / "cache")
     assert again.cached and again.path == data.path
@@ -56,3 +58,9 @@ def test_binary_only_corpus_is_an_error(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"\x00\xff" * 100)
     with pytest.raises(UserError, match="empty"):
         prepare_data(Corpus(str(tmp_path)), vocab_size=300, cache_dir=tmp_path / "c", log=lambda *_: None)
+
+
+def test_missing_tokenizer_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"tokenizer file '{tmp_path / 'nope'}/tokenizer.json' does not"):
+        (tmp_path / "nope").mkdir()
+        load_tokenizer(tmp_path / "nope")
