@@ -2,6 +2,7 @@
 checkpoint, a separate validation corpus, the log a scheduler captures, Weights & Biases, and `tttlm eval`
 scoring the tokens the training validated on."""
 
+import itertools
 import json
 import math
 import re
@@ -237,6 +238,27 @@ def test_split_batch(batch, micro, processes, want):
     assert split_batch(batch, micro, processes) == want
     got_micro, accum = want
     assert got_micro * accum * processes == batch and got_micro <= (micro or math.inf)
+
+
+def test_logged_throughput_counts_the_training_steps_since_the_last_log(tmp_path, text_dir, cache_dir, runs,
+                                                                        monkeypatch):
+    """tokens/s = the tokens of the steps since the last log over those steps' seconds, read from a clock that
+    advances 1 s per reading: every step takes 1 s, so 4 x 32 tokens per step make 128 tokens/s at any log
+    interval."""
+    from tttlm.train import trainer
+
+    clock = itertools.count()
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    s = runs.settings(text_dir, cache_dir, tmp_path / "run", steps=6, log_every=2, eval_every=6, save_every=6)
+    train(make_config(s), log=lambda *_: None)
+    assert [r["tokens_per_s"] for r in read_metrics(tmp_path / "run") if "tokens_per_s" in r] == [128.0] * 3
+
+
+@pytest.mark.parametrize("name, value", [("steps", 0), ("seq_len", 2.5), ("keep_last", True), ("micro_batch_size", -1)])
+def test_settings_out_of_range_are_named(tmp_path, text_dir, cache_dir, runs, name, value):
+    s = runs.settings(text_dir, cache_dir, tmp_path / "run", **{name: value})
+    with pytest.raises(UserError, match=re.escape(f"{name} must be a positive integer, got {value!r}")):
+        make_config(s).check()
 
 
 def test_split_batch_refuses_an_uneven_split():

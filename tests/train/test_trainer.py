@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from tttlm.data.tokenizer import EOS
 from tttlm.train.checkpoint import checkpoints, load_pretrained
 from tttlm.train.config import make_config
 from tttlm.train.metrics import read_metrics
@@ -29,7 +30,9 @@ def test_training_learns_saves_and_loads(tmp_path, text_dir, cache_dir, runs):
     import tttlm.models  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "step-000008"))
-    again, _, saved = load_pretrained(tmp_path / "run")
+    again, tokenizer, saved = load_pretrained(tmp_path / "run")
+    eos = tokenizer.token_to_id(EOS)  # the documents' separator starts and ends every generation
+    assert model.config.eos_token_id == model.config.bos_token_id == eos
     assert saved["steps"] == 8
     for (n, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), n
