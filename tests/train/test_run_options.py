@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 import sys
 from types import SimpleNamespace
 
@@ -252,6 +253,21 @@ def test_logged_throughput_counts_the_training_steps_since_the_last_log(tmp_path
     s = runs.settings(text_dir, cache_dir, tmp_path / "run", steps=6, log_every=2, eval_every=6, save_every=6)
     train(make_config(s), log=lambda *_: None)
     assert [r["tokens_per_s"] for r in read_metrics(tmp_path / "run") if "tokens_per_s" in r] == [128.0] * 3
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path, text_dir, cache_dir, runs):
+    """A run that logged steps 3 and 4 but died before saving step 4, resumed from step 2: TensorBoard shows each
+    step once (the resumed run's event file purges the steps after its checkpoint), as metrics.jsonl does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    s = runs.settings(text_dir, cache_dir, tmp_path / "run", steps=4, save_every=2, eval_every=4, tensorboard=True)
+    train(make_config(s), log=lambda *_: None)
+    shutil.rmtree(tmp_path / "run" / "step-000004")
+    train(make_config(s), resume=True, log=lambda *_: None)
+    shown = EventAccumulator(str(tmp_path / "run" / "tb"))
+    shown.Reload()
+    assert [e.step for e in shown.Scalars("loss")] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("name, value", [("steps", 0), ("seq_len", 2.5), ("keep_last", True), ("micro_batch_size", -1)])

@@ -44,7 +44,9 @@ class MetricsLog:
             except ImportError:
                 print("tensorboard is not installed: metrics go to metrics.jsonl only (pip install tensorboard)")
             else:
-                self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=resume_step)
+                # TensorBoard hides the earlier files' events from purge_step on: the steps after the checkpoint
+                purge = None if resume_step is None else resume_step + 1
+                self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=purge)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
