@@ -1,4 +1,4 @@
-"""Short convolution (state, resets), RoPE, and the layers' op inputs."""
+"""Short convolution (state, resets), RoPE, the linear layer's decoding form, and the layers' op inputs."""
 
 import dataclasses
 
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tttlm.layers import Mamba2Mixer, SeqInfo, ShortConv, TTTMixer, rope, rope_tables
+from tttlm.layers.common import FEW_ROWS, Linear
 from tttlm.models import build_model, preset_config
 from tttlm.models.modeling import TTTLMBlock
 from tttlm.ops import mesa
@@ -35,6 +36,51 @@ def test_short_conv_resets_at_document_starts():
     for a, b in ((0, 2), (2, 10)):
         alone, _ = conv(x[:, a:b], SeqInfo.contiguous(1, b - a, 0, x.device).pos)
         torch.testing.assert_close(y[:, a:b], alone)
+
+
+def _compiled_linear(layer: Linear, x: torch.Tensor, grad: bool, autocast: bool = False):
+    """layer(x) compiled (Dynamo's graph, run as traced), and whether that graph called F.linear."""
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def run(x):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            return layer(x)
+
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        y = torch.compile(run, backend=backend, fullgraph=True)(x)
+    return y, any(n.target is F.linear or n.target is torch._C._nn.linear for g in graphs for n in g.graph.nodes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_as_a_reduction_when_decoding(dtype, bias):
+    """Compiled, without gradients and at most FEW_ROWS rows, Linear sums products (no F.linear in the graph)
+    and equals nn.Linear; with gradients or more rows it is nn.Linear's own call."""
+    torch.manual_seed(0)
+    layer = Linear(48, 40, bias=bias).to(dtype)
+    x = torch.randn(FEW_ROWS, 1, 48, dtype=dtype)
+    y, called = _compiled_linear(layer, x, grad=False)
+    assert not called and y.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=tol, atol=tol)
+    assert _compiled_linear(layer, x, grad=True)[1]
+    assert _compiled_linear(layer, torch.randn(FEW_ROWS + 1, 1, 48, dtype=dtype), grad=False)[1]
+
+
+def test_linear_as_a_reduction_keeps_autocasts_dtype():
+    torch.manual_seed(0)
+    layer = Linear(64, 32)
+    x = torch.randn(1, 64)
+    y, called = _compiled_linear(layer, x, grad=False, autocast=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = layer(x)
+    assert not called and y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
 
 
 def test_rope_preserves_norms_and_relative_positions():

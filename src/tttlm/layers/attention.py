@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from tttlm.fast import opaque
-from tttlm.layers.common import SeqInfo, check_heads, rope, rope_tables
+from tttlm.layers.common import Linear, SeqInfo, check_heads, rope, rope_tables
 from tttlm.ops.attention import attention
 from tttlm.ops.attention_cached import cached_attention
 
@@ -31,10 +31,10 @@ class AttentionMixer(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = check_heads(C, self.num_heads)
         self.rope_theta = config.rope_theta
-        self.q_proj = nn.Linear(C, C, bias=False)
-        self.k_proj = nn.Linear(C, C, bias=False)
-        self.v_proj = nn.Linear(C, C, bias=False)
-        self.o_proj = nn.Linear(C, C, bias=False)
+        self.q_proj = Linear(C, C, bias=False)
+        self.k_proj = Linear(C, C, bias=False)
+        self.v_proj = Linear(C, C, bias=False)
+        self.o_proj = Linear(C, C, bias=False)
 
     def rope_tables(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         """RoPE's cos and sin tables of positions pos [B, T]."""

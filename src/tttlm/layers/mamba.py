@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import initialization as init
 
 from tttlm.fast import opaque
-from tttlm.layers.common import SeqInfo, ShortConv
+from tttlm.layers.common import Linear, SeqInfo, ShortConv
 from tttlm.ops.selective_scan import selective_scan, selective_scan_step
 
 # their kernels run outside the compiled code around them
@@ -55,14 +55,14 @@ class MambaMixer(nn.Module):
         self.d_state = N = config.mamba_d_state
         self.dt_rank = R = config.mamba_dt_rank or dt_rank(C)
         self.num_layers = config.num_hidden_layers
-        self.in_proj = nn.Linear(C, 2 * E, bias=False)
+        self.in_proj = Linear(C, 2 * E, bias=False)
         self.conv = ShortConv(E, config.conv_kernel, bias=True)
-        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
-        self.dt_proj = nn.Linear(R, E, bias=False)
+        self.x_proj = Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = Linear(R, E, bias=False)
         self.dt_bias = nn.Parameter(torch.empty(E))
         self.A_log = nn.Parameter(torch.empty(E, N))
         self.D = nn.Parameter(torch.ones(E))
-        self.out_proj = nn.Linear(E, C, bias=False)
+        self.out_proj = Linear(E, C, bias=False)
 
     def init_parameters(self, std: float) -> None:
         # the reference layer's init (module docstring); `std` (the config's initializer_range) is not used

@@ -13,7 +13,7 @@ from torch import Tensor
 from transformers import initialization as init
 
 from tttlm.fast import opaque
-from tttlm.layers.common import SeqInfo, ShortConv
+from tttlm.layers.common import Linear, SeqInfo, ShortConv
 from tttlm.ops.ssd import ssd, ssd_step
 
 # their kernels run outside the compiled code around them
@@ -41,13 +41,13 @@ class Mamba2Mixer(nn.Module):
         if self.ngroups < 1 or self.nheads % self.ngroups:
             raise ValueError(f"mamba_ngroups = {self.ngroups} must divide the number of SSM heads {self.nheads}")
         conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
-        self.in_proj = nn.Linear(C, self.d_inner + conv_dim + self.nheads, bias=False)
+        self.in_proj = Linear(C, self.d_inner + conv_dim + self.nheads, bias=False)
         self.conv = ShortConv(conv_dim, config.conv_kernel, bias=True)
         self.dt_bias = nn.Parameter(torch.empty(self.nheads))
         self.A_log = nn.Parameter(torch.empty(self.nheads))
         self.D = nn.Parameter(torch.ones(self.nheads))
         self.norm_weight = nn.Parameter(torch.ones(self.d_inner))
-        self.out_proj = nn.Linear(self.d_inner, C, bias=False)
+        self.out_proj = Linear(self.d_inner, C, bias=False)
         self.eps = config.rms_norm_eps
 
     def init_parameters(self, std: float) -> None:

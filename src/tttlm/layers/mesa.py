@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import initialization as init
 
 from tttlm.fast import opaque
-from tttlm.layers.common import SeqInfo, ShortConv, check_heads
+from tttlm.layers.common import Linear, SeqInfo, ShortConv, check_heads
 from tttlm.ops import mesa, mesa_step
 
 # their kernels run outside the compiled code around them
@@ -43,17 +43,17 @@ class MesaMixer(nn.Module):
         self.cg_tol = config.mesa_cg_tol
         self.gate_cap = config.mesa_gate_cap
         self.forget_bias_init = config.mesa_forget_bias_init
-        self.q_proj = nn.Linear(C, C, bias=False)
-        self.k_proj = nn.Linear(C, C, bias=False)
-        self.v_proj = nn.Linear(C, C, bias=False)
+        self.q_proj = Linear(C, C, bias=False)
+        self.k_proj = Linear(C, C, bias=False)
+        self.v_proj = Linear(C, C, bias=False)
         self.conv_q = ShortConv(C, config.conv_kernel, bias=False)
         self.conv_k = ShortConv(C, config.conv_kernel, bias=False)
-        self.beta_proj = nn.Linear(C, H, bias=True)
-        self.forget_proj = nn.Linear(C, H, bias=True)
+        self.beta_proj = Linear(C, H, bias=True)
+        self.forget_proj = Linear(C, H, bias=True)
         self.lamb_param = nn.Parameter(torch.empty(H, self.head_dim))
         self.o_norm_weight = nn.Parameter(torch.ones(self.head_dim))
-        self.gate_proj = nn.Linear(C, C, bias=False) if config.mesa_output_gate else None
-        self.o_proj = nn.Linear(C, C, bias=False)
+        self.gate_proj = Linear(C, C, bias=False) if config.mesa_output_gate else None
+        self.o_proj = Linear(C, C, bias=False)
         self.eps = config.rms_norm_eps
 
     def init_parameters(self, std: float) -> None:

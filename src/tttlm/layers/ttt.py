@@ -19,7 +19,7 @@ from torch import Tensor
 from transformers import initialization as init
 
 from tttlm.fast import opaque
-from tttlm.layers.common import RMSNorm, SeqInfo, ShortConv, check_heads, rope, rope_tables
+from tttlm.layers.common import Linear, RMSNorm, SeqInfo, ShortConv, check_heads, rope, rope_tables
 from tttlm.ops import TTTLinearState, TTTMLPState, ttt_linear, ttt_linear_step, ttt_mlp, ttt_mlp_step
 
 # the one-token steps run their kernels outside the compiled decode step around them
@@ -68,14 +68,14 @@ class TTTMixer(nn.Module):
         self.lr_scale = 1.0  # set by the trainer through TTTLMForCausalLM.set_inner_lr_warmup
         self.mamba_backbone = config.ttt_backbone == "mamba"
         if self.mamba_backbone:
-            self.qk_proj = nn.Linear(C, C, bias=False)
+            self.qk_proj = Linear(C, C, bias=False)
             self.conv_q = ShortConv(C, config.conv_kernel, bias=True)
             self.conv_k = ShortConv(C, config.conv_kernel, bias=True)
         else:
-            self.q_proj = nn.Linear(C, C, bias=False)
-            self.k_proj = nn.Linear(C, C, bias=False)
-        self.v_proj = nn.Linear(C, C, bias=False)
-        self.lr_proj = nn.Linear(C, H, bias=True)
+            self.q_proj = Linear(C, C, bias=False)
+            self.k_proj = Linear(C, C, bias=False)
+        self.v_proj = Linear(C, C, bias=False)
+        self.lr_proj = Linear(C, H, bias=True)
         self.token_scale_offset = nn.Parameter(torch.zeros(config.mini_batch_size))
         self.ln_weight = nn.Parameter(torch.ones(H, D))
         self.ln_bias = nn.Parameter(torch.zeros(H, D))
@@ -88,8 +88,8 @@ class TTTMixer(nn.Module):
             self.W2 = nn.Parameter(torch.empty(H, 4 * D, D))
             self.b2 = nn.Parameter(torch.zeros(H, D))
         self.post_norm = nn.LayerNorm(C, eps=1e-6)
-        self.g_proj = nn.Linear(C, C, bias=False) if self.mamba_backbone else None
-        self.o_proj = nn.Linear(C, C, bias=False)
+        self.g_proj = Linear(C, C, bias=False) if self.mamba_backbone else None
+        self.o_proj = Linear(C, C, bias=False)
 
     def init_parameters(self, std: float) -> None:
         for p in self.inner_params():
