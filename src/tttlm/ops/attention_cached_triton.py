@@ -17,8 +17,9 @@ from torch import Tensor
 
 from tttlm.ops.backend import kernel_device
 
-BLOCK_N = 64  # keys per loop step
+BLOCK_N = 128  # keys per loop step
 MAX_SPLITS = 128  # splits per (row, head) at most: the merge kernel holds them all at once
+SPLIT_WARPS = 4  # warps per program of the split kernel
 
 LIMITS = "one query per row (T == 1), on CUDA (or the CPU under TRITON_INTERPRET=1)"
 
@@ -145,7 +146,7 @@ def cached_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Te
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         H, nsplit, D**-0.5,
-        SPLIT=split, D=D, DV=Dv, BD=bd, BDV=bdv, BN=BLOCK_N, num_warps=4,
+        SPLIT=split, D=D, DV=Dv, BD=bd, BDV=bdv, BN=BLOCK_N, num_warps=SPLIT_WARPS,
     )
     _merge_kernel[(B * H,)](
         m, lsum, acc, pos, o, H, nsplit,
