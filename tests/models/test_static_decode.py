@@ -23,6 +23,7 @@ from torch._dynamo.utils import counters
 from tttlm import fast
 from tttlm.layers import SeqInfo
 from tttlm.models import MIXERS, TTTLMCache, build_model, decode
+from tttlm.models.cache import StaticLayerCache
 from tttlm.models.modeling import CACHE_FIELD, TTTLMBlock
 
 CUDA = torch.cuda.is_available()
@@ -239,6 +240,36 @@ def test_kernels_in_static_decode(mixer, tiny, tokens, monkeypatch):
     expected = {"ssd_triton": layers} if mixer == "mamba2" else {"cached_attention_triton": layers * steps}
     assert {n: calls.count(n) for n in set(calls)} == expected
     assert (got - want).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp", "mesa"])
+@torch.no_grad()
+def test_recurrent_steps_write_static_buffers(mixer, tiny, tokens, monkeypatch):
+    """On a static cache the TTT and Mesa steps write the state buffers themselves (inplace=True): every step
+    hands the cache's setter its own state object back (nothing to copy), and the steps equal the eager cache's
+    out-of-place ones. In float32 with the steps on their Triton kernels (on the CPU under the interpreter, the
+    prefill on PyTorch there); 20 steps after 9 tokens cross TTT's mini-batch end."""
+    if not CUDA:
+        monkeypatch.setattr(fast, "KERNEL_DEVICES", ("cuda", "cpu"))
+    setter = StaticLayerCache.state.fset
+    same = []
+
+    def recording(layer, new):
+        same.append(new is layer.state)
+        setter(layer, new)
+
+    monkeypatch.setattr(StaticLayerCache, "state", property(StaticLayerCache.state.fget, recording))
+    model = tiny(mixer, **({"mesa_cg_max_iter": 6} if mixer == "mesa" else {})).to(DEV)  # fewer steps interpreted
+    ids = tokens(2, 29).to(DEV)
+    logits = {}
+    for mode in ("eager", "static"):
+        cache = _cache(model, mode)
+        with fast.fast_paths(kernels=CUDA):
+            model(ids[:, :9], use_cache=True, **{CACHE_FIELD: cache})
+        same.clear()
+        logits[mode] = torch.cat([model(ids[:, t : t + 1], **{CACHE_FIELD: cache}).logits for t in range(9, 29)], 1)
+    assert len(same) == 20 * model.config.num_hidden_layers and all(same)
+    assert (logits["static"] - logits["eager"]).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
