@@ -23,8 +23,9 @@ from torch._dynamo.utils import counters
 from tttlm import fast
 from tttlm.layers import SeqInfo
 from tttlm.models import MIXERS, TTTLMCache, build_model, decode
-from tttlm.models.cache import StaticLayerCache
+from tttlm.models.cache import LayerCache, StaticLayerCache
 from tttlm.models.modeling import CACHE_FIELD, TTTLMBlock
+from tttlm.ops import TTTLinearState
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -270,6 +271,18 @@ def test_recurrent_steps_write_static_buffers(mixer, tiny, tokens, monkeypatch):
         logits[mode] = torch.cat([model(ids[:, t : t + 1], **{CACHE_FIELD: cache}).logits for t in range(9, 29)], 1)
     assert len(same) == 20 * model.config.num_hidden_layers and all(same)
     assert (logits["static"] - logits["eager"]).abs().max().item() <= TOL
+
+
+def test_static_op_state_is_contiguous():
+    """A static layer's op state is contiguous whatever the layout it came in (the steps write it in place), its
+    rows selected too."""
+    layer = LayerCache()
+    layer.state = TTTLinearState.start(torch.randn(2, 3, 4, 4).mT, torch.randn(3, 2, 4).transpose(0, 1))
+    static = StaticLayerCache(layer, 8)
+    assert all(t.is_contiguous() for t in static.tensors())
+    assert all(torch.equal(a, b) for a, b in zip(static.tensors(), layer.tensors(), strict=True))
+    static.batch_select_indices(torch.tensor([1]))
+    assert all(t.is_contiguous() and t.shape[0] == 1 for t in static.tensors())
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
