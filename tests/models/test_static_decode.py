@@ -248,8 +248,8 @@ def test_kernels_in_static_decode(mixer, tiny, tokens, monkeypatch):
 def test_recurrent_steps_write_static_buffers(mixer, tiny, tokens, monkeypatch):
     """On a static cache the TTT and Mesa steps write the state buffers themselves (inplace=True): every step
     hands the cache's setter its own state object back (nothing to copy), and the steps equal the eager cache's
-    out-of-place ones. In float32 with the steps on their Triton kernels (on the CPU under the interpreter, the
-    prefill on PyTorch there); 20 steps after 9 tokens cross TTT's mini-batch end."""
+    out-of-place ones. In float32, uncompiled, the prefill on PyTorch and the steps on their Triton kernels (on the
+    CPU under the interpreter); 20 steps after 9 tokens cross TTT's mini-batch end."""
     if not CUDA:
         monkeypatch.setattr(fast, "KERNEL_DEVICES", ("cuda", "cpu"))
     setter = StaticLayerCache.state.fset
@@ -265,10 +265,12 @@ def test_recurrent_steps_write_static_buffers(mixer, tiny, tokens, monkeypatch):
     logits = {}
     for mode in ("eager", "static"):
         cache = _cache(model, mode)
-        with fast.fast_paths(kernels=CUDA):
+        with fast.fast_paths(compile=False, kernels=False):
             model(ids[:, :9], use_cache=True, **{CACHE_FIELD: cache})
         same.clear()
-        logits[mode] = torch.cat([model(ids[:, t : t + 1], **{CACHE_FIELD: cache}).logits for t in range(9, 29)], 1)
+        with _plain():
+            logits[mode] = torch.cat([model(ids[:, t : t + 1], **{CACHE_FIELD: cache}).logits
+                                      for t in range(9, 29)], 1)
     assert len(same) == 20 * model.config.num_hidden_layers and all(same)
     assert (logits["static"] - logits["eager"]).abs().max().item() <= TOL
 
