@@ -223,7 +223,7 @@ def test_decode_step_in_place(backend):
     the out-of-place step (exactly on the CPU) token after token, from an h_kk with an antisymmetric part (the
     kernel reads it twice, transposed, before it writes it); head dims padded on chip. A state it cannot write is
     refused by name, and so is no state."""
-    B, T, H, D, Dv = 2, 3, 3, (64 if CUDA else 12), (64 if CUDA else 8)
+    B, T, H, D, Dv = 2, 3, (12 if CUDA else 3), (64 if CUDA else 12), (64 if CUDA else 8)
     _, leaves, _ = make_case(B, T, H, D, Dv, B, seed=6)
     q, k, v, g, beta, lamb, h_kk, h_kv = (t.detach() for t in leaves)
     ref = MesaState(h_kk, h_kv)

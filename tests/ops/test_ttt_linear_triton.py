@@ -291,7 +291,7 @@ def test_decode_step_in_place(backend):
     the out-of-place step (exactly on the CPU) token after token: rows mid mini-batch, at its last token (the
     weights take the step) and at its start, with heads that share their row's offset (which the Triton kernel
     rewrites in place). A state it cannot write is refused by name."""
-    B, T, H, D = 3, 3, 3, (64 if CUDA else 16)
+    B, T, H, D = 3, 3, (12 if CUDA else 3), (64 if CUDA else 16)
     _, leaves, _, _ = make_case(B, T, H, D, B, seed=5)
     q, k, v, eta, ln_w, ln_b, ts, W, b, gW, gb = (t.detach() for t in leaves)
     ref = TTTLinearState(W, b, gW, gb, torch.tensor([5, B_MB - 1, 0], device=DEV))

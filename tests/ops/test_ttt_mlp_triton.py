@@ -291,7 +291,7 @@ def test_decode_step_in_place(backend):
     the out-of-place step (exactly on the CPU) token after token: rows mid mini-batch, at its last token and at
     its start, heads that share their row's offset, and several tiles of the hidden width (each read twice by
     the kernel before it is written). A state it cannot write is refused by name."""
-    B, T, H, D = 3, 3, 3, (64 if CUDA else 12)  # 4 and 3 tiles
+    B, T, H, D = 3, 3, (12 if CUDA else 3), (64 if CUDA else 12)  # 4 and 3 tiles
     _, leaves, _, _ = make_case(B, T, H, D, B, seed=5)
     q, k, v, eta, ln_w, ln_b, ts, *params = (t.detach() for t in leaves)
     ref = TTTMLPState(*params, torch.tensor([5, B_MB - 1, 0], device=DEV))
