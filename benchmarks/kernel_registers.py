@@ -140,7 +140,7 @@ def compile_only(arch: int):
 
 def ttt_linear_launches(H: int, D: int) -> None:
     """The forward (with and without what the backward needs), the backward (with and without the final
-    state's gradient) and the decode step, on CPU tensors of 4 mini-batches."""
+    state's gradient) and the decode step (out of place and in place), on CPU tensors of 4 mini-batches."""
     from tttlm.ops.state import TTTLinearState
     from tttlm.ops.ttt_linear import triton_chunk, triton_parts, triton_split, triton_split_chain, triton_step
 
@@ -170,12 +170,14 @@ def ttt_linear_launches(H: int, D: int) -> None:
         fn.backward(ctx, torch.randn_like(q), W, b, gW, gb)
     triton_split.splits = splits
     state = TTTLinearState(W, b, gW, gb, torch.full((1,), 3))
-    triton_step.ttt_linear_step_triton(q[:1], k[:1], v[:1], eta[:1], ln_w, ln_b, state)
+    for inplace in (False, True):
+        triton_step.ttt_linear_step_triton(q[:1], k[:1], v[:1], eta[:1], ln_w, ln_b, state, inplace=inplace)
 
 
 def mesa_launches(H: int, D: int) -> None:
     """Mesa's forward (with and without what the backward keeps, with the solver's telemetry), its backward
-    (with and without the final state's gradient) and the decode step, on CPU tensors of 4 chunks of 64."""
+    (with and without the final state's gradient) and the decode step (out of place and in place), on CPU tensors
+    of 4 chunks of 64."""
     from tttlm.ops.mesa import triton_chunk, triton_step
     from tttlm.ops.state import MesaState
 
@@ -194,13 +196,14 @@ def mesa_launches(H: int, D: int) -> None:
     fn.forward(ctx, *flat, init, grid, 30, -1.0, dt, True, {"stats": True})
     fn.backward(ctx, torch.randn(T, H, D, dtype=dt), None)
     fn.backward(ctx, torch.randn(T, H, D, dtype=dt), init)
-    triton_step.mesa_step_triton(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], lamb, state, cg_max_iter=30,
-                                 cg_tol=None)
+    for inplace in (False, True):
+        triton_step.mesa_step_triton(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], lamb, state, cg_max_iter=30,
+                                     cg_tol=None, inplace=inplace)
 
 
 def ttt_mlp_launches(H: int, D: int) -> None:
     """TTT-MLP's forward (with and without what the backward keeps), backward (with and without the final
-    state's gradient) and decode step, on CPU tensors of 4 mini-batches."""
+    state's gradient) and decode step (out of place and in place), on CPU tensors of 4 mini-batches."""
     from tttlm.ops.state import TTTMLPState
     from tttlm.ops.ttt_mlp import triton_chunk, triton_step
 
@@ -220,7 +223,8 @@ def ttt_mlp_launches(H: int, D: int) -> None:
     fn.backward(ctx, torch.randn_like(q), *(None,) * 8)
     fn.backward(ctx, torch.randn_like(q), *params, *sums)
     state = TTTMLPState(*params, *sums, torch.full((1,), 3))
-    triton_step.ttt_mlp_step_triton(q[:1], k[:1], v[:1], eta[:1], ln_w, ln_b, state)
+    for inplace in (False, True):
+        triton_step.ttt_mlp_step_triton(q[:1], k[:1], v[:1], eta[:1], ln_w, ln_b, state, inplace=inplace)
 
 
 def ssd_launches() -> None:

@@ -23,7 +23,9 @@ from torch._dynamo.utils import counters
 from tttlm import fast
 from tttlm.layers import SeqInfo
 from tttlm.models import MIXERS, TTTLMCache, build_model, decode
+from tttlm.models.cache import LayerCache, StaticLayerCache
 from tttlm.models.modeling import CACHE_FIELD, TTTLMBlock
+from tttlm.ops import TTTLinearState
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -239,6 +241,50 @@ def test_kernels_in_static_decode(mixer, tiny, tokens, monkeypatch):
     expected = {"ssd_triton": layers} if mixer == "mamba2" else {"cached_attention_triton": layers * steps}
     assert {n: calls.count(n) for n in set(calls)} == expected
     assert (got - want).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp", "mesa"])
+@torch.no_grad()
+def test_recurrent_steps_write_static_buffers(mixer, tiny, tokens, monkeypatch):
+    """On a static cache the TTT and Mesa steps write the state buffers themselves (inplace=True): every step
+    hands the cache's setter its own state object back (nothing to copy), and the steps equal the eager cache's
+    out-of-place ones. In float32, uncompiled, the prefill on PyTorch and the steps on their Triton kernels (on the
+    CPU under the interpreter); 20 steps after 9 tokens cross TTT's mini-batch end."""
+    if not CUDA:
+        monkeypatch.setattr(fast, "KERNEL_DEVICES", ("cuda", "cpu"))
+    setter = StaticLayerCache.state.fset
+    same = []
+
+    def recording(layer, new):
+        same.append(new is layer.state)
+        setter(layer, new)
+
+    monkeypatch.setattr(StaticLayerCache, "state", property(StaticLayerCache.state.fget, recording))
+    model = tiny(mixer, **({"mesa_cg_max_iter": 6} if mixer == "mesa" else {})).to(DEV)  # fewer steps interpreted
+    ids = tokens(2, 29).to(DEV)
+    logits = {}
+    for mode in ("eager", "static"):
+        cache = _cache(model, mode)
+        with fast.fast_paths(compile=False, kernels=False):
+            model(ids[:, :9], use_cache=True, **{CACHE_FIELD: cache})
+        same.clear()
+        with _plain():
+            logits[mode] = torch.cat([model(ids[:, t : t + 1], **{CACHE_FIELD: cache}).logits
+                                      for t in range(9, 29)], 1)
+    assert len(same) == 20 * model.config.num_hidden_layers and all(same)
+    assert (logits["static"] - logits["eager"]).abs().max().item() <= TOL
+
+
+def test_static_op_state_is_contiguous():
+    """A static layer's op state is contiguous whatever the layout it came in (the steps write it in place), its
+    rows selected too."""
+    layer = LayerCache()
+    layer.state = TTTLinearState.start(torch.randn(2, 3, 4, 4).mT, torch.randn(3, 2, 4).transpose(0, 1))
+    static = StaticLayerCache(layer, 8)
+    assert all(t.is_contiguous() for t in static.tensors())
+    assert all(torch.equal(a, b) for a, b in zip(static.tensors(), layer.tensors(), strict=True))
+    static.batch_select_indices(torch.tensor([1]))
+    assert all(t.is_contiguous() and t.shape[0] == 1 for t in static.tensors())
 
 
 @pytest.mark.parametrize("mixer", MIXERS)

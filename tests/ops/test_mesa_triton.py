@@ -6,11 +6,13 @@ values in float64 with exact solves; CG gets enough steps to match them (the lay
 diag(lamb) well conditioned).
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tttlm.ops.compare import rel_rmse
+from tttlm.ops.compare import differing, rel_rmse
 from tttlm.ops.mesa import mesa, mesa_step, triton_chunk
 from tttlm.ops.mesa.reference import mesa_ref
 from tttlm.ops.state import MesaState
@@ -213,6 +215,34 @@ def test_decode_step_from_no_state_and_zero_query():
     assert torch.isfinite(o).all() and o[1, 1].abs().max() == 0
     assert_within_tol({"o": rel_rmse(o, o_ref[:, 0]), "h_kv": rel_rmse(s.h_kv, f_ref.h_kv)})
     assert stats["mean_iterations"] < stats["iterations"]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_decode_step_in_place(backend):
+    """inplace=True writes the new state into the given state's own tensors and returns that state, equal to
+    the out-of-place step (exactly on the CPU) token after token, from an h_kk with an antisymmetric part (the
+    kernel reads it twice, transposed, before it writes it); head dims padded on chip. A state it cannot write is
+    refused by name, and so is no state."""
+    B, T, H, D, Dv = 2, 3, (12 if CUDA else 3), (64 if CUDA else 12), (64 if CUDA else 8)
+    _, leaves, _ = make_case(B, T, H, D, Dv, B, seed=6)
+    q, k, v, g, beta, lamb, h_kk, h_kv = (t.detach() for t in leaves)
+    ref = MesaState(h_kk, h_kv)
+    state = ref.map(torch.clone)
+    buffers = [state.h_kk.data_ptr(), state.h_kv.data_ptr()]
+    with torch.no_grad():
+        for t in range(T):
+            args = (q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], lamb)
+            o_ref, ref = mesa_step(*args, ref, cg_max_iter=ITERS, backend=backend)
+            o, new = mesa_step(*args, state, cg_max_iter=ITERS, backend=backend, inplace=True)
+            assert new is state
+            assert not differing({"o": o} | vars(new), {"o": o_ref} | vars(ref), exact=not CUDA)
+    assert buffers == [state.h_kk.data_ptr(), state.h_kv.data_ptr()]
+    args = (q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], lamb)
+    for name, bad in (("h_kk", h_kk.mT), ("h_kv", h_kv.double()), ("h_kk", leaves[6])):
+        with pytest.raises(ValueError, match=f"state.{name} "):
+            mesa_step(*args, replace(state, **{name: bad}), backend=backend, inplace=True)
+    with pytest.raises(ValueError, match="None"):
+        mesa_step(*args, None, backend=backend, inplace=True)
 
 
 def test_early_exit_matches_pytorch_path():

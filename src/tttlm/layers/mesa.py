@@ -117,6 +117,7 @@ class MesaMixer(nn.Module):
                 state,
                 cg_max_iter=kw["cg_max_iter"],
                 cg_tol=kw["cg_tol"],
+                inplace=cache.static,  # the step writes a static cache's buffers itself: its setter copies nothing
             )
             o = o[:, None]
         else:

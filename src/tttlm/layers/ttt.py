@@ -180,6 +180,7 @@ class TTTMixer(nn.Module):
                 state,
                 mini_batch_size=self.mini_batch_size,
                 token_scale=kw["token_scale"],
+                inplace=cache.static,  # the step writes a static cache's buffers itself: its setter copies nothing
             )
             o = o[:, None]
         else:

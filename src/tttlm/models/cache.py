@@ -97,6 +97,7 @@ class _CopyingDict(dict):
 class StaticLayerCache(LayerCache):
     """A LayerCache whose tensors are buffers allocated once: assigning `state` or a `conv` entry copies into
     them, so their addresses never change (a captured CUDA graph keeps reading and writing the same memory).
+    Assigning the state object it holds copies nothing: TTT's and Mesa's steps write it in place (`inplace=True`).
 
     Attention's keys and values are [B, capacity, H, D] buffers (zeros past what was copied in), written at each
     row's position by the mixer itself. Mesa's mixer solves with its fixed number of CG steps on a static cache
@@ -113,8 +114,8 @@ class StaticLayerCache(LayerCache):
             s = tuple(_with_capacity(t, capacity) for t in s)
         elif isinstance(s, Tensor):
             s = s.clone()
-        elif s is not None:
-            s = s.map(torch.clone)
+        elif s is not None:  # contiguous: the steps write an op state in place (`inplace=True`)
+            s = s.map(lambda t: t.clone(memory_format=torch.contiguous_format))
         self._state = s
 
     @property

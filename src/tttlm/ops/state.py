@@ -21,6 +21,28 @@ class _TensorState:
     def detach(self):
         return self.map(Tensor.detach)
 
+    def copy_(self, other):
+        """Writes `other`'s tensors into this state's own (without autograd history); returns self. The PyTorch
+        steps' `inplace=True`."""
+        with torch.no_grad():
+            for f in fields(self):
+                getattr(self, f.name).copy_(getattr(other, f.name))
+        return self
+
+    def check_in_place(self, dtype: torch.dtype) -> None:
+        """Raises ValueError unless a step may write this state in place (`inplace=True`): every float tensor
+        `dtype`, every tensor contiguous (an expanded one would write one element for many) and not requiring
+        grad."""
+        for f in fields(self):
+            t = getattr(self, f.name)
+            want = torch.long if f.name == "offset" else dtype
+            if t.dtype != want or not t.is_contiguous() or t.requires_grad:
+                raise ValueError(
+                    f"inplace=True writes state.{f.name} in place: it must be a contiguous {want} tensor that does "
+                    f"not require grad, got a {'' if t.is_contiguous() else 'non-contiguous '}{t.dtype} tensor"
+                    f"{' requiring grad' if t.requires_grad else ''}"
+                )
+
 
 @dataclass
 class TTTLinearState(_TensorState):

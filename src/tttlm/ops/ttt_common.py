@@ -350,7 +350,8 @@ def run_chunked(
     return o, model.state_cls(*final, layout.end_offset)
 
 
-def run_step(model: InnerModel, q_t, k_t, v_t, eta_t, ln_weight, ln_bias, state, *, mini_batch_size, token_scale, eps):
+def run_step(model: InnerModel, q_t, k_t, v_t, eta_t, ln_weight, ln_bias, state, *, mini_batch_size, token_scale, eps,
+             inplace=False):
     """One token of the inner loop in its recurrent form (arguments as the public step ops; inputs checked)."""
     cdt, s, params, sums, lw, lb = _prepare(q_t, state, ln_weight, ln_bias, token_scale, mini_batch_size)
     Qt, Kt, Vt = (x.to(cdt)[:, :, None, :] for x in (q_t, k_t, v_t))  # [B,H,1,D]
@@ -363,5 +364,6 @@ def run_step(model: InnerModel, q_t, k_t, v_t, eta_t, ln_weight, ln_bias, state,
     done = offset == mini_batch_size
     params = tuple(_where_rows(done, pb, p) for pb, p in zip(p_bar, params))
     sums = tuple(_where_rows(done, torch.zeros_like(g), g) for g in sums)
-    return o, model.state_cls(*params, *sums, torch.where(done, torch.zeros_like(offset), offset))
+    new = model.state_cls(*params, *sums, torch.where(done, torch.zeros_like(offset), offset))
+    return o, state.copy_(new) if inplace else new
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from tttlm.ops.backend import use_triton
-from tttlm.ops.mesa.checks import check_cu_seqlens, check_inputs, check_solver, check_state
+from tttlm.ops.mesa.checks import check_cu_seqlens, check_inputs, check_solver, check_state, io_dtypes
 from tttlm.ops.mesa.chunked import mesa_chunked
 from tttlm.ops.mesa.step import mesa_step_dense
 from tttlm.ops.state import MesaState
@@ -141,6 +141,7 @@ def mesa_step(
     cg_tol: float | None = None,
     cg_stats: dict | None = None,
     backend: str | None = None,
+    inplace: bool = False,
 ) -> tuple[Tensor, MesaState]:
     """Mesa for one token (decoding): equal to `mesa` on the whole sequence, token after token.
 
@@ -149,6 +150,8 @@ def mesa_step(
         state: MesaState (h_kk [B,H,D,D], h_kv [B,H,D,Dv]) before this token, or None for zeros.
         cg_max_iter, cg_tol, cg_stats, backend: as in `mesa` ("residual" is [B,H]). The Triton step runs
             without autograd only (decoding); with gradients wanted the PyTorch step runs.
+        inplace: write the new state into `state`'s own tensors (contiguous, float32 or float64 as the new state,
+            not requiring grad; written without autograd history) and return `state` itself.
 
     Returns:
         o_t [B,H,Dv] in the promoted dtype of q_t, k_t, v_t, and the state after this token (float32, or
@@ -158,13 +161,19 @@ def mesa_step(
     check_solver(cg_max_iter, cg_tol)
     B, H, D = q_t.shape
     check_state(state, B, H, D, v_t.shape[-1], q_t.device)
+    if inplace:
+        if state is None:
+            raise ValueError("inplace=True writes the new state into `state`, which is None")
+        state.check_in_place(io_dtypes(q_t, k_t, v_t)[1])
     with torch.autocast(q_t.device.type, enabled=False):
         if use_triton(backend, KERNELS, q=q_t, k=k_t, v=v_t, chunk_size=None):
             from tttlm.ops.mesa.triton_step import mesa_step_triton
 
             return mesa_step_triton(
-                q_t, k_t, v_t, g_t, beta_t, lamb, state, cg_max_iter=cg_max_iter, cg_tol=cg_tol, cg_stats=cg_stats
+                q_t, k_t, v_t, g_t, beta_t, lamb, state, cg_max_iter=cg_max_iter, cg_tol=cg_tol, cg_stats=cg_stats,
+                inplace=inplace,
             )
         return mesa_step_dense(
-            q_t, k_t, v_t, g_t, beta_t, lamb, state, cg_max_iter=cg_max_iter, cg_tol=cg_tol, cg_stats=cg_stats
+            q_t, k_t, v_t, g_t, beta_t, lamb, state, cg_max_iter=cg_max_iter, cg_tol=cg_tol, cg_stats=cg_stats,
+            inplace=inplace,
         )

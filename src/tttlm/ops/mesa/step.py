@@ -26,6 +26,7 @@ def mesa_step_dense(
     cg_max_iter: int,
     cg_tol: float | None,
     cg_stats: dict | None = None,
+    inplace: bool = False,
 ) -> tuple[Tensor, MesaState]:
     """One token on validated inputs; see `tttlm.ops.mesa.mesa_step` for the contract."""
     out_dtype, dt = io_dtypes(q, k, v)
@@ -47,4 +48,5 @@ def mesa_step_dense(
     if cg_stats is not None:
         cg_stats["mean_iterations"] = cg_stats.pop("steps").float().mean().item()
     o = (x.unsqueeze(-2) @ h_kv).squeeze(-2)
-    return o.to(out_dtype), MesaState(h_kk, h_kv)
+    new = MesaState(h_kk, h_kv)
+    return o.to(out_dtype), state.copy_(new) if inplace else new

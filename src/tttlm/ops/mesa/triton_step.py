@@ -1,5 +1,7 @@
 """Mesa's decode step on the GPU: one token of every (sequence, head) per program, the new states and the CG
-solve on chip (one launch, no host synchronisation per CG step)."""
+solve on chip (one launch, no host synchronisation per CG step). In place (INPLACE: the new states' pointers are
+the old ones'), a program reads its (sequence, head)'s states, h_kk twice (the symmetric part), before a barrier and
+writes them after it; no element is shared between programs."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ NUM_WARPS = {16: 2, 32: 2, 64: 4, 128: 8}
 def _mesa_step_kernel(
     Q, K, V, G, BETA, LAMB, HKK, HKV, O, HKK1, HKV1, STEPS, RESID, tol2, max_iter, H,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-    HAS_STATE: tl.constexpr, STATS: tl.constexpr,
+    HAS_STATE: tl.constexpr, STATS: tl.constexpr, INPLACE: tl.constexpr,
 ):
     """Row program_id(0) = b * H + h: H1 = e^g sym(H) + beta k k^T, G1 = e^g G + beta k v^T (HKK1 [B,H,D,D],
     HKV1 [B,H,D,DV], float32), o = G1^T (H1 + diag(lamb))^-1 q (O [B,H,DV]), the solve by CG from the Jacobi
@@ -49,6 +51,8 @@ def _mesa_step_kernel(
         Hs += tl.load(HKK + base * D + d[None, :] * D + d[:, None], mask=hm, other=0.0)
         Hn += (0.5 * decay) * Hs
         Gn += decay * tl.load(HKV + base * DV + d[:, None] * DV + e[None, :], mask=gm, other=0.0)
+    if INPLACE:  # every thread's loads (h_kk's element (i, j) by two threads) before any thread's stores
+        tl.debug_barrier()
     tl.store(HKK1 + base * D + d[:, None] * D + d[None, :], Hn, mask=hm)
     tl.store(HKV1 + base * DV + d[:, None] * DV + e[None, :], Gn, mask=gm)
     # Hn is symmetric: H p is summed over rows, so that p and H p share the layout of a column of Hn
@@ -91,39 +95,43 @@ def mesa_step_triton(
     cg_max_iter: int,
     cg_tol: float | None,
     cg_stats: dict | None = None,
+    inplace: bool = False,
 ) -> tuple[Tensor, MesaState]:
-    """See `tttlm.ops.mesa.mesa_step`; inputs are assumed checked and `triton_chunk.supports(q, k, v, None)`.
+    """See `tttlm.ops.mesa.mesa_step`; inputs are assumed checked and `triton_chunk.supports(q, k, v, None)` (with
+    inplace, the state too: `MesaState.check_in_place`).
 
     q, k [B,H,D], v [B,H,Dv], g, beta [B,H], lamb [H,D]. Returns o [B,H,Dv] in the promoted dtype of q, k, v
-    and the new state (float32). Not differentiable: with gradients wanted, the PyTorch step runs.
+    and the new state (float32), or `state` itself written over with inplace. Not differentiable: with gradients
+    wanted, the PyTorch step runs.
     """
     tensors = (q, k, v, g, beta, lamb) + (() if state is None else (state.h_kk, state.h_kv))
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         from tttlm.ops.mesa.step import mesa_step_dense
 
         return mesa_step_dense(q, k, v, g, beta, lamb, state, cg_max_iter=cg_max_iter, cg_tol=cg_tol,
-                               cg_stats=cg_stats)
+                               cg_stats=cg_stats, inplace=inplace)
     B, H, D = q.shape
     Dv = v.shape[-1]
     dev = q.device
     out_dtype, _ = io_dtypes(q, k, v)
     o = new((B, H, Dv), out_dtype, dev)
-    h_kk = new((B, H, D, D), torch.float32, dev)
-    h_kv = new((B, H, D, Dv), torch.float32, dev)
+    if inplace:
+        out = state
+    else:
+        out = MesaState(new((B, H, D, D), torch.float32, dev), new((B, H, D, Dv), torch.float32, dev))
     stats = cg_stats is not None
     steps = torch.full((B * H,), -1, dtype=torch.int32, device=dev) if stats else o
     resid = new((B * H,), torch.float32, dev) if stats else o
     _mesa_step_kernel[(B * H,)](
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), lamb.contiguous(),
-        h_kk if state is None else state.h_kk.float().contiguous(),
-        h_kv if state is None else state.h_kv.float().contiguous(),
-        o, h_kk, h_kv, steps, resid,
+        *((out.h_kk, out.h_kv) if state is None else (t.float().contiguous() for t in (state.h_kk, state.h_kv))),
+        o, out.h_kk, out.h_kv, steps, resid,
         -1.0 if cg_tol is None else float(cg_tol) ** 2, cg_max_iter, H,
-        D=D, DV=Dv, BD=block_d(D), BDV=block_d(Dv), HAS_STATE=state is not None, STATS=stats,
+        D=D, DV=Dv, BD=block_d(D), BDV=block_d(Dv), HAS_STATE=state is not None, STATS=stats, INPLACE=inplace,
         num_warps=NUM_WARPS[block_d(D)],
     )
     if stats:
         cg_stats["iterations"] = int(steps.max())
         cg_stats["mean_iterations"] = steps.float().mean().item()
         cg_stats["residual"] = resid.view(B, H)
-    return o, MesaState(h_kk, h_kv)
+    return o, out

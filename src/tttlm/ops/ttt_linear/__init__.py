@@ -10,7 +10,7 @@ from torch import Tensor
 
 from tttlm.ops.backend import use_triton
 from tttlm.ops.state import TTTLinearState
-from tttlm.ops.ttt_common import check_ttt_inputs
+from tttlm.ops.ttt_common import check_ttt_inputs, compute_dtype
 from tttlm.ops.ttt_linear.chunked import LINEAR, ttt_linear_chunked, ttt_linear_step_recurrent
 
 KERNELS = "tttlm.ops.ttt_linear.triton_chunk"
@@ -59,15 +59,20 @@ def ttt_linear(
 def ttt_linear_step(
     q_t: Tensor, k_t: Tensor, v_t: Tensor, eta_t: Tensor, ln_weight: Tensor, ln_bias: Tensor,
     state: TTTLinearState, *, mini_batch_size: int = 16, token_scale: Tensor | None = None, eps: float = 1e-6,
-    backend: str | None = None,
+    backend: str | None = None, inplace: bool = False,
 ) -> tuple[Tensor, TTTLinearState]:
     """One token of TTT-Linear: equal to `ttt_linear` read token by token.
 
     q_t, k_t, v_t [B, H, D], eta_t [B, H], the rest as in `ttt_linear`. Returns o_t [B, H, D] and the new state.
+    inplace: write the new state into `state`'s own tensors (without autograd history) and return `state` itself,
+    e.g. for a decoding cache whose buffers must keep their addresses; its tensors must be contiguous, float32 (float64
+    for float64 inputs) and not require grad, and the old state is gone.
     """
     check_ttt_inputs(q_t, k_t, v_t, eta_t, ln_weight, ln_bias, state, TTTLinearState, LINEAR.param_shapes,
                      mini_batch_size, token_scale, None, step=True)
-    kwargs = dict(mini_batch_size=mini_batch_size, token_scale=token_scale, eps=eps)
+    if inplace:
+        state.check_in_place(compute_dtype(q_t.dtype))
+    kwargs = dict(mini_batch_size=mini_batch_size, token_scale=token_scale, eps=eps, inplace=inplace)
     if use_triton(backend, KERNELS, q=q_t, mini_batch_size=mini_batch_size):
         from tttlm.ops.ttt_linear.triton_step import ttt_linear_step_triton
 

@@ -54,7 +54,7 @@ def ttt_linear_chunked(q, k, v, eta, ln_weight, ln_bias, state, *, mini_batch_si
 
 
 def ttt_linear_step_recurrent(q_t, k_t, v_t, eta_t, ln_weight, ln_bias, state, *, mini_batch_size=16,
-                              token_scale=None, eps=1e-6):
+                              token_scale=None, eps=1e-6, inplace=False):
     """See `tttlm.ops.ttt_linear_step`; inputs are assumed checked."""
     return run_step(LINEAR, q_t, k_t, v_t, eta_t, ln_weight, ln_bias, state, mini_batch_size=mini_batch_size,
-                    token_scale=token_scale, eps=eps)
+                    token_scale=token_scale, eps=eps, inplace=inplace)

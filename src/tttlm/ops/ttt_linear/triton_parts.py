@@ -1,5 +1,5 @@
 """Pieces shared by TTT-Linear's Triton kernels: on-chip widths, output allocation, and the jitted math
-(LayerNorm, its gradient, the LayerNorm-L2 inner loss's gradient, tile pointers)."""
+(LayerNorm, its gradient, the LayerNorm-L2 inner loss's gradient, tile pointers, the decode steps' offset)."""
 
 from __future__ import annotations
 
@@ -203,3 +203,29 @@ def _advance(m, W, bv, k, E, Sb, c, GW0, seq, D: tl.constexpr, BD: tl.constexpr)
         dm = tl.arange(0, BD) < D
         W -= c * tl.load(_mat_ptrs(GW0, seq, D, BD), mask=dm[:, None] & dm[None, :], other=0.0)
     return W, bv - c * Sb
+
+
+@triton.jit
+def _read_offset(OFF, n, BT: tl.constexpr, INPLACE: tl.constexpr):
+    """A decode step's mini-batch offset of row n (TTT-Linear's and TTT-MLP's), and how many programs of the row
+    read it before this one. INPLACE (the new offset goes over OFF[n], which every head's program reads): each
+    adds BT as it reads, so OFF[n] % BT stays the offset until the row's last program writes the new one."""
+    if INPLACE:
+        arrived = tl.atomic_add(OFF + n, BT)
+        pos = arrived % BT
+        before = arrived // BT
+    else:
+        pos = tl.load(OFF + n)
+        before = 0
+    return pos, before
+
+
+@triton.jit
+def _write_offset(OFF, OFF1, n, h, H, pos, before, BT: tl.constexpr, INPLACE: tl.constexpr):
+    """The new offset of row n: in place by the row's last program to read OFF[n] (`_read_offset`: the atomic
+    orders its store after every other program's read), else by its head 0 into OFF1."""
+    if INPLACE:
+        if before == H - 1:
+            tl.store(OFF + n, (pos + 1) % BT)
+    elif h == 0:
+        tl.store(OFF1 + n, (pos + 1) % BT)

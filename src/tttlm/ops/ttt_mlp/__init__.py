@@ -11,7 +11,7 @@ from torch import Tensor
 
 from tttlm.ops.backend import use_triton
 from tttlm.ops.state import TTTMLPState
-from tttlm.ops.ttt_common import check_ttt_inputs
+from tttlm.ops.ttt_common import check_ttt_inputs, compute_dtype
 from tttlm.ops.ttt_mlp.chunked import MLP, ttt_mlp_chunked, ttt_mlp_step_recurrent
 
 KERNELS = "tttlm.ops.ttt_mlp.triton_parts"
@@ -47,13 +47,17 @@ def ttt_mlp(
 def ttt_mlp_step(
     q_t: Tensor, k_t: Tensor, v_t: Tensor, eta_t: Tensor, ln_weight: Tensor, ln_bias: Tensor, state: TTTMLPState,
     *, mini_batch_size: int = 16, token_scale: Tensor | None = None, eps: float = 1e-6, backend: str | None = None,
+    inplace: bool = False,
 ) -> tuple[Tensor, TTTMLPState]:
     """One token of TTT-MLP: equal to `ttt_mlp` read token by token. q_t, k_t, v_t [B, H, D], eta_t [B, H], the
     rest as in `ttt_mlp` (but its Triton kernel runs on CUDA at every head dim up to 128). Returns o_t [B, H, D] and
-    the new state."""
+    the new state. inplace: as in `tttlm.ops.ttt_linear_step`, the new state written into `state` (contiguous,
+    float32 or float64 for float64 inputs, no grad), which is returned."""
     check_ttt_inputs(q_t, k_t, v_t, eta_t, ln_weight, ln_bias, state, TTTMLPState, MLP.param_shapes,
                      mini_batch_size, token_scale, None, step=True)
-    kwargs = dict(mini_batch_size=mini_batch_size, token_scale=token_scale, eps=eps)
+    if inplace:
+        state.check_in_place(compute_dtype(q_t.dtype))
+    kwargs = dict(mini_batch_size=mini_batch_size, token_scale=token_scale, eps=eps, inplace=inplace)
     if use_triton(backend, KERNELS, q=q_t, mini_batch_size=mini_batch_size):
         from tttlm.ops.ttt_mlp.triton_step import ttt_mlp_step_triton
 
