@@ -95,8 +95,11 @@ def _step_kernel(
     done = (pos + 1 == BT).to(tl.float32)
     if INPLACE:  # every thread's loads of the old state before any thread's stores over it
         tl.debug_barrier()
-    tl.store(W1 + mat, W + done * (W_bar - W), mask=dd)
-    tl.store(B1 + base * D + d, bv + done * (b_bar - bv), mask=dm)
+        new_w = pos + 1 == BT  # the weights change only at a mini-batch end: the other tokens leave them unwritten
+    else:
+        new_w = pos >= 0
+    tl.store(W1 + mat, W + done * (W_bar - W), mask=dd & new_w)
+    tl.store(B1 + base * D + d, bv + done * (b_bar - bv), mask=dm & new_w)
     tl.store(GW1 + mat, (1.0 - done) * gW, mask=dd)
     tl.store(GB1 + base * D + d, (1.0 - done) * gb, mask=dm)
     _write_offset(OFF, OFF1, n, h, H, pos, before, BT, INPLACE)

@@ -57,6 +57,10 @@ def _step_kernel(
     pos, before = _read_offset(OFF, n, BT, INPLACE)
     s = tl.load(S + pos, mask=default_s == 0, other=1.0) / tl.where(default_s == 0, 1, pos + 1).to(tl.float32)
     done = (pos + 1 == BT).to(tl.float32)
+    if INPLACE:  # the weights change only at a mini-batch end: in place, the other tokens leave them unwritten
+        new_w = pos + 1 == BT
+    else:
+        new_w = pos >= 0
     NT: tl.constexpr = F // FT
     o1, o2, m1, m2 = _tile_offsets(D, BD, F, FT)
 
@@ -90,16 +94,16 @@ def _step_kernel(
         zq2 += tl.sum(xq2[:, None] * W2_bar, 0)
         if INPLACE:  # every thread's loads of tile j (and of the first pass) before any thread's stores over it
             tl.debug_barrier()
-        tl.store(W1N + w1 + o1, W1j + done * (W1_bar - W1j), mask=m1)
-        tl.store(_f_ptrs(B1N, base, j, F, FT), b1j + done * (b1_bar - b1j))
-        tl.store(W2N + w2 + o2, W2j + done * (W2_bar - W2j), mask=m2)
+        tl.store(W1N + w1 + o1, W1j + done * (W1_bar - W1j), mask=m1 & new_w)
+        tl.store(_f_ptrs(B1N, base, j, F, FT), b1j + done * (b1_bar - b1j), mask=new_w)
+        tl.store(W2N + w2 + o2, W2j + done * (W2_bar - W2j), mask=m2 & new_w)
         tl.store(GW1N + w1 + o1, (1.0 - done) * gW1, mask=m1)
         tl.store(_f_ptrs(GB1N, base, j, F, FT), (1.0 - done) * gb1)
         tl.store(GW2N + w2 + o2, (1.0 - done) * gW2, mask=m2)
     xq, _ = _layernorm(zq2[None, :], D, BD, eps)
     o = q + lnw * tl.sum(xq, 0) + lnb
     tl.store(O + base * D + d, o.to(O.dtype.element_ty), mask=dm)
-    tl.store(B2N + base * D + d, b2 + done * (b2_bar - b2), mask=dm)
+    tl.store(B2N + base * D + d, b2 + done * (b2_bar - b2), mask=dm & new_w)
     tl.store(GB2N + base * D + d, (1.0 - done) * gb2, mask=dm)
     _write_offset(OFF, OFF1, n, h, H, pos, before, BT, INPLACE)
 
