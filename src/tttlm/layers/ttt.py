@@ -170,6 +170,9 @@ class TTTMixer(nn.Module):
         kw, convs = self._project(x, info, cache)
         state = None if cache is None else cache.state
         if state is not None and T == 1:
+            # out of place even on a static cache (whose setter then copies the state back): with the step in place
+            # (inplace=True, no copies) an H200 decoded faster at batch 64 but 2x slower at batch 1, where a compiled
+            # kernel of the block's glue ran 17x longer, for a reason not found yet (docs/benchmarks.md)
             o, state = self.step_op(
                 kw["q"][:, 0],
                 kw["k"][:, 0],
@@ -180,7 +183,6 @@ class TTTMixer(nn.Module):
                 state,
                 mini_batch_size=self.mini_batch_size,
                 token_scale=kw["token_scale"],
-                inplace=cache.static,  # the step writes a static cache's buffers itself: its setter copies nothing
             )
             o = o[:, None]
         else:

@@ -97,7 +97,7 @@ class _CopyingDict(dict):
 class StaticLayerCache(LayerCache):
     """A LayerCache whose tensors are buffers allocated once: assigning `state` or a `conv` entry copies into
     them, so their addresses never change (a captured CUDA graph keeps reading and writing the same memory).
-    Assigning the state object it holds copies nothing: TTT's and Mesa's steps write it in place (`inplace=True`).
+    Assigning the state object it holds copies nothing: Mesa's step writes it in place (`inplace=True`).
 
     Attention's keys and values are [B, capacity, H, D] buffers (zeros past what was copied in), written at each
     row's position by the mixer itself. Mesa's mixer solves with its fixed number of CG steps on a static cache
