@@ -248,8 +248,9 @@ def test_kernels_in_static_decode(mixer, tiny, tokens, monkeypatch):
 def test_recurrent_steps_write_static_buffers(mixer, in_place, tiny, tokens, monkeypatch):
     """On a static cache Mesa's step writes the state buffers itself (inplace=True): every step hands the cache's
     setter its own state object back (nothing to copy); TTT's steps hand it new states, which it copies in (see
-    TTTMixer.forward). Either way the steps equal the eager cache's. In float32, uncompiled, the prefill on PyTorch and the steps on their Triton kernels (on the
-    CPU under the interpreter); 20 steps after 9 tokens cross TTT's mini-batch end."""
+    TTTMixer.forward). Either way the steps equal the eager cache's. In float32, uncompiled, the prefill on PyTorch
+    and the steps on their Triton kernels (on the CPU under the interpreter); 20 steps after 9 tokens cross TTT's
+    mini-batch end."""
     if not CUDA:
         monkeypatch.setattr(fast, "KERNEL_DEVICES", ("cuda", "cpu"))
     setter = StaticLayerCache.state.fset

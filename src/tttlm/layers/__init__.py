@@ -5,7 +5,7 @@ Every mixer has forward(x, info: SeqInfo, cache=None) -> [B, T, C]; `cache` is o
 """
 
 from tttlm.layers.attention import AttentionMixer
-from tttlm.layers.common import RMSNorm, SeqInfo, ShortConv, SwiGLU, rope, rope_tables
+from tttlm.layers.common import Linear, RMSNorm, SeqInfo, ShortConv, SwiGLU, rope, rope_tables
 from tttlm.layers.mamba import MambaMixer
 from tttlm.layers.mamba2 import Mamba2Mixer
 from tttlm.layers.mesa import MesaMixer
@@ -13,6 +13,7 @@ from tttlm.layers.ttt import PreConv, TTTMixer
 
 __all__ = [
     "AttentionMixer",
+    "Linear",
     "Mamba2Mixer",
     "MambaMixer",
     "MesaMixer",
