@@ -4,12 +4,11 @@ On CUDA in bf16 at the paper's head sizes; on CPU under TRITON_INTERPRET=1 (test
 small heads. Inputs are cast to the kernel dtype first and the reference runs on those same values in float64.
 """
 
-from dataclasses import replace
 
 import pytest
 import torch
 
-from tttlm.ops.compare import differing, rel_rmse
+from tttlm.ops.compare import rel_rmse
 from tttlm.ops.state import TTTLinearState
 from tttlm.ops.ttt_linear import (
     triton_chunk,
@@ -20,6 +19,8 @@ from tttlm.ops.ttt_linear import (
     ttt_linear_step,
 )
 from tttlm.ops.ttt_linear.reference import ttt_linear_ref
+
+from .ttt_steps import check_steps_in_place
 
 F64 = torch.float64
 CUDA = torch.cuda.is_available()
@@ -287,30 +288,15 @@ def test_decode_steps_match_reference(default_scale, D):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_decode_step_in_place(backend):
-    """inplace=True writes the new state into the given state's own tensors and returns that state, equal to
-    the out-of-place step (exactly on the CPU) token after token: rows mid mini-batch, at its last token (the
-    weights take the step) and at its start, with heads that share their row's offset (which the Triton kernel
-    rewrites in place). A state it cannot write is refused by name."""
+    """inplace=True writes the new state over the given one, equal to the out-of-place step (`ttt_steps`): rows
+    mid mini-batch, at its last token (the weights take the step) and at its start, with heads that share their
+    row's offset (which the Triton kernel rewrites in place)."""
     B, T, H, D = 3, 3, (12 if CUDA else 3), (64 if CUDA else 16)
     _, leaves, _, _ = make_case(B, T, H, D, B, seed=5)
-    q, k, v, eta, ln_w, ln_b, ts, W, b, gW, gb = (t.detach() for t in leaves)
+    *inputs, W, b, gW, gb = (t.detach() for t in leaves)
     ref = TTTLinearState(W, b, gW, gb, torch.tensor([5, B_MB - 1, 0], device=DEV))
-    state = ref.map(torch.clone)
-    buffers = [t.data_ptr() for t in state.params + state.grads]
-    with torch.no_grad():
-        for t in range(T):
-            args = (q[:, t], k[:, t], v[:, t], eta[:, t], ln_w, ln_b)
-            kw = dict(mini_batch_size=B_MB, token_scale=ts if t else None, backend=backend)
-            o_ref, ref = ttt_linear_step(*args, ref, **kw)
-            o, new = ttt_linear_step(*args, state, inplace=True, **kw)
-            assert new is state
-            assert not differing({"o": o} | vars(new), {"o": o_ref} | vars(ref), exact=not CUDA)
-    assert state.offset.tolist() == [5 + T, T - 1, T]
-    assert buffers == [t.data_ptr() for t in state.params + state.grads]
-    args = (q[:, 0], k[:, 0], v[:, 0], eta[:, 0], ln_w, ln_b)
-    for name, bad in (("W", W[:1].expand(B, H, D, D)), ("b", b.double()), ("grad_W", leaves[9])):
-        with pytest.raises(ValueError, match=f"state.{name} "):
-            ttt_linear_step(*args, replace(state, **{name: bad}), inplace=True, backend=backend)
+    bad = (("W", W[:1].expand(B, H, D, D)), ("b", b.double()), ("grad_W", leaves[9]))
+    check_steps_in_place(ttt_linear_step, inputs, ref, backend, bad)
 
 
 def test_supports():

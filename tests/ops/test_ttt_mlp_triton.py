@@ -6,16 +6,17 @@ the reference runs on those same values in float64.
 """
 
 import functools
-from dataclasses import replace
 
 import pytest
 import torch
 
-from tttlm.ops.compare import differing, rel_rmse
+from tttlm.ops.compare import rel_rmse
 from tttlm.ops.state import TTTMLPState
 from tttlm.ops.ttt_linear import triton_parts as linear_parts
 from tttlm.ops.ttt_mlp import triton_parts, ttt_mlp, ttt_mlp_step
 from tttlm.ops.ttt_mlp.reference import ttt_mlp_ref
+
+from .ttt_steps import check_steps_in_place
 
 F64 = torch.float64
 CUDA = torch.cuda.is_available()
@@ -287,30 +288,15 @@ def test_decode_steps_match_reference(default_scale, D):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_decode_step_in_place(backend):
-    """inplace=True writes the new state into the given state's own tensors and returns that state, equal to
-    the out-of-place step (exactly on the CPU) token after token: rows mid mini-batch, at its last token and at
-    its start, heads that share their row's offset, and several tiles of the hidden width (each read twice by
-    the kernel before it is written). A state it cannot write is refused by name."""
+    """inplace=True writes the new state over the given one, equal to the out-of-place step (`ttt_steps`): rows
+    mid mini-batch, at its last token and at its start, heads that share their row's offset, and several tiles of
+    the hidden width (each read twice by the kernel before it is written)."""
     B, T, H, D = 3, 3, (12 if CUDA else 3), (64 if CUDA else 12)  # 4 and 3 tiles
     _, leaves, _, _ = make_case(B, T, H, D, B, seed=5)
-    q, k, v, eta, ln_w, ln_b, ts, *params = (t.detach() for t in leaves)
-    ref = TTTMLPState(*params, torch.tensor([5, B_MB - 1, 0], device=DEV))
-    state = ref.map(torch.clone)
-    buffers = [t.data_ptr() for t in state.params + state.grads]
-    with torch.no_grad():
-        for t in range(T):
-            args = (q[:, t], k[:, t], v[:, t], eta[:, t], ln_w, ln_b)
-            kw = dict(mini_batch_size=B_MB, token_scale=ts if t else None, backend=backend)
-            o_ref, ref = ttt_mlp_step(*args, ref, **kw)
-            o, new = ttt_mlp_step(*args, state, inplace=True, **kw)
-            assert new is state
-            assert not differing({"o": o} | vars(new), {"o": o_ref} | vars(ref), exact=not CUDA)
-    assert state.offset.tolist() == [5 + T, T - 1, T]
-    assert buffers == [t.data_ptr() for t in state.params + state.grads]
-    args = (q[:, 0], k[:, 0], v[:, 0], eta[:, 0], ln_w, ln_b)
-    for name, bad in (("W2", params[2].mT.contiguous().mT), ("grad_b1", params[5].double()), ("b2", leaves[10])):
-        with pytest.raises(ValueError, match=f"state.{name} "):
-            ttt_mlp_step(*args, replace(state, **{name: bad}), inplace=True, backend=backend)
+    *inputs, W1, b1, W2, b2, gW1, gb1, gW2, gb2 = (t.detach() for t in leaves)
+    ref = TTTMLPState(W1, b1, W2, b2, gW1, gb1, gW2, gb2, torch.tensor([5, B_MB - 1, 0], device=DEV))
+    bad = (("W2", W2.mT.contiguous().mT), ("grad_b1", gb1.double()), ("b2", leaves[10]))
+    check_steps_in_place(ttt_mlp_step, inputs, ref, backend, bad)
 
 
 def test_supports_and_backend_choice(monkeypatch):

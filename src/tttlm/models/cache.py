@@ -114,7 +114,7 @@ class StaticLayerCache(LayerCache):
             s = tuple(_with_capacity(t, capacity) for t in s)
         elif isinstance(s, Tensor):
             s = s.clone()
-        elif s is not None:  # contiguous: the steps write an op state in place (`inplace=True`)
+        elif s is not None:  # contiguous: Mesa's step writes its state in place (`inplace=True`)
             s = s.map(lambda t: t.clone(memory_format=torch.contiguous_format))
         self._state = s
 
